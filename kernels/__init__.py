@@ -1,0 +1,112 @@
+"""Numba kernels that work straight on GGUF quant blocks (installed as refengine.kernels).
+
+Layout of this package:
+  _jit.py     the numba decorator with its flags, and scalar bit tricks (f16/bf16 -> f32)
+  floats.py   F32, F16, BF16
+  legacy.py   Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+  kquants.py  Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+  iquants.py  IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS
+  ternary.py  TQ1_0, TQ2_0
+  fp4.py      MXFP4, NVFP4
+
+Every dequantize kernel has the same signature,
+    kernel(blocks, out, *tables)
+where `blocks` is a C-contiguous uint8 array (n_blocks, type_size), `out` a
+C-contiguous float32 array (n_blocks, block_size), and `tables` the read-only
+lookup tables that type needs (IQ grids), passed in rather than baked into the
+compiled code. The Python wrappers here validate; the kernels just loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from . import floats, legacy
+
+_KERNEL_MODULES = [floats, legacy]
+for _name in ("kquants", "iquants", "ternary", "fp4"):
+    try:
+        _KERNEL_MODULES.append(__import__(f"{__name__}.{_name}", fromlist=[_name]))
+    except ModuleNotFoundError as _e:  # a family not written yet
+        if _e.name != f"{__name__}.{_name}":
+            raise
+
+
+@dataclass(frozen=True)
+class Dequantizer:
+    """How to turn one ggml type's blocks into float32."""
+
+    ggml_type: GGMLQuantizationType
+    block_size: int  # elements per block
+    type_size: int  # bytes per block
+    kernel: Callable  # kernel(blocks (n, type_size) uint8, out (n, block_size) float32, *tables)
+    tables: tuple = ()
+
+
+def _build_table() -> dict[GGMLQuantizationType, Dequantizer]:
+    table = {}
+    for module in _KERNEL_MODULES:
+        tables = getattr(module, "KERNEL_TABLES", {})
+        for ggml_type, fn in module.DEQUANTIZE_KERNELS.items():
+            block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+            table[ggml_type] = Dequantizer(ggml_type, block_size, type_size, fn, tables.get(ggml_type, ()))
+    return table
+
+
+DEQUANTIZERS: dict[GGMLQuantizationType, Dequantizer] = _build_table()
+
+
+class KernelError(ValueError):
+    """A kernel was called with arrays of the wrong type, shape or layout."""
+
+
+def dequantizer(ggml_type: GGMLQuantizationType | int) -> Dequantizer:
+    try:
+        return DEQUANTIZERS[GGMLQuantizationType(ggml_type)]
+    except (KeyError, ValueError):
+        name = getattr(ggml_type, "name", str(ggml_type))
+        raise KernelError(f"no dequantization kernel for ggml type {name}") from None
+
+
+def dequantize_rows(ggml_type, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Dequantize raw rows (n_rows, row_bytes) uint8 into float32 (n_rows, n_cols).
+
+    `out` may be any C-contiguous float32 buffer of the right shape, typically a
+    tile that a matmul reuses; rows may be a read-only view of a memory map.
+    """
+    dq = dequantizer(ggml_type)
+    if rows.dtype != np.uint8 or rows.ndim != 2:
+        raise KernelError(f"rows must be a 2-D uint8 array, got {rows.dtype} with shape {rows.shape}")
+    n_rows, row_bytes = rows.shape
+    if row_bytes % dq.type_size:
+        raise KernelError(f"{dq.ggml_type.name} row of {row_bytes} bytes is not whole blocks of {dq.type_size}")
+    n_cols = row_bytes // dq.type_size * dq.block_size
+    if out is None:
+        out = np.empty((n_rows, n_cols), dtype=np.float32)
+    elif out.dtype != np.float32 or out.shape != (n_rows, n_cols) or not out.flags.c_contiguous:
+        raise KernelError(
+            f"out must be C-contiguous float32 of shape {(n_rows, n_cols)}, got {out.dtype} {out.shape}"
+        )
+    if n_rows == 0 or n_cols == 0:
+        return out
+    if not rows.flags.c_contiguous:
+        rows = np.ascontiguousarray(rows)
+    blocks = rows.reshape(-1, dq.type_size)
+    dq.kernel(blocks, out.reshape(-1, dq.block_size), *dq.tables)
+    return out
+
+
+def dequantize(ggml_type, data: np.ndarray, n_cols: int) -> np.ndarray:
+    """Dequantize a whole raw tensor whose rows have `n_cols` elements; returns (n_rows, n_cols)."""
+    dq = dequantizer(ggml_type)
+    if n_cols % dq.block_size:
+        raise KernelError(f"{dq.ggml_type.name} rows of {n_cols} are not whole blocks of {dq.block_size}")
+    row_bytes = n_cols // dq.block_size * dq.type_size
+    flat = data.reshape(-1)
+    if flat.size % row_bytes:
+        raise KernelError(f"{flat.size} bytes are not whole {dq.ggml_type.name} rows of {row_bytes} bytes")
+    return dequantize_rows(ggml_type, flat.reshape(-1, row_bytes))
