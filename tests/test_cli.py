@@ -1,0 +1,117 @@
+"""The refengine command line: output, JSON, and one-line errors for bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from gguf import quants
+
+from refengine.cli import EXIT_ERROR, EXIT_USAGE, main
+from refengine.gguf import open_gguf
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, expected_code, *needles):
+    assert code == expected_code
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_info_gemma_json(capsys, gemma_path):
+    code, out, _ = run(capsys, "info", "gemma3-270m", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["architecture"] == "gemma3"
+    assert info["file_type"] == "Q4_K_M"
+    assert info["context_length"] == 32768
+    assert info["tokenizer"]["model"] == "llama" and info["tokenizer"]["vocab_size"] == 262144
+    assert info["chat_template"] is False
+    assert set(info["types"]) == {"F32", "Q8_0", "Q5_0", "Q4_K", "Q6_K"}
+    model = open_gguf(gemma_path)
+    assert info["parameters"] == sum(t.n_elements for t in model.tensors.values()) == 268_098_176
+    assert sum(row["bytes"] for row in info["types"].values()) == sum(t.nbytes for t in model.tensors.values())
+    assert info["file_size"] == gemma_path.stat().st_size
+
+
+def test_info_smollm_text(capsys, smollm_path):
+    code, out, _ = run(capsys, "info", str(smollm_path))
+    assert code == 0
+    assert "architecture  llama" in out
+    assert "file type     Q4_1" in out
+    assert "gpt2 (byte-level BPE), 49152 tokens, pre-tokenizer 'smollm'" in out
+    assert "chat template yes" in out
+
+
+def test_info_tensors_lists_every_tensor(capsys, smollm_path):
+    code, out, _ = run(capsys, "info", str(smollm_path), "--tensors", "--json")
+    assert code == 0
+    listed = json.loads(out)["tensors"]
+    model = open_gguf(smollm_path)
+    assert [t["name"] for t in listed] == list(model.tensors)
+    first = model.tensors[listed[0]["name"]]
+    assert listed[0]["shape"] == list(first.shape) and listed[0]["offset"] == first.offset
+
+
+def test_tensor_writes_dequantized_npy(capsys, tmp_path, gemma_path):
+    out_file = tmp_path / "k.npy"
+    code, out, _ = run(capsys, "tensor", "gemma3-270m", "blk.3.ffn_down.weight", "-o", str(out_file), "--json")
+    assert code == 0
+    assert json.loads(out)["type"] == "Q4_K"
+    t = open_gguf(gemma_path).tensor("blk.3.ffn_down.weight")
+    written = np.load(out_file)
+    assert written.dtype == np.float32 and written.shape == t.shape == (640, 2048)
+    np.testing.assert_array_equal(written, quants.dequantize(t.data, t.ggml_type))
+
+
+def test_tensor_refuses_to_overwrite_the_model(capsys, tmp_path, smollm_path):
+    copy = tmp_path / "model.gguf"
+    shutil.copyfile(smollm_path, copy)
+    before = copy.read_bytes()
+    code, _, err = run(capsys, "tensor", str(copy), "output_norm.weight", "-o", str(copy))
+    assert_one_line_error(code, err, EXIT_ERROR, "refusing to overwrite")
+    assert copy.read_bytes() == before
+
+
+def test_unknown_tensor(capsys, smollm_path):
+    code, _, err = run(capsys, "tensor", str(smollm_path), "blk.99.nope", "-o", "/tmp/never.npy")
+    assert_one_line_error(code, err, EXIT_ERROR, "blk.99.nope", str(smollm_path))
+
+
+def test_missing_file(capsys, tmp_path):
+    code, _, err = run(capsys, "info", str(tmp_path / "absent.gguf"))
+    assert_one_line_error(code, err, EXIT_ERROR, "absent.gguf")
+
+
+def test_not_gguf(capsys, tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"PK\x03\x04 this is a zip, not a model" * 4)
+    code, _, err = run(capsys, "info", str(junk))
+    assert_one_line_error(code, err, EXIT_ERROR, "junk.gguf", "not a GGUF file")
+
+
+def test_truncated_model(capsys, tmp_path, smollm_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smollm_path.read_bytes()[: 3 << 20])  # header intact, tensor data cut off
+    code, _, err = run(capsys, "info", str(cut))
+    assert_one_line_error(code, err, EXIT_ERROR, "cut.gguf", "past the end")
+
+
+@pytest.mark.parametrize("argv", [["info", "--bogus"], ["tensor", "x"], ["frobnicate"]])
+def test_bad_flags(capsys, argv):
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, EXIT_USAGE, "-h")
+
+
+@pytest.mark.parametrize("argv", [["-h"], ["info", "-h"], ["tensor", "-h"], ["--version"]])
+def test_help_everywhere(capsys, argv):
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and out.strip()
