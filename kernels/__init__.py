@@ -25,6 +25,8 @@ from typing import Callable
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from refengine.errors import RefengineError
+
 from . import floats, legacy
 
 _KERNEL_MODULES = [floats, legacy]
@@ -60,7 +62,7 @@ def _build_table() -> dict[GGMLQuantizationType, Dequantizer]:
 DEQUANTIZERS: dict[GGMLQuantizationType, Dequantizer] = _build_table()
 
 
-class KernelError(ValueError):
+class KernelError(RefengineError, ValueError):
     """A kernel was called with arrays of the wrong type, shape or layout."""
 
 
