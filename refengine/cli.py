@@ -75,18 +75,8 @@ def tensor(model: str, name: str, output: Path, as_json: bool) -> None:
 
     gguf_file = load_model(model)
     t = gguf_file.tensor(name)
-    if any(_same_file(output, p) for p in gguf_file.splits):
-        raise UserError(f"--output {output} is the model file itself; refusing to overwrite it")
     array = t.to_numpy()
-    # Write beside the target and rename, so an interrupted run leaves no half-written file.
-    fd, tmp = tempfile.mkstemp(dir=output.parent if str(output.parent) else ".", suffix=".npy.partial")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_npy(output, array, gguf_file)
     record = {"tensor": name, "type": t.ggml_type.name, "shape": list(array.shape), "output": str(output)}
     if as_json:
         click.echo(json.dumps(record))
@@ -112,6 +102,186 @@ def tokenize(model: str, no_bos: bool, parse_special: bool, as_json: bool, text:
     # argv bytes that are not UTF-8 reach us surrogate-escaped; encode() turns them back into those bytes.
     ids = tokenizer.encode(text, add_bos=False if no_bos else None, parse_special=parse_special)
     click.echo(json.dumps({"tokens": ids}) if as_json else " ".join(map(str, ids)))
+
+
+PRECISION_OPTION = click.option(
+    "--precision", type=click.Choice(["f32", "f64"]), default="f32", show_default=True,
+    help="Activation precision. f64 accumulates everything in float64: the exact path oracles use.",
+)
+
+
+def parse_token_list(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of token ids") from None
+    if not ids:
+        raise click.BadParameter("no token ids given")
+    return ids
+
+
+@cli.command(epilog=MODEL_HELP)
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
+@click.option("--tokens", required=True, metavar="IDS", help="Comma-separated token ids, evaluated as given (no BOS).")
+@click.option("--out", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the (n_tokens, n_vocab) float32 .npy.")
+@PRECISION_OPTION
+def logits(model: str, tokens: str, output: Path, precision: str) -> None:
+    """Write the logits of every position of a token sequence, for comparing engines."""
+    import numpy as np
+
+    from refengine.session import Session
+
+    ids = parse_token_list(tokens)
+    session = Session.load(model, precision)
+    cache = session.new_cache(len(ids))
+    result = session.model.forward(np.asarray(ids), cache).astype(np.float32)  # (n_tokens, n_vocab)
+    write_npy(output, result, session.gguf)
+    click.echo(f"logits {result.shape[0]} x {result.shape[1]} -> {output}", err=True)
+
+
+@cli.command(epilog=MODEL_HELP)
+@click.argument("prompt", metavar="PROMPT")
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
+@click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, type=click.IntRange(min=0),
+              help="Tokens to generate at most.")
+@click.option("-c", "--ctx", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="Context size: the KV cache holds this many positions.")
+@click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy.")
+@click.option("--top-k", default=40, show_default=True, type=int, help="Keep the k most likely tokens (0: off).")
+@click.option("--top-p", default=0.95, show_default=True, type=float, help="Nucleus sampling mass (1: off).")
+@click.option("--min-p", default=0.05, show_default=True, type=float, help="Drop tokens below min-p x the top one.")
+@click.option("--repeat-penalty", default=1.0, show_default=True, type=float, help="Penalty for recent tokens (1: off).")
+@click.option("--repeat-last-n", default=64, show_default=True, type=int, help="How many recent tokens are penalised.")
+@click.option("--seed", type=int, default=None, help="Random seed; the same seed gives the same text.")
+@click.option("--stop", multiple=True, metavar="TEXT", help="Stop when this text appears (repeatable).")
+@click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the model's chat template.")
+@click.option("--system", default=None, metavar="TEXT", help="System message, with --chat.")
+@PRECISION_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+def generate(prompt, model, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed,
+             stop, chat, system, precision, as_json) -> None:
+    """Generate text after PROMPT, streaming it to stdout; timings go to stderr."""
+    from refengine.generate import generate as run_generation
+    from refengine.sampler import Sampler, SamplerConfig
+    from refengine.session import Session, rss_anon_bytes
+
+    sampler = Sampler(SamplerConfig(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed))
+    session = Session.load(model, precision)
+    prompt_ids = prompt_tokens(session, prompt, chat, system)
+    if len(prompt_ids) + n_predict > ctx:
+        raise UserError(
+            f"the prompt ({len(prompt_ids)} tokens) plus -n {n_predict} exceeds --ctx {ctx}; "
+            f"raise --ctx or lower -n"
+        )
+    cache = session.new_cache(ctx)
+    peak_anon = rss_anon_bytes()
+
+    def on_text(text: str) -> None:
+        nonlocal peak_anon
+        peak_anon = max(peak_anon, rss_anon_bytes())
+        if not as_json:
+            click.echo(text, nl=False)
+
+    result = run_generation(session.model, session.tokenizer, cache, prompt_ids, n_predict, sampler, stop, on_text)
+    result.timings.load_s = session.load_s
+    peak_anon = max(peak_anon, rss_anon_bytes())
+    t = result.timings
+    if as_json:
+        click.echo(json.dumps({**result.as_dict(), "peak_rss_anon": peak_anon}))
+    else:
+        click.echo()
+        click.echo(
+            f"load {t.load_s:.2f} s | prompt {t.n_prompt} tok, {t.prompt_tok_s:.1f} tok/s | "
+            f"generated {t.n_generated} tok, {t.generation_tok_s:.1f} tok/s | "
+            f"peak RssAnon {peak_anon / 2**20:.0f} MiB | {result.finish_reason}",
+            err=True,
+        )
+    if result.finish_reason == "interrupted":
+        raise KeyboardInterrupt
+
+
+@cli.command(epilog=MODEL_HELP)
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
+@click.option("-n", "--n-predict", "n_predict", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Tokens to generate at most per reply.")
+@click.option("-c", "--ctx", default=4096, show_default=True, type=click.IntRange(min=1), help="Context size.")
+@click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy.")
+@click.option("--seed", type=int, default=None, help="Random seed.")
+@click.option("--system", default=None, metavar="TEXT", help="System message.")
+@PRECISION_OPTION
+def chat(model, n_predict, ctx, temp, seed, system, precision) -> None:
+    """Talk with the model. The KV cache is kept across turns; an empty line or Ctrl-D ends."""
+    from refengine.chat import render, template_for
+    from refengine.generate import generate as run_generation
+    from refengine.sampler import Sampler, SamplerConfig
+    from refengine.session import Session
+
+    sampler = Sampler(SamplerConfig(temperature=temp, seed=seed))
+    session = Session.load(model, precision)
+    tokenizer, template = session.tokenizer, template_for(session.gguf)
+    cache = session.new_cache(ctx)
+    messages = [{"role": "system", "content": system}] if system else []
+    cached: list[int] = []  # the tokens whose keys and values are in the cache
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer.encode(render(template, messages, tokenizer), add_bos=False, parse_special=True)
+        # Reuse the cache for the longest prefix this rendering shares with what was evaluated before.
+        keep = common_prefix(cached, ids[:-1])
+        cache.n_past = keep
+        if len(ids) + n_predict > ctx:
+            raise UserError(f"the conversation ({len(ids)} tokens) plus -n {n_predict} exceeds --ctx {ctx}")
+        result = run_generation(session.model, tokenizer, cache, ids[keep:], n_predict, sampler,
+                                on_text=lambda text: click.echo(text, nl=False))
+        click.echo()
+        cached = (ids + result.tokens)[: cache.n_past]  # the last sampled token was never evaluated
+        messages.append({"role": "assistant", "content": result.text})
+        if result.finish_reason == "interrupted":
+            raise KeyboardInterrupt
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prompt_tokens(session, prompt: str, chat: bool, system: str | None) -> list[int]:
+    tokenizer = session.tokenizer
+    if not chat:
+        return tokenizer.encode(prompt)
+    from refengine.chat import render, template_for
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = render(template_for(session.gguf), messages, tokenizer)
+    # the template writes BOS itself, as text, when the model wants one
+    return tokenizer.encode(text, add_bos=False, parse_special=True)
+
+
+def write_npy(output: Path, array, gguf_file: GGUFFile) -> None:
+    """np.save beside the target, then rename: an interrupted run leaves no half-written file,
+    and a model file is never the target."""
+    import numpy as np
+
+    if any(_same_file(output, p) for p in gguf_file.splits):
+        raise UserError(f"--output {output} is the model file itself; refusing to overwrite it")
+    fd, tmp = tempfile.mkstemp(dir=output.parent if str(output.parent) else ".", suffix=".npy.partial")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _same_file(a: Path, b: Path) -> bool:

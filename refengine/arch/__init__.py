@@ -1,0 +1,24 @@
+"""Architectures, chosen from `general.architecture` through one small table."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refengine.arch.common import DecoderModel, ModelError
+from refengine.arch.gemma3 import Gemma3
+from refengine.arch.llama import Llama
+from refengine.gguf import GGUFFile
+
+ARCHITECTURES: dict[str, type[DecoderModel]] = {
+    "llama": Llama,
+    "qwen2": Llama,
+    "qwen3": Llama,
+    "gemma3": Gemma3,
+}
+
+
+def load_model(gguf: GGUFFile, dtype=np.float32) -> DecoderModel:
+    arch = gguf.architecture
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"{gguf.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[arch](gguf, dtype)

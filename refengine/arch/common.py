@@ -1,0 +1,184 @@
+"""What every decoder-only architecture shares: reading hyper-parameters from
+GGUF keys, the weights of one layer, and the embed -> layers -> norm -> head loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from refengine.errors import RefengineError
+from refengine.gguf import GGUFFile, Tensor
+from refengine.nn import KVCache, Linear, attention, embed, rms_norm
+
+
+class ModelError(RefengineError):
+    """Missing keys or tensors, or an architecture we do not support."""
+
+
+class HParams:
+    """`{arch}.*` keys of one file, each read with a clear error when missing or malformed."""
+
+    def __init__(self, gguf: GGUFFile):
+        self.gguf = gguf
+        self.arch = gguf.architecture
+
+    def _get(self, key: str, default: Any, kind) -> Any:
+        full = f"{self.arch}.{key}"
+        value = self.gguf.get(full, default)
+        if value is None:
+            raise ModelError(f"{self.gguf.path}: missing metadata key {full!r}")
+        if isinstance(value, np.ndarray):  # per-layer arrays (e.g. head_count_kv) must be uniform here
+            if value.size == 0 or (value != value.flat[0]).any():
+                raise ModelError(f"{self.gguf.path}: {full!r} varies per layer, which is not supported")
+            value = value.flat[0].item()
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ModelError(f"{self.gguf.path}: {full!r} is {value!r}, expected {kind.__name__}")
+        return value
+
+    def int(self, key: str, default: int | None = None) -> int:
+        value = self._get(key, default, int)
+        if value < 0:
+            raise ModelError(f"{self.gguf.path}: {self.arch}.{key} is negative ({value})")
+        return value
+
+    def float(self, key: str, default: float | None = None) -> float:
+        return float(self._get(key, default, (int, float)))  # type: ignore[arg-type]
+
+
+def layer_tensors(gguf: GGUFFile, layer: int, names: list[str], optional: set[str] = frozenset()) -> dict:
+    """The `blk.{layer}.{name}.weight` tensors, by their GGUF names (no key mapping needed)."""
+    found = {}
+    for name in names:
+        full = f"blk.{layer}.{name}.weight"
+        if full in gguf.tensors:
+            found[name] = gguf.tensors[full]
+        elif name in optional:
+            found[name] = None
+        else:
+            raise ModelError(f"{gguf.path}: missing tensor {full!r}")
+    return found
+
+
+def check_shape(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    if t.shape != shape:
+        raise ModelError(f"{t.path}: tensor {t.name!r} has shape {t.shape}, expected {shape}")
+    return t
+
+
+def norm_weight(t: Tensor, n: int, dtype) -> np.ndarray:
+    """A small norm vector, read once into memory in the compute dtype: (n,)."""
+    return check_shape(t, (n,)).to_numpy().astype(dtype)
+
+
+@dataclass
+class Weights:
+    """Base for per-layer weight records whose fields are GGUF tensor names."""
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+class DecoderModel:
+    """Token ids in, logits out, through a KV cache. Subclasses supply `layer`."""
+
+    config: Any
+    dtype: np.dtype
+
+    def __init__(self, gguf: GGUFFile, config, dtype=np.float32):
+        self.gguf = gguf
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        c = config
+        self.token_embd = check_shape(gguf.tensor("token_embd.weight"), (c.n_vocab, c.n_embd))
+        self.output_norm = norm_weight(gguf.tensor("output_norm.weight"), c.n_embd, self.dtype)
+        # Tied embeddings: without output.weight the head reuses token_embd, as llama.cpp does.
+        head = gguf.tensors.get("output.weight", self.token_embd)
+        self.output = Linear(check_shape(head, (c.n_vocab, c.n_embd)))
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, n_ctx, c.n_head_kv, c.head_dim, c.head_dim, self.dtype)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        return embed(self.token_embd, tokens, self.dtype)  # (n_tok, n_embd)
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
+        """Run `tokens` at positions cache.n_past.. and return logits (n_tok or 1, n_vocab)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n_tok = len(tokens)
+        if n_tok == 0:
+            raise ModelError("no tokens to evaluate")
+        if cache.n_past + n_tok > cache.n_ctx:
+            raise ModelError(f"{cache.n_past + n_tok} positions exceed the context of {cache.n_ctx}")
+        bad = (tokens < 0) | (tokens >= self.config.n_vocab)
+        if bad.any():
+            raise ModelError(f"token id {int(tokens[bad][0])} is outside the vocabulary of {self.config.n_vocab}")
+        positions = np.arange(cache.n_past, cache.n_past + n_tok)
+        x = self.embed(tokens)  # (n_tok, n_embd)
+        for il in range(self.config.n_layer):
+            x = self.layer(il, x, positions, cache)
+        cache.n_past += n_tok
+        if not all_logits:
+            x = x[-1:]
+        x = rms_norm(x, self.output_norm, self.config.norm_eps)
+        return self.output(x)  # (n_tok, n_vocab)
+
+    def layer(self, il: int, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclass
+class AttentionWeights:
+    attn_q: Linear  # (n_head * head_dim, n_embd)
+    attn_k: Linear  # (n_head_kv * head_dim, n_embd)
+    attn_v: Linear  # (n_head_kv * head_dim, n_embd)
+    attn_output: Linear  # (n_embd, n_head * head_dim)
+    attn_q_norm: np.ndarray | None = None  # (head_dim,) QK-norm (qwen3, gemma3)
+    attn_k_norm: np.ndarray | None = None  # (head_dim,)
+    bias_q: np.ndarray | None = None  # (n_head * head_dim,) qwen2
+    bias_k: np.ndarray | None = None
+    bias_v: np.ndarray | None = None
+
+
+def load_attention(gguf: GGUFFile, il: int, c, dtype) -> AttentionWeights:
+    t = layer_tensors(gguf, il, ["attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm"],
+                      optional={"attn_q_norm", "attn_k_norm"})
+    q_rows, kv_rows = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+    w = AttentionWeights(
+        attn_q=Linear(check_shape(t["attn_q"], (q_rows, c.n_embd))),
+        attn_k=Linear(check_shape(t["attn_k"], (kv_rows, c.n_embd))),
+        attn_v=Linear(check_shape(t["attn_v"], (kv_rows, c.n_embd))),
+        attn_output=Linear(check_shape(t["attn_output"], (c.n_embd, q_rows))),
+    )
+    if t["attn_q_norm"] is not None:
+        w.attn_q_norm = norm_weight(t["attn_q_norm"], c.head_dim, dtype)
+        w.attn_k_norm = norm_weight(t["attn_k_norm"], c.head_dim, dtype)
+    for name, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+        bias = gguf.tensors.get(f"blk.{il}.attn_{name}.bias")
+        if bias is not None:
+            setattr(w, f"bias_{name}", norm_weight(bias, rows, dtype))
+    return w
+
+
+def self_attention(w: AttentionWeights, x, positions, cache: KVCache, il: int, c, rope, scale, window=0):
+    """Project, QK-norm, rotate, append to the cache, attend, project back: (n_tok, n_embd)."""
+    n_tok = x.shape[0]
+    q, k, v = w.attn_q(x), w.attn_k(x), w.attn_v(x)  # (n_tok, heads * head_dim)
+    if w.bias_q is not None:
+        q, k, v = q + w.bias_q, k + w.bias_k, v + w.bias_v
+    q = q.reshape(n_tok, c.n_head, c.head_dim)
+    k = k.reshape(n_tok, c.n_head_kv, c.head_dim)
+    v = v.reshape(n_tok, c.n_head_kv, c.head_dim)
+    if w.attn_q_norm is not None:
+        q = rms_norm(q, w.attn_q_norm, c.norm_eps)
+        k = rms_norm(k, w.attn_k_norm, c.norm_eps)
+    q = rope.apply(q, positions)
+    k = rope.apply(k, positions)
+    end = positions[-1] + 1
+    cache.k[il, positions] = k
+    cache.v[il, positions] = v
+    out = attention(q, cache.k[il, :end], cache.v[il, :end], positions, scale, window)  # (n_tok, n_head, dim)
+    return w.attn_output(out.reshape(n_tok, c.n_head * c.head_dim))

@@ -1,0 +1,129 @@
+"""gemma3: sandwich norms, QK-norm, GELU-tanh gated FFN, 5 local : 1 global attention layers.
+
+    x = embd(tokens) * sqrt(n_embd)
+    x = x + post_attention_norm(attention(attn_norm(x)))   # local layers: sliding window, rope base 10k
+    x = x + post_ffw_norm(ffn_down(gelu_tanh(ffn_gate(h)) * ffn_up(h))),  h = ffn_norm(x)
+    logits = token_embd @ output_norm(x)                   # tied head
+
+The HF RMSNorm scales by (1 + w); the GGUF converter already stored 1 + w, so
+every norm here is the plain x * w that llama.cpp applies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from refengine.arch.common import (
+    AttentionWeights,
+    DecoderModel,
+    HParams,
+    check_shape,
+    layer_tensors,
+    load_attention,
+    norm_weight,
+    self_attention,
+)
+from refengine.gguf import GGUFFile
+from refengine.nn import Linear, Rope, gelu_tanh, rms_norm
+
+SLIDING_WINDOW_PATTERN = 6  # every 6th layer is global (llama.cpp: hparams.set_swa_pattern(6))
+LOCAL_ROPE_BASE = 10000.0  # gemma3's rope_local_base_freq
+
+
+@dataclass(frozen=True)
+class Gemma3Config:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_ctx_train: int
+    norm_eps: float
+    sliding_window: int
+    rope_global: Rope
+    rope_local: Rope
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile) -> Gemma3Config:
+        hp = HParams(gguf)
+        n_embd = hp.int("embedding_length")
+        n_head = hp.int("attention.head_count")
+        head_dim = hp.int("attention.key_length", n_embd // max(n_head, 1))
+        scale = 1.0
+        if gguf.get("gemma3.rope.scaling.type") == "linear":
+            scale = hp.float("rope.scaling.factor", 1.0)
+        return cls(
+            arch=hp.arch,
+            n_vocab=gguf.tensor("token_embd.weight").shape[0],
+            n_embd=n_embd,
+            n_layer=hp.int("block_count"),
+            n_head=n_head,
+            n_head_kv=hp.int("attention.head_count_kv", n_head),
+            head_dim=head_dim,
+            n_ff=hp.int("feed_forward_length"),
+            n_ctx_train=hp.int("context_length"),
+            norm_eps=hp.float("attention.layer_norm_rms_epsilon"),
+            sliding_window=hp.int("attention.sliding_window"),
+            rope_global=Rope(head_dim, hp.float("rope.freq_base", 1e6), neox=True, scale=scale),
+            rope_local=Rope(head_dim, LOCAL_ROPE_BASE, neox=True),
+        )
+
+    def is_local(self, il: int) -> bool:
+        return (il + 1) % SLIDING_WINDOW_PATTERN != 0
+
+
+@dataclass
+class Gemma3Layer:
+    attn_norm: np.ndarray  # (n_embd,)
+    attn: AttentionWeights
+    post_attention_norm: np.ndarray  # (n_embd,)
+    ffn_norm: np.ndarray  # (n_embd,)
+    ffn_gate: Linear  # (n_ff, n_embd)
+    ffn_up: Linear  # (n_ff, n_embd)
+    ffn_down: Linear  # (n_embd, n_ff)
+    post_ffw_norm: np.ndarray  # (n_embd,)
+
+
+class Gemma3(DecoderModel):
+    def __init__(self, gguf: GGUFFile, dtype=np.float32):
+        c = Gemma3Config.from_gguf(gguf)
+        super().__init__(gguf, c, dtype)
+        self.attn_scale = 1.0 / math.sqrt(c.head_dim)  # query_pre_attn_scalar = head_dim for these sizes
+        self.embd_scale = self.dtype.type(math.sqrt(c.n_embd))
+        self.layers = []
+        names = ["attn_norm", "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm"]
+        for il in range(c.n_layer):
+            t = layer_tensors(gguf, il, names)
+            self.layers.append(
+                Gemma3Layer(
+                    attn_norm=norm_weight(t["attn_norm"], c.n_embd, self.dtype),
+                    attn=load_attention(gguf, il, c, self.dtype),
+                    post_attention_norm=norm_weight(t["post_attention_norm"], c.n_embd, self.dtype),
+                    ffn_norm=norm_weight(t["ffn_norm"], c.n_embd, self.dtype),
+                    ffn_gate=Linear(check_shape(t["ffn_gate"], (c.n_ff, c.n_embd))),
+                    ffn_up=Linear(check_shape(t["ffn_up"], (c.n_ff, c.n_embd))),
+                    ffn_down=Linear(check_shape(t["ffn_down"], (c.n_embd, c.n_ff))),
+                    post_ffw_norm=norm_weight(t["post_ffw_norm"], c.n_embd, self.dtype),
+                )
+            )
+
+    def embed(self, tokens):
+        return super().embed(tokens) * self.embd_scale  # (n_tok, n_embd)
+
+    def layer(self, il, x, positions, cache):
+        c, w = self.config, self.layers[il]
+        local = c.is_local(il)
+        rope = c.rope_local if local else c.rope_global
+        h = rms_norm(x, w.attn_norm, c.norm_eps)  # (n_tok, n_embd)
+        h = self_attention(w.attn, h, positions, cache, il, c, rope, self.attn_scale,
+                           window=c.sliding_window if local else 0)
+        x = x + rms_norm(h, w.post_attention_norm, c.norm_eps)
+        h = rms_norm(x, w.ffn_norm, c.norm_eps)
+        h = w.ffn_down(gelu_tanh(w.ffn_gate(h)) * w.ffn_up(h))
+        return x + rms_norm(h, w.post_ffw_norm, c.norm_eps)  # (n_tok, n_embd)

@@ -1,0 +1,109 @@
+"""The llama family: llama (SmolLM2, Llama 2/3), qwen2 (attention biases), qwen3 (QK-norm).
+
+    x = x + attn_output(attention(rope(attn_q(norm(x))), rope(attn_k(norm(x))), attn_v(norm(x))))
+    x = x + ffn_down(silu(ffn_gate(norm(x))) * ffn_up(norm(x)))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from refengine.arch.common import (
+    AttentionWeights,
+    DecoderModel,
+    HParams,
+    check_shape,
+    layer_tensors,
+    load_attention,
+    norm_weight,
+    self_attention,
+)
+from refengine.gguf import GGUFFile
+from refengine.nn import Linear, Rope, rms_norm, silu
+
+# llama.cpp rotates adjacent pairs for llama (the converter permutes Q/K to match) and halves for qwen.
+NEOX_ROPE = {"llama": False, "qwen2": True, "qwen3": True}
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_ctx_train: int
+    norm_eps: float
+    rope: Rope
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile) -> LlamaConfig:
+        hp = HParams(gguf)
+        n_embd = hp.int("embedding_length")
+        n_head = hp.int("attention.head_count")
+        head_dim = hp.int("attention.key_length", n_embd // max(n_head, 1))
+        freq_factors = gguf.tensors.get("rope_freqs.weight")  # llama3 rope scaling, precomputed by the converter
+        rope = Rope(
+            n_dims=hp.int("rope.dimension_count", head_dim),
+            base=hp.float("rope.freq_base", 10000.0),
+            neox=NEOX_ROPE[hp.arch],
+            scale=1.0 / hp.float("rope.scaling.factor", 1.0) if gguf.get(f"{hp.arch}.rope.scaling.type") == "linear"
+            else 1.0,
+            freq_factors=None if freq_factors is None else freq_factors.to_numpy(),
+        )
+        return cls(
+            arch=hp.arch,
+            n_vocab=gguf.tensor("token_embd.weight").shape[0],
+            n_embd=n_embd,
+            n_layer=hp.int("block_count"),
+            n_head=n_head,
+            n_head_kv=hp.int("attention.head_count_kv", n_head),
+            head_dim=head_dim,
+            n_ff=hp.int("feed_forward_length"),
+            n_ctx_train=hp.int("context_length"),
+            norm_eps=hp.float("attention.layer_norm_rms_epsilon"),
+            rope=rope,
+        )
+
+
+@dataclass
+class LlamaLayer:
+    attn_norm: np.ndarray  # (n_embd,)
+    attn: AttentionWeights
+    ffn_norm: np.ndarray  # (n_embd,)
+    ffn_gate: Linear  # (n_ff, n_embd)
+    ffn_up: Linear  # (n_ff, n_embd)
+    ffn_down: Linear  # (n_embd, n_ff)
+
+
+class Llama(DecoderModel):
+    def __init__(self, gguf: GGUFFile, dtype=np.float32):
+        c = LlamaConfig.from_gguf(gguf)
+        super().__init__(gguf, c, dtype)
+        self.attn_scale = 1.0 / math.sqrt(c.head_dim)
+        self.layers = []
+        for il in range(c.n_layer):
+            t = layer_tensors(gguf, il, ["attn_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"])
+            self.layers.append(
+                LlamaLayer(
+                    attn_norm=norm_weight(t["attn_norm"], c.n_embd, self.dtype),
+                    attn=load_attention(gguf, il, c, self.dtype),
+                    ffn_norm=norm_weight(t["ffn_norm"], c.n_embd, self.dtype),
+                    ffn_gate=Linear(check_shape(t["ffn_gate"], (c.n_ff, c.n_embd))),
+                    ffn_up=Linear(check_shape(t["ffn_up"], (c.n_ff, c.n_embd))),
+                    ffn_down=Linear(check_shape(t["ffn_down"], (c.n_embd, c.n_ff))),
+                )
+            )
+
+    def layer(self, il, x, positions, cache):
+        c, w = self.config, self.layers[il]
+        h = rms_norm(x, w.attn_norm, c.norm_eps)  # (n_tok, n_embd)
+        x = x + self_attention(w.attn, h, positions, cache, il, c, c.rope, self.attn_scale)
+        h = rms_norm(x, w.ffn_norm, c.norm_eps)
+        return x + w.ffn_down(silu(w.ffn_gate(h)) * w.ffn_up(h))  # (n_tok, n_embd)

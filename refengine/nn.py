@@ -1,0 +1,147 @@
+"""The blocks every architecture is built from, each written once.
+
+Activations are numpy arrays in the model's compute dtype: float32, or float64
+for the exact path. Weights stay quantized in the file mapping; `Linear`
+decodes them a tile of rows at a time into a small reused buffer and hands the
+tile to BLAS, so no dequantized copy of a whole matrix ever exists.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from refengine.gguf import Tensor
+
+# Rows of a weight decoded per BLAS call: ~1 MB of float32, so the tile stays in L2.
+TILE_FLOATS = 1 << 18
+
+
+class Linear:
+    """y = x @ W.T for a GGUF weight W of shape (n_out, n_in), quantized or not."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+        self.n_out, self.n_in = weight.n_rows, weight.n_cols
+        self.tile_rows = max(1, min(self.n_out, TILE_FLOATS // self.n_in))
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        # x: (n_tok, n_in) -> (n_tok, n_out)
+        if out is None:
+            out = np.empty((x.shape[0], self.n_out), dtype=x.dtype)
+        tile = np.empty((self.tile_rows, self.n_in), dtype=np.float32)
+        for start in range(0, self.n_out, self.tile_rows):
+            stop = min(start + self.tile_rows, self.n_out)
+            w = self.weight.dequantize(start, stop, out=tile[: stop - start])  # (rows, n_in) float32, exact
+            np.matmul(x, w.T.astype(x.dtype, copy=False), out=out[:, start:stop])
+        return out
+
+
+def embed(table: Tensor, tokens: np.ndarray, dtype) -> np.ndarray:
+    """Rows of the embedding table for `tokens`: (n_tok,) -> (n_tok, n_embd)."""
+    out = np.empty((len(tokens), table.n_cols), dtype=np.float32)
+    for i, token in enumerate(tokens):
+        table.dequantize(int(token), int(token) + 1, out=out[i : i + 1])
+    return out.astype(dtype, copy=False)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (as ggml_rms_norm then ggml_mul)."""
+    mean_square = np.mean(np.square(x), axis=-1, keepdims=True)
+    return x / np.sqrt(mean_square + x.dtype.type(eps)) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU with the tanh approximation, as gemma's `gelu_pytorch_tanh` and ggml_gelu."""
+    c = x.dtype.type(math.sqrt(2 / math.pi))
+    return 0.5 * x * (1 + np.tanh(c * (x + x.dtype.type(0.044715) * x * x * x)))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary position embedding for one group of layers.
+
+    neox=False rotates adjacent pairs (x[2i], x[2i+1]): llama.cpp's "normal" mode,
+    used by the llama family, whose GGUF converter permutes Q and K rows to match.
+    neox=True rotates halves (x[i], x[i + d/2]): qwen2/3, gemma3 (rotate_half in HF).
+    """
+
+    n_dims: int  # rotated dimensions, from the start of each head
+    base: float
+    neox: bool
+    scale: float = 1.0  # linear position scaling (positions are divided by it)
+    freq_factors: np.ndarray | None = None  # (n_dims/2,) llama3-style per-frequency divisors
+
+    def inv_freq(self) -> np.ndarray:
+        inv = self.base ** (-np.arange(0, self.n_dims, 2, dtype=np.float64) / self.n_dims)  # (n_dims/2,)
+        if self.freq_factors is not None:
+            inv = inv / self.freq_factors.astype(np.float64)
+        return inv
+
+    def apply(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Rotate x (n_tok, n_head, head_dim) at `positions` (n_tok,), returning a new array."""
+        angles = (positions.astype(np.float64) / self.scale)[:, None] * self.inv_freq()[None, :]  # (n_tok, d/2)
+        cos = np.cos(angles).astype(x.dtype)[:, None, :]  # (n_tok, 1, d/2)
+        sin = np.sin(angles).astype(x.dtype)[:, None, :]
+        out = x.copy()
+        half = self.n_dims // 2
+        if self.neox:
+            a, b = x[..., :half], x[..., half : self.n_dims]
+            out[..., :half] = a * cos - b * sin
+            out[..., half : self.n_dims] = b * cos + a * sin
+        else:
+            a, b = x[..., 0 : self.n_dims : 2], x[..., 1 : self.n_dims : 2]
+            out[..., 0 : self.n_dims : 2] = a * cos - b * sin
+            out[..., 1 : self.n_dims : 2] = b * cos + a * sin
+        return out
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for the whole context."""
+
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int, dtype):
+        self.n_ctx = n_ctx
+        self.k = np.zeros((n_layer, n_ctx, n_head_kv, head_dim_k), dtype=dtype)  # (layer, pos, kv_head, dim)
+        self.v = np.zeros((n_layer, n_ctx, n_head_kv, head_dim_v), dtype=dtype)
+        self.n_past = 0  # positions [0, n_past) hold valid entries
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def attention(
+    q: np.ndarray,  # (n_tok, n_head, head_dim)
+    k: np.ndarray,  # (n_kv, n_head_kv, head_dim)  all cached keys, including this batch
+    v: np.ndarray,  # (n_kv, n_head_kv, head_dim_v)
+    q_positions: np.ndarray,  # (n_tok,)
+    scale: float,
+    window: int = 0,  # sliding window: attend only to the last `window` positions (0: all)
+) -> np.ndarray:
+    """Causal grouped-query attention; returns (n_tok, n_head, head_dim_v)."""
+    n_tok, n_head, _ = q.shape
+    n_kv, n_head_kv, head_dim_v = v.shape
+    group = n_head // n_head_kv
+    kv_positions = np.arange(n_kv)
+    visible = kv_positions[None, :] <= q_positions[:, None]  # (n_tok, n_kv)
+    if window:
+        visible &= kv_positions[None, :] > q_positions[:, None] - window
+    # Query heads that share a key/value head are stacked: (n_head_kv, group * n_tok, head_dim).
+    qg = q.reshape(n_tok, n_head_kv, group, -1).transpose(1, 2, 0, 3).reshape(n_head_kv, group * n_tok, -1)
+    scores = np.matmul(qg, k.transpose(1, 2, 0)) * q.dtype.type(scale)  # (n_head_kv, group*n_tok, n_kv)
+    scores = scores.reshape(n_head_kv, group, n_tok, n_kv)
+    scores = np.where(visible[None, None], scores, -np.inf)
+    probs = softmax(scores, axis=-1).reshape(n_head_kv, group * n_tok, n_kv)
+    out = np.matmul(probs, v.transpose(1, 0, 2))  # (n_head_kv, group*n_tok, head_dim_v)
+    return out.reshape(n_head_kv, group, n_tok, head_dim_v).transpose(2, 0, 1, 3).reshape(n_tok, n_head, head_dim_v)
