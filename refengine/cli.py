@@ -255,6 +255,31 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+@cli.group(context_settings=CONTEXT)
+def bench() -> None:
+    """Benchmarks."""
+
+
+@bench.command("model", epilog=MODEL_HELP)
+@click.argument("model", default=DEFAULT_MODEL, metavar="MODEL")
+@click.option("-p", "--n-prompt", default=512, show_default=True, type=click.IntRange(min=0),
+              help="Prompt tokens for the ppN test (0: skip).")
+@click.option("-n", "--n-gen", default=128, show_default=True, type=click.IntRange(min=0),
+              help="Generated tokens for the tgN test (0: skip).")
+@click.option("-r", "--repetitions", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs per test.")
+@PRECISION_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print llama-bench-style JSON records.")
+def bench_model_command(model, n_prompt, n_gen, repetitions, precision, as_json) -> None:
+    """Prompt processing and generation speed, as llama-bench reports them."""
+    from refengine.bench import bench_model, markdown
+    from refengine.session import Session
+
+    session = Session.load(model, precision)
+    records = bench_model(session, n_prompt, n_gen, repetitions, precision)
+    click.echo(json.dumps([r.as_dict() for r in records], indent=2) if as_json else markdown(records))
+
+
 def prompt_tokens(session, prompt: str, chat: bool, system: str | None) -> list[int]:
     tokenizer = session.tokenizer
     if not chat:

@@ -9,6 +9,7 @@ from gguf import quants
 
 from refengine.cli import EXIT_ERROR, EXIT_USAGE, main
 from refengine.gguf import open_gguf
+from refengine.session import Session
 
 
 def run(capsys, *argv):
@@ -115,3 +116,55 @@ def test_bad_flags(capsys, argv):
 def test_help_everywhere(capsys, argv):
     code, out, _ = run(capsys, *argv)
     assert code == 0 and out.strip()
+
+
+def test_generate_json(capsys, smollm_path):
+    code, out, _ = run(capsys, "generate", "-m", "smollm2-135m", "--temp", "0", "-n", "8", "--json",
+                       "The capital of France is")
+    assert code == 0
+    result = json.loads(out)
+    assert set(result) >= {"prompt_tokens", "tokens", "text", "timings", "finish_reason"}
+    assert result["finish_reason"] in ("length", "eos", "stop")
+    assert 0 < len(result["tokens"]) <= 8
+    assert "Paris" in result["text"]
+    assert result["timings"]["n_prompt"] == len(result["prompt_tokens"])
+
+
+def test_generate_stop_string_is_not_emitted(capsys, smollm_path):
+    code, out, _ = run(capsys, "generate", "-m", "smollm2-135m", "--temp", "0", "-n", "16", "--json",
+                       "--stop", "Paris", "The capital of France is")
+    assert code == 0
+    result = json.loads(out)
+    assert result["finish_reason"] == "stop" and "Paris" not in result["text"]
+
+
+def test_generate_prompt_longer_than_context(capsys, smollm_path):
+    code, _, err = run(capsys, "generate", "-m", "smollm2-135m", "-c", "8", "-n", "4", "one two three four five")
+    assert_one_line_error(code, err, EXIT_ERROR, "--ctx 8")
+
+
+def test_generate_bad_sampler_setting(capsys, smollm_path):
+    code, _, err = run(capsys, "generate", "-m", "smollm2-135m", "--temp", "-1", "hi")
+    assert_one_line_error(code, err, EXIT_ERROR, "--temp")
+
+
+def test_logits_file(capsys, tmp_path, smollm_path):
+    out_file = tmp_path / "logits.npy"
+    code, _, _ = run(capsys, "logits", "-m", "smollm2-135m", "--tokens", "504,3575,282", "--out", str(out_file))
+    assert code == 0
+    written = np.load(out_file)
+    assert written.shape == (3, 49152) and written.dtype == np.float32
+    # the ids are evaluated exactly as given: no BOS in front
+    session = Session.load("smollm2-135m")
+    np.testing.assert_array_equal(written, session.model.forward(np.array([504, 3575, 282]), session.new_cache(3)))
+    code, _, _ = run(capsys, "logits", "-m", "smollm2-135m", "--tokens", "504,3575,282", "--out",
+                     str(tmp_path / "f64.npy"), "--precision", "f64")
+    np.testing.assert_allclose(np.load(tmp_path / "f64.npy"), written, atol=2e-3)
+
+
+@pytest.mark.parametrize("tokens", ["1,x,3", ",", "1,99999999"])
+def test_logits_bad_tokens(capsys, tmp_path, smollm_path, tokens):
+    code, _, err = run(capsys, "logits", "-m", "smollm2-135m", "--tokens", tokens, "--out", str(tmp_path / "l.npy"))
+    assert code in (EXIT_ERROR, EXIT_USAGE)
+    assert_one_line_error(code, err, code)
+    assert not (tmp_path / "l.npy").exists()

@@ -1,0 +1,106 @@
+"""llama-bench-style model figures: prompt processing (ppN) and text generation (tgN) in tokens/s.
+
+As llama-bench does: ppN evaluates N tokens as one batch in an empty context;
+tgN decodes N tokens one at a time from an empty context. Token ids are random
+(the speed does not depend on them); each test runs once untimed to warm up.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from refengine.generate import decode_one, prefill
+
+
+@dataclass
+class BenchRecord:
+    """One llama-bench row; the field names are llama-bench's JSON names."""
+
+    model_filename: str
+    model_type: str
+    model_size: int  # bytes of weights
+    model_n_params: int
+    n_threads: int
+    n_prompt: int
+    n_gen: int
+    test: str  # "pp512", "tg128"
+    avg_ts: float  # tokens per second, mean over repetitions
+    stddev_ts: float
+    samples_ts: list[float]
+    backend: str = "refengine-numba"
+    precision: str = "f32"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def n_threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+def time_prompt(model, n_prompt: int, rng) -> float:
+    tokens = rng.integers(0, model.config.n_vocab, size=n_prompt)
+    cache = model.new_cache(n_prompt)
+    start = time.perf_counter()
+    prefill(model, cache, tokens)
+    return time.perf_counter() - start
+
+
+def time_generation(model, n_gen: int, rng) -> float:
+    tokens = rng.integers(0, model.config.n_vocab, size=n_gen)
+    cache = model.new_cache(n_gen)
+    start = time.perf_counter()
+    for token in tokens:
+        decode_one(model, cache, int(token))
+    return time.perf_counter() - start
+
+
+def bench_model(session, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
+                precision: str = "f32") -> list[BenchRecord]:
+    model, gguf = session.model, session.gguf
+    rng = np.random.default_rng(0)
+    tests = []
+    if n_prompt:
+        tests.append((f"pp{n_prompt}", n_prompt, 0, lambda: time_prompt(model, n_prompt, rng)))
+    if n_gen:
+        tests.append((f"tg{n_gen}", 0, n_gen, lambda: time_generation(model, n_gen, rng)))
+    from refengine.info import file_type_name
+
+    records = []
+    for name, n_p, n_g, run in tests:
+        run()  # warm-up: numba kernels load, pages fault in
+        speeds = [(n_p + n_g) / run() for _ in range(repetitions)]
+        records.append(BenchRecord(
+            model_filename=os.path.basename(gguf.path),
+            model_type=f"{gguf.architecture} {file_type_name(gguf.get('general.file_type')) or ''}".strip(),
+            model_size=sum(t.nbytes for t in gguf.tensors.values()),
+            model_n_params=gguf.n_params,
+            n_threads=n_threads(),
+            n_prompt=n_p,
+            n_gen=n_g,
+            test=name,
+            avg_ts=statistics.fmean(speeds),
+            stddev_ts=statistics.stdev(speeds) if len(speeds) > 1 else 0.0,
+            samples_ts=speeds,
+            precision=precision,
+        ))
+    return records
+
+
+def markdown(records: list[BenchRecord]) -> str:
+    """llama-bench's table layout."""
+    lines = ["| model | size | params | backend | threads | test | t/s |",
+             "| ----- | ---: | -----: | ------- | ------: | ---: | --: |"]
+    for r in records:
+        lines.append(
+            f"| {r.model_type} | {r.model_size / 2**20:.2f} MiB | {r.model_n_params / 1e6:.2f} M | {r.backend} "
+            f"| {r.n_threads} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} |"
+        )
+    return "\n".join(lines)
