@@ -16,8 +16,10 @@ The gguf package still supplies the constants: value types, ggml types, block
 sizes and key names.
 
 Everything read from the file is untrusted: every count and length is checked
-against the bytes that remain before anything is allocated from it, and every
-problem is a GGUFError whose message names the file and the byte offset.
+against the bytes that remain before anything is allocated from it, strings
+longer than a megabyte are decoded only once the whole header has checked out
+(a corrupt length may claim the tensor data), and every problem is a GGUFError
+whose message names the file and the byte offset.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import reprlib
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +42,17 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 64  # GGML_MAX_NAME: a tensor name and its terminating NUL
+MAX_KEY = 2**16 - 1  # the GGUF spec's limit on a metadata key
+# Longer strings are decoded only once the whole header has checked out, so that a corrupt
+# length which swallows the tensor data fails fast instead of decoding hundreds of megabytes.
+_DECODE_LATER = 1 << 20
+_INT64_MAX = 2**63 - 1
+
+# repr() for error messages, cut short: keys and values come from the file, at any length.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 100
+_shown = _SHOWN.repr
 
 # Smallest encoding of one header record, used to reject impossible counts up front.
 _MIN_KV_BYTES = 8 + 4 + 1  # empty key, value type, a one-byte value
@@ -191,24 +205,32 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     first = _read_file(path)
     count = first.metadata.get(Keys.Split.LLM_KV_SPLIT_COUNT, 1)
     if not isinstance(count, int) or count < 1:
-        raise GGUFError(f"{path}: {Keys.Split.LLM_KV_SPLIT_COUNT} is {count!r}, not a positive integer")
+        raise GGUFError(f"{path}: {Keys.Split.LLM_KV_SPLIT_COUNT} is {_shown(count)}, not a positive integer")
     if count == 1:
         return first.into_model(path, [first])
     parts = _split_paths(path, count)
     files = [first if p == path else _read_file(p) for p in parts]
     for i, (part, parsed) in enumerate(zip(parts, files)):
-        no = parsed.metadata.get(Keys.Split.LLM_KV_SPLIT_NO)
-        if no != i or parsed.metadata.get(Keys.Split.LLM_KV_SPLIT_COUNT) != count:
+        no = _split_int(parsed, Keys.Split.LLM_KV_SPLIT_NO)
+        if no != i or _split_int(parsed, Keys.Split.LLM_KV_SPLIT_COUNT) != count:
             raise GGUFError(
                 f"{part}: split file says it is split {no!r} of "
-                f"{parsed.metadata.get(Keys.Split.LLM_KV_SPLIT_COUNT)!r}, expected {i} of {count}"
+                f"{_shown(parsed.metadata.get(Keys.Split.LLM_KV_SPLIT_COUNT))}, expected {i} of {count}"
             )
     head = files[0]
-    expected = head.metadata.get(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+    expected = _split_int(head, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
     total = sum(len(f.tensors) for f in files)
     if expected is not None and expected != total:
         raise GGUFError(f"{parts[0]}: {Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT} is {expected}, the splits hold {total}")
     return head.into_model(parts[0], files)
+
+
+def _split_int(parsed: _ParsedFile, key: str) -> int | None:
+    """A split key's value, which must be an integer: an array would compare element-wise."""
+    value = parsed.metadata.get(key)
+    if value is not None and not isinstance(value, int):
+        raise GGUFError(f"{parsed.path}: {key} is {_shown(value)}, not an integer")
+    return value
 
 
 def _split_paths(path: Path, count: int) -> list[Path]:
@@ -267,6 +289,14 @@ def _read_file(path: Path) -> _ParsedFile:
     return _HeaderParser(path, mapping).parse()
 
 
+@dataclass(frozen=True)
+class _Later:
+    """The place of a long string, decoded by _HeaderParser.decode_later."""
+
+    start: int
+    stop: int
+
+
 class _HeaderParser:
     """Walks the header once, front to back, with a cursor that never reads past the end."""
 
@@ -275,6 +305,7 @@ class _HeaderParser:
         self.buf = mapping
         self.end = len(mapping)
         self.pos = 0
+        self.lists_with_later: list[list] = []  # string arrays holding a _Later
 
     def fail(self, what: str, at: int | None = None) -> GGUFError:
         return GGUFError(f"{self.path}: byte {self.pos if at is None else at}: {what}")
@@ -289,12 +320,31 @@ class _HeaderParser:
         self.pos += fmt.size
         return value
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int | None = None) -> str | _Later:
+        """A string, or a _Later for one longer than _DECODE_LATER (which a `limit` below it rules out)."""
         n = self.scalar(_U64, f"length of {what}")
+        if limit is not None and n > limit:
+            raise self.fail(f"{what} of {n} bytes is longer than the {limit} allowed", at=self.pos - 8)
         self.need(n, what)
-        raw = self.buf[self.pos : self.pos + n]
+        start = self.pos
         self.pos += n
-        return raw.decode("utf-8", "surrogateescape")
+        if n > _DECODE_LATER:
+            return _Later(start, self.pos)
+        return self.buf[start : self.pos].decode("utf-8", "surrogateescape")
+
+    def decode_later(self, metadata: dict[str, Any]) -> None:
+        """Decode the long strings, now that the header is known to be sound."""
+
+        def decode(later: _Later) -> str:
+            return self.buf[later.start : later.stop].decode("utf-8", "surrogateescape")
+
+        for key, value in metadata.items():
+            if isinstance(value, _Later):
+                metadata[key] = decode(value)
+        for strings in self.lists_with_later:
+            for i, value in enumerate(strings):
+                if isinstance(value, _Later):
+                    strings[i] = decode(value)
 
     def parse(self) -> _ParsedFile:
         self.need(4, "magic")
@@ -318,20 +368,23 @@ class _HeaderParser:
         value_types: dict[str, GGUFValueType] = {}
         for _ in range(n_kv):
             key_at = self.pos
-            key = self.string("metadata key")
+            key = self.string("metadata key", limit=MAX_KEY)
+            label = _shown(key)
             if key in metadata:
-                raise self.fail(f"duplicate metadata key {key!r}", at=key_at)
-            value_type = self.value_type(f"value type of {key!r}")
-            metadata[key] = self.value(value_type, key)
+                raise self.fail(f"duplicate metadata key {label}", at=key_at)
+            value_type = self.value_type(f"value type of {label}")
+            metadata[key] = self.value(value_type, label)
             value_types[key] = value_type
 
         alignment = metadata.get(Keys.General.ALIGNMENT, DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise self.fail(f"{Keys.General.ALIGNMENT} is {alignment!r}, not a power of two")
+            raise self.fail(f"{Keys.General.ALIGNMENT} is {_shown(alignment)}, not a power of two")
 
-        infos = [self.tensor_info() for _ in range(n_tensors)]
+        names: set[str] = set()
+        infos = [self.tensor_info(names) for _ in range(n_tensors)]
         data_start = -(-self.pos // alignment) * alignment
         tensors = self.tensors(infos, data_start, alignment)
+        self.decode_later(metadata)
         return _ParsedFile(self.path, version, metadata, value_types, tensors, self.buf)
 
     def value_type(self, what: str) -> GGUFValueType:
@@ -342,49 +395,70 @@ class _HeaderParser:
         except ValueError:
             raise self.fail(f"unknown {what} {raw}", at=at) from None
 
-    def value(self, value_type: GGUFValueType, key: str) -> Any:
+    def value(self, value_type: GGUFValueType, label: str) -> Any:
+        """The value of the key shown in messages as `label`."""
         if value_type == GGUFValueType.STRING:
-            return self.string(f"value of {key!r}")
+            return self.string(f"value of {label}")
         if value_type != GGUFValueType.ARRAY:
-            return self.scalar(_SCALAR_FORMATS[value_type], f"value of {key!r}")
-        elem_type = self.value_type(f"element type of {key!r}")
-        count = self.scalar(_U64, f"element count of {key!r}")
+            return self.scalar(_SCALAR_FORMATS[value_type], f"value of {label}")
+        elem_type = self.value_type(f"element type of {label}")
+        count = self.scalar(_U64, f"element count of {label}")
         if elem_type == GGUFValueType.STRING:
-            return self.string_array(count, key)
+            return self.string_array(count, label)
         if elem_type == GGUFValueType.ARRAY:
-            raise self.fail(f"nested arrays are not supported (key {key!r})")
+            raise self.fail(f"nested arrays are not supported (key {label})")
         dtype = _ARRAY_DTYPES[elem_type]
         if count > (self.end - self.pos) // dtype.itemsize:
-            raise self.fail(f"array {key!r} of {count} {elem_type.name} cannot fit in the bytes that remain")
+            raise self.fail(f"array {label} of {count} {elem_type.name} cannot fit in the bytes that remain")
         values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
         self.pos += count * dtype.itemsize
         return values
 
-    def string_array(self, count: int, key: str) -> list[str]:
+    def string_array(self, count: int, label: str) -> list[str]:
         # Each string costs at least its 8-byte length, which bounds the count before the list exists.
         if count > (self.end - self.pos) // 8:
-            raise self.fail(f"array {key!r} of {count} strings cannot fit in the bytes that remain")
-        buf, pos = self.buf, self.pos
+            raise self.fail(f"array {label} of {count} strings cannot fit in the bytes that remain")
+        buf, pos, end = self.buf, self.pos, self.end
         unpack = _U64.unpack_from
-        strings = [""] * count
-        # The hot loop of opening a model (262k tokens): bounds are checked once
-        # after it, since unpack_from raises at the end of the mapping and a
-        # slice past the end is merely short.
+        # The list grows with the strings actually read, never from the count:
+        # a count that fits in a file full of tensor data must not allocate it.
+        strings: list[str | _Later] = []
+        append = strings.append
+        # The hot loop of opening a model (262k tokens): unpack_from raises at
+        # the end of the mapping, and a string that runs past the end stops the
+        # loop before it is sliced.
         try:
-            for i in range(count):
+            for _ in range(count):
                 start = pos + 8
-                pos = start + unpack(buf, pos)[0]
-                strings[i] = buf[start:pos].decode("utf-8", "surrogateescape")
+                stop = start + unpack(buf, pos)[0]
+                if stop > end:
+                    break
+                if stop - start > _DECODE_LATER:
+                    append(_Later(start, stop))
+                    if not self.lists_with_later or self.lists_with_later[-1] is not strings:
+                        self.lists_with_later.append(strings)
+                else:
+                    append(buf[start:stop].decode("utf-8", "surrogateescape"))
+                pos = stop
         except struct.error:
-            pos = self.end + 1
-        if pos > self.end:
-            raise self.fail(f"truncated: array {key!r} of {count} strings runs past the end of the file")
+            pass
+        if len(strings) < count:
+            raise self.fail(
+                f"truncated: string {len(strings)} of {count} in array {label} runs past the end of the file",
+                at=pos,
+            )
         self.pos = pos
         return strings
 
-    def tensor_info(self) -> tuple[str, tuple[int, ...], int, int, int]:
+    def tensor_info(self, names: set[str]) -> tuple[str, tuple[int, ...], int, int, int]:
         at = self.pos
-        name = self.string("tensor name")
+        # ggml's limit, checked before the name is read: a corrupt length must not swallow the data.
+        name = self.string("tensor name", limit=MAX_NAME - 1)
+        # Checked here rather than with the data, so that a tensor count that runs on into
+        # zero padding stops at the second empty name instead of reading millions of them.
+        if name in names:
+            raise self.fail(f"duplicate tensor name {name!r}", at=at)
+        names.add(name)
         n_dims = self.scalar(_U32, f"dimension count of tensor {name!r}")
         if n_dims > MAX_DIMS:
             raise self.fail(f"tensor {name!r} has {n_dims} dimensions, at most {MAX_DIMS} are allowed", at=at)
@@ -398,8 +472,6 @@ class _HeaderParser:
         tensors: dict[str, Tensor] = {}
         spans = []
         for name, ne, raw_type, offset, at in infos:
-            if name in tensors:
-                raise self.fail(f"duplicate tensor name {name!r}", at=at)
             try:
                 ggml_type = GGMLQuantizationType(raw_type)
                 block_size, type_size = GGML_QUANT_SIZES[ggml_type]
@@ -417,10 +489,14 @@ class _HeaderParser:
                 n_rows *= dim
             row_bytes = n_cols // block_size * type_size
             nbytes = n_rows * row_bytes  # Python ints: no overflow, however large the dims
+            # ggml keeps dimensions as int64, and numpy needs the byte shape to fit in one even
+            # when a zero dimension makes the tensor empty.
+            if max(ne, default=0) > _INT64_MAX or max(n_rows, 1) * max(row_bytes, 1) > _INT64_MAX:
+                raise self.fail(f"tensor {name!r}: dimensions {list(ne)} are too large", at=at)
             if offset % alignment:
                 raise self.fail(f"tensor {name!r}: data offset {offset} is not a multiple of {alignment}", at=at)
             start = data_start + offset
-            if nbytes > self.end - min(start, self.end):
+            if start > self.end or nbytes > self.end - start:  # nor may an empty tensor start past it
                 raise self.fail(
                     f"tensor {name!r}: {nbytes} bytes at offset {start} run past the end of the file ({self.end})",
                     at=at,
