@@ -1,0 +1,43 @@
+"""A memory read-bandwidth probe: the ceiling a streaming dequantizer is judged against.
+
+Dequantizing a tensor that does not fit in cache can go no faster than DRAM can
+deliver its bytes, so benchmarks report kernels as a fraction of this figure.
+The probe is the simplest loop that is bound by reads alone: a parallel sum over
+a large uint64 array. Integer addition is exact and associative, so LLVM
+vectorises it without fastmath, and the one-word result keeps the loads alive.
+"""
+
+import time
+
+import numpy as np
+
+from ._jit import kernel, prange
+
+
+@kernel(parallel=True)
+def _sum_u64(words):  # (n,) uint64 -> uint64, wrapping on overflow
+    total = np.uint64(0)
+    for i in prange(words.shape[0]):
+        total += words[i]
+    return total
+
+
+def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best-of-`repeats` read bandwidth in GB/s (1e9 bytes/s) over an `n_bytes` array.
+
+    Uses numba's current thread count (numba.set_num_threads). `n_bytes` should
+    be well above the last-level cache, or this measures the cache instead.
+    """
+    n_words = max(n_bytes // 8, 1)
+    # Written, not just allocated: untouched pages all map to the kernel's one
+    # zero page, which would be read from cache at an impossible speed.
+    words = np.ones(n_words, dtype=np.uint64)
+    _sum_u64(words[:1024])  # compile (or load from cache) outside the timing
+    best = float("inf")
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        total = _sum_u64(words)
+        best = min(best, time.perf_counter() - start)
+    if total != n_words:  # cheap guard that the loop really read every word
+        raise RuntimeError(f"read probe summed {total}, expected {n_words}")
+    return n_words * 8 / best / 1e9
