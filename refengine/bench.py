@@ -62,8 +62,9 @@ def time_generation(model, n_gen: int, rng) -> float:
     return time.perf_counter() - start
 
 
-def bench_model(session, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
-                precision: str = "f32") -> list[BenchRecord]:
+def bench_model(
+    session, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3, precision: str = "f32"
+) -> list[BenchRecord]:
     model, gguf = session.model, session.gguf
     rng = np.random.default_rng(0)
     tests = []
@@ -77,27 +78,31 @@ def bench_model(session, n_prompt: int = 512, n_gen: int = 128, repetitions: int
     for name, n_p, n_g, run in tests:
         run()  # warm-up: numba kernels load, pages fault in
         speeds = [(n_p + n_g) / run() for _ in range(repetitions)]
-        records.append(BenchRecord(
-            model_filename=os.path.basename(gguf.path),
-            model_type=f"{gguf.architecture} {file_type_name(gguf.get('general.file_type')) or ''}".strip(),
-            model_size=sum(t.nbytes for t in gguf.tensors.values()),
-            model_n_params=gguf.n_params,
-            n_threads=n_threads(),
-            n_prompt=n_p,
-            n_gen=n_g,
-            test=name,
-            avg_ts=statistics.fmean(speeds),
-            stddev_ts=statistics.stdev(speeds) if len(speeds) > 1 else 0.0,
-            samples_ts=speeds,
-            precision=precision,
-        ))
+        records.append(
+            BenchRecord(
+                model_filename=os.path.basename(gguf.path),
+                model_type=f"{gguf.architecture} {file_type_name(gguf.get('general.file_type')) or ''}".strip(),
+                model_size=sum(t.nbytes for t in gguf.tensors.values()),
+                model_n_params=gguf.n_params,
+                n_threads=n_threads(),
+                n_prompt=n_p,
+                n_gen=n_g,
+                test=name,
+                avg_ts=statistics.fmean(speeds),
+                stddev_ts=statistics.stdev(speeds) if len(speeds) > 1 else 0.0,
+                samples_ts=speeds,
+                precision=precision,
+            )
+        )
     return records
 
 
 def markdown(records: list[BenchRecord]) -> str:
     """llama-bench's table layout."""
-    lines = ["| model | size | params | backend | threads | test | t/s |",
-             "| ----- | ---: | -----: | ------- | ------: | ---: | --: |"]
+    lines = [
+        "| model | size | params | backend | threads | test | t/s |",
+        "| ----- | ---: | -----: | ------- | ------: | ---: | --: |",
+    ]
     for r in records:
         lines.append(
             f"| {r.model_type} | {r.model_size / 2**20:.2f} MiB | {r.model_n_params / 1e6:.2f} M | {r.backend} "

@@ -41,8 +41,14 @@ BUILTIN_TEMPLATES = {
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),
 }
-ARCH_TEMPLATES = {"gemma3": "gemma", "gemma2": "gemma", "gemma": "gemma", "qwen2": "chatml", "qwen3": "chatml",
-                  "llama": "llama3"}
+ARCH_TEMPLATES = {
+    "gemma3": "gemma",
+    "gemma2": "gemma",
+    "gemma": "gemma",
+    "qwen2": "chatml",
+    "qwen3": "chatml",
+    "llama": "llama3",
+}
 
 
 class ChatTemplateError(RefengineError):
@@ -71,7 +77,9 @@ def template_for(gguf) -> str:
         return source
     name = ARCH_TEMPLATES.get(gguf.get("general.architecture"))
     if name is None:
-        raise ChatTemplateError(f"{gguf.path}: no tokenizer.chat_template and no built-in template for this architecture")
+        raise ChatTemplateError(
+            f"{gguf.path}: no tokenizer.chat_template and no built-in template for this architecture"
+        )
     return BUILTIN_TEMPLATES[name]
 
 

@@ -36,7 +36,9 @@ def load_model(model: str) -> GGUFFile:
 
 
 MODEL_ARGUMENT = click.argument("model", default=DEFAULT_MODEL, metavar="MODEL")
-MODEL_HELP = f"MODEL is a .gguf path (any split of a split model) or a short name: {DEFAULT_MODEL}, smollm2-135m."
+MODEL_HELP = (
+    f"MODEL is a .gguf path (any split of a split model) or a short name: {DEFAULT_MODEL}, smollm2-135m."
+)
 
 
 @click.group(context_settings=CONTEXT)
@@ -61,7 +63,10 @@ def info(model: str, tensors: bool, as_json: bool) -> None:
 @click.argument("model", metavar="MODEL")
 @click.argument("name", metavar="NAME")
 @click.option(
-    "-o", "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), required=True,
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    required=True,
     help="Where to write the .npy file.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
@@ -71,7 +76,6 @@ def tensor(model: str, name: str, output: Path, as_json: bool) -> None:
     The array has the shape gguf.quants.dequantize gives (rows x columns, GGUF's
     ne reversed), so it can be compared directly with other implementations.
     """
-    import numpy as np
 
     gguf_file = load_model(model)
     t = gguf_file.tensor(name)
@@ -86,13 +90,18 @@ def tensor(model: str, name: str, output: Path, as_json: bool) -> None:
 
 
 @cli.command(epilog=MODEL_HELP)
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL",
-              help="The model to use.")
+@click.option(
+    "-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use."
+)
 @click.option("--no-bos", is_flag=True, help="Do not add the BOS token, even if the model asks for it.")
-@click.option("--parse-special", is_flag=True,
-              help="Read special-token text such as <start_of_turn> as that token, not as plain text.")
-@click.option("--json", "as_json", is_flag=True,
-              help='Print {"tokens": [...]} instead of space-separated ids.')
+@click.option(
+    "--parse-special",
+    is_flag=True,
+    help="Read special-token text such as <start_of_turn> as that token, not as plain text.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help='Print {"tokens": [...]} instead of space-separated ids.'
+)
 @click.argument("text", metavar="TEXT")
 def tokenize(model: str, no_bos: bool, parse_special: bool, as_json: bool, text: str) -> None:
     """Print the token ids of TEXT, the ones llama.cpp gives."""
@@ -105,7 +114,10 @@ def tokenize(model: str, no_bos: bool, parse_special: bool, as_json: bool, text:
 
 
 PRECISION_OPTION = click.option(
-    "--precision", type=click.Choice(["f32", "f64"]), default="f32", show_default=True,
+    "--precision",
+    type=click.Choice(["f32", "f64"]),
+    default="f32",
+    show_default=True,
     help="Activation precision. f64 accumulates everything in float64: the exact path oracles use.",
 )
 
@@ -121,10 +133,19 @@ def parse_token_list(text: str) -> list[int]:
 
 
 @cli.command(epilog=MODEL_HELP)
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
-@click.option("--tokens", required=True, metavar="IDS", help="Comma-separated token ids, evaluated as given (no BOS).")
-@click.option("--out", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the (n_tokens, n_vocab) float32 .npy.")
+@click.option(
+    "-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use."
+)
+@click.option(
+    "--tokens", required=True, metavar="IDS", help="Comma-separated token ids, evaluated as given (no BOS)."
+)
+@click.option(
+    "--out",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the (n_tokens, n_vocab) float32 .npy.",
+)
 @PRECISION_OPTION
 def logits(model: str, tokens: str, output: Path, precision: str) -> None:
     """Write the logits of every position of a token sequence, for comparing engines."""
@@ -142,25 +163,64 @@ def logits(model: str, tokens: str, output: Path, precision: str) -> None:
 
 @cli.command(epilog=MODEL_HELP)
 @click.argument("prompt", metavar="PROMPT")
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
-@click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, type=click.IntRange(min=0),
-              help="Tokens to generate at most.")
-@click.option("-c", "--ctx", default=4096, show_default=True, type=click.IntRange(min=1),
-              help="Context size: the KV cache holds this many positions.")
+@click.option(
+    "-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use."
+)
+@click.option(
+    "-n",
+    "--n-predict",
+    "n_predict",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Tokens to generate at most.",
+)
+@click.option(
+    "-c",
+    "--ctx",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Context size: the KV cache holds this many positions.",
+)
 @click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy.")
-@click.option("--top-k", default=40, show_default=True, type=int, help="Keep the k most likely tokens (0: off).")
+@click.option(
+    "--top-k", default=40, show_default=True, type=int, help="Keep the k most likely tokens (0: off)."
+)
 @click.option("--top-p", default=0.95, show_default=True, type=float, help="Nucleus sampling mass (1: off).")
-@click.option("--min-p", default=0.05, show_default=True, type=float, help="Drop tokens below min-p x the top one.")
-@click.option("--repeat-penalty", default=1.0, show_default=True, type=float, help="Penalty for recent tokens (1: off).")
-@click.option("--repeat-last-n", default=64, show_default=True, type=int, help="How many recent tokens are penalised.")
+@click.option(
+    "--min-p", default=0.05, show_default=True, type=float, help="Drop tokens below min-p x the top one."
+)
+@click.option(
+    "--repeat-penalty", default=1.0, show_default=True, type=float, help="Penalty for recent tokens (1: off)."
+)
+@click.option(
+    "--repeat-last-n", default=64, show_default=True, type=int, help="How many recent tokens are penalised."
+)
 @click.option("--seed", type=int, default=None, help="Random seed; the same seed gives the same text.")
 @click.option("--stop", multiple=True, metavar="TEXT", help="Stop when this text appears (repeatable).")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the model's chat template.")
 @click.option("--system", default=None, metavar="TEXT", help="System message, with --chat.")
 @PRECISION_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(prompt, model, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed,
-             stop, chat, system, precision, as_json) -> None:
+def generate(
+    prompt,
+    model,
+    n_predict,
+    ctx,
+    temp,
+    top_k,
+    top_p,
+    min_p,
+    repeat_penalty,
+    repeat_last_n,
+    seed,
+    stop,
+    chat,
+    system,
+    precision,
+    as_json,
+) -> None:
     """Generate text after PROMPT, streaming it to stdout; timings go to stderr."""
     from refengine.generate import generate as run_generation
     from refengine.sampler import Sampler, SamplerConfig
@@ -183,7 +243,9 @@ def generate(prompt, model, n_predict, ctx, temp, top_k, top_p, min_p, repeat_pe
         if not as_json:
             click.echo(text, nl=False)
 
-    result = run_generation(session.model, session.tokenizer, cache, prompt_ids, n_predict, sampler, stop, on_text)
+    result = run_generation(
+        session.model, session.tokenizer, cache, prompt_ids, n_predict, sampler, stop, on_text
+    )
     result.timings.load_s = session.load_s
     peak_anon = max(peak_anon, rss_anon_bytes())
     t = result.timings
@@ -202,10 +264,21 @@ def generate(prompt, model, n_predict, ctx, temp, top_k, top_p, min_p, repeat_pe
 
 
 @cli.command(epilog=MODEL_HELP)
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
-@click.option("-n", "--n-predict", "n_predict", default=512, show_default=True, type=click.IntRange(min=1),
-              help="Tokens to generate at most per reply.")
-@click.option("-c", "--ctx", default=4096, show_default=True, type=click.IntRange(min=1), help="Context size.")
+@click.option(
+    "-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use."
+)
+@click.option(
+    "-n",
+    "--n-predict",
+    "n_predict",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Tokens to generate at most per reply.",
+)
+@click.option(
+    "-c", "--ctx", default=4096, show_default=True, type=click.IntRange(min=1), help="Context size."
+)
 @click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy.")
 @click.option("--seed", type=int, default=None, help="Random seed.")
 @click.option("--system", default=None, metavar="TEXT", help="System message.")
@@ -237,8 +310,15 @@ def chat(model, n_predict, ctx, temp, seed, system, precision) -> None:
         cache.n_past = keep
         if len(ids) + n_predict > ctx:
             raise UserError(f"the conversation ({len(ids)} tokens) plus -n {n_predict} exceeds --ctx {ctx}")
-        result = run_generation(session.model, tokenizer, cache, ids[keep:], n_predict, sampler,
-                                on_text=lambda text: click.echo(text, nl=False))
+        result = run_generation(
+            session.model,
+            tokenizer,
+            cache,
+            ids[keep:],
+            n_predict,
+            sampler,
+            on_text=lambda text: click.echo(text, nl=False),
+        )
         click.echo()
         cached = (ids + result.tokens)[: cache.n_past]  # the last sampled token was never evaluated
         messages.append({"role": "assistant", "content": result.text})
@@ -248,7 +328,7 @@ def chat(model, n_predict, ctx, temp, seed, system, precision) -> None:
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -262,12 +342,30 @@ def bench() -> None:
 
 @bench.command("model", epilog=MODEL_HELP)
 @click.argument("model", default=DEFAULT_MODEL, metavar="MODEL")
-@click.option("-p", "--n-prompt", default=512, show_default=True, type=click.IntRange(min=0),
-              help="Prompt tokens for the ppN test (0: skip).")
-@click.option("-n", "--n-gen", default=128, show_default=True, type=click.IntRange(min=0),
-              help="Generated tokens for the tgN test (0: skip).")
-@click.option("-r", "--repetitions", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Timed runs per test.")
+@click.option(
+    "-p",
+    "--n-prompt",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Prompt tokens for the ppN test (0: skip).",
+)
+@click.option(
+    "-n",
+    "--n-gen",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Generated tokens for the tgN test (0: skip).",
+)
+@click.option(
+    "-r",
+    "--repetitions",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Timed runs per test.",
+)
 @PRECISION_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print llama-bench-style JSON records.")
 def bench_model_command(model, n_prompt, n_gen, repetitions, precision, as_json) -> None:
@@ -286,7 +384,9 @@ def prompt_tokens(session, prompt: str, chat: bool, system: str | None) -> list[
         return tokenizer.encode(prompt)
     from refengine.chat import render, template_for
 
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
     text = render(template_for(session.gguf), messages, tokenizer)
     # the template writes BOS itself, as text, when the model wants one
     return tokenizer.encode(text, add_bos=False, parse_special=True)

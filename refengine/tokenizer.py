@@ -60,8 +60,14 @@ class Attr:
 
 
 # tokenizer.ggml.token_type values (llama_token_type) -> attribute; anything else is UNDEFINED.
-TOKEN_TYPE_ATTR = {1: Attr.NORMAL, 2: Attr.UNKNOWN, 3: Attr.CONTROL, 4: Attr.USER_DEFINED,
-                   5: Attr.UNUSED, 6: Attr.BYTE}
+TOKEN_TYPE_ATTR = {
+    1: Attr.NORMAL,
+    2: Attr.UNKNOWN,
+    3: Attr.CONTROL,
+    4: Attr.USER_DEFINED,
+    5: Attr.UNUSED,
+    6: Attr.BYTE,
+}
 
 # Tokens matched as whole pieces before the model runs (tokenizer_st_partition).
 SPECIAL_ATTRS = Attr.CONTROL | Attr.USER_DEFINED | Attr.UNKNOWN
@@ -69,36 +75,99 @@ SPECIAL_ATTRS = Attr.CONTROL | Attr.USER_DEFINED | Attr.UNKNOWN
 PARSE_SPECIAL_ONLY = Attr.CONTROL | Attr.UNKNOWN
 
 # Token texts that llama.cpp's load() recognises when the GGUF does not give the id.
-EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-             "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
+EOT_TEXTS = (
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "<｜end▁of▁sentence｜>",
+    "<end_of_utterance>",
+)
 EOM_TEXTS = ("<|eom_id|>",)
 FIM_TEXTS = {
-    Keys.Tokenizer.FIM_PRE_ID: ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
-                                "▁<PRE>", "<|code_prefix|>", "<|prefix|>"),
-    Keys.Tokenizer.FIM_SUF_ID: ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
-                                "▁<SUF>", "<|code_suffix|>", "<|suffix|>"),
-    Keys.Tokenizer.FIM_MID_ID: ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
-                                "▁<MID>", "<|code_middle|>", "<|middle|>"),
+    Keys.Tokenizer.FIM_PRE_ID: (
+        "<|fim_prefix|>",
+        "<fim-prefix>",
+        "<fim_prefix>",
+        "<｜fim▁begin｜>",
+        "<PRE>",
+        "▁<PRE>",
+        "<|code_prefix|>",
+        "<|prefix|>",
+    ),
+    Keys.Tokenizer.FIM_SUF_ID: (
+        "<|fim_suffix|>",
+        "<fim-suffix>",
+        "<fim_suffix>",
+        "<｜fim▁hole｜>",
+        "<SUF>",
+        "▁<SUF>",
+        "<|code_suffix|>",
+        "<|suffix|>",
+    ),
+    Keys.Tokenizer.FIM_MID_ID: (
+        "<|fim_middle|>",
+        "<fim-middle>",
+        "<fim_middle>",
+        "<｜fim▁end｜>",
+        "<MID>",
+        "▁<MID>",
+        "<|code_middle|>",
+        "<|middle|>",
+    ),
     Keys.Tokenizer.FIM_PAD_ID: ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
     Keys.Tokenizer.FIM_REP_ID: ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
     Keys.Tokenizer.FIM_SEP_ID: ("<|file_sep|>",),
 }
 # Every token with one of these texts ends generation (the "special_eog_ids" loop of load()).
-EOG_TEXTS = frozenset((
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>",
-    "[e~[",
-))
+EOG_TEXTS = frozenset(
+    (
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<|return|>",
+        "<|call|>",
+        "<|flush|>",
+        "<|calls|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "</s>",
+        "<|eom_id|>",
+        "<EOT>",
+        "_<EOT>",
+        "[EOT]",
+        "[EOS]",
+        "<|end_of_text|>",
+        "<end_of_utterance>",
+        "<eos>",
+        "<turn|>",
+        "<|tool_response>",
+        "<｜end▁of▁sentence｜>",
+        "[e~[",
+    )
+)
 
 
 # tokenizer.ggml.model -> the tokenizer llama.cpp runs, and the special ids it assumes
 # when the GGUF has no key for them.
 KINDS = {"llama": "spm", "gpt2": "bpe"}
-DEFAULT_IDS = {"spm": {Keys.Tokenizer.BOS_ID: 1, Keys.Tokenizer.EOS_ID: 2, Keys.Tokenizer.UNK_ID: 0},
-               "bpe": {Keys.Tokenizer.BOS_ID: 11, Keys.Tokenizer.EOS_ID: 11}}
-SPECIAL_ID_KEYS = (Keys.Tokenizer.BOS_ID, Keys.Tokenizer.EOS_ID, Keys.Tokenizer.EOT_ID, Keys.Tokenizer.EOM_ID,
-                   Keys.Tokenizer.UNK_ID, *FIM_TEXTS)
+DEFAULT_IDS = {
+    "spm": {Keys.Tokenizer.BOS_ID: 1, Keys.Tokenizer.EOS_ID: 2, Keys.Tokenizer.UNK_ID: 0},
+    "bpe": {Keys.Tokenizer.BOS_ID: 11, Keys.Tokenizer.EOS_ID: 11},
+}
+SPECIAL_ID_KEYS = (
+    Keys.Tokenizer.BOS_ID,
+    Keys.Tokenizer.EOS_ID,
+    Keys.Tokenizer.EOT_ID,
+    Keys.Tokenizer.EOM_ID,
+    Keys.Tokenizer.UNK_ID,
+    *FIM_TEXTS,
+)
 
 
 @dataclass(frozen=True)
@@ -113,8 +182,10 @@ class Pre:
 
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 # llama.cpp's spelling of Llama 3's (?i:'s|...) and of Qwen2's, which differs only in \p{N}.
-LLAMA3_REGEX = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
-                r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+    r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 DEEPSEEK3_REGEXES = (
     r"\p{N}{1,3}",
@@ -127,15 +198,18 @@ DEFAULT_PRE = Pre((r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0
 # tokenizer.ggml.pre -> pre-tokenizer, for the families we support (a subset of load()'s list).
 PRE_TOKENIZERS: dict[str, Pre] = {
     "default": DEFAULT_PRE,
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
-                     "lfm2"), Pre((LLAMA3_REGEX,), ignore_merges=True, add_bos=True)),
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+        Pre((LLAMA3_REGEX,), ignore_merges=True, add_bos=True),
+    ),
     **dict.fromkeys(("dbrx", "smaug-bpe"), Pre((LLAMA3_REGEX,))),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), Pre((QWEN2_REGEX,), clean_spaces=False)),
     **dict.fromkeys(("stablelm2", "megrez"), Pre((QWEN2_REGEX,))),
     **dict.fromkeys(("deepseek-v3", "hunyuan-dense"), Pre(DEEPSEEK3_REGEXES, clean_spaces=False)),
     **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "modern-bert"), Pre((GPT2_REGEX,))),
-    **dict.fromkeys(("starcoder", "refact", "codeshell", "exaone", "minerva-7b"),
-                    Pre((r"\p{N}", GPT2_REGEX))),
+    **dict.fromkeys(
+        ("starcoder", "refact", "codeshell", "exaone", "minerva-7b"), Pre((r"\p{N}", GPT2_REGEX))
+    ),
     **dict.fromkeys(("smollm", "command-r"), Pre((r"\p{N}", GPT2_REGEX), clean_spaces=False)),
 }
 
@@ -179,17 +253,27 @@ class Vocab:
 
         add_bos = bool(metadata.get(Keys.Tokenizer.ADD_BOS, kind == "spm" or pre.add_bos))
         add_eos = bool(metadata.get(Keys.Tokenizer.ADD_EOS, False))
-        for flag, value, key in ((Keys.Tokenizer.ADD_BOS, add_bos, Keys.Tokenizer.BOS_ID),
-                                 (Keys.Tokenizer.ADD_EOS, add_eos, Keys.Tokenizer.EOS_ID)):
+        for flag, value, key in (
+            (Keys.Tokenizer.ADD_BOS, add_bos, Keys.Tokenizer.BOS_ID),
+            (Keys.Tokenizer.ADD_EOS, add_eos, Keys.Tokenizer.EOS_ID),
+        ):
             if value and ids[key] is None:
                 raise TokenizerError(f"{flag} is true, but {key} is not set")
         return cls(
-            kind=kind, texts=texts, index=index, scores=scores, attrs=attrs,
-            bos_id=ids[Keys.Tokenizer.BOS_ID], eos_id=ids[Keys.Tokenizer.EOS_ID],
-            eot_id=ids[Keys.Tokenizer.EOT_ID], unk_id=ids[Keys.Tokenizer.UNK_ID],
-            add_bos=add_bos, add_eos=add_eos,
+            kind=kind,
+            texts=texts,
+            index=index,
+            scores=scores,
+            attrs=attrs,
+            bos_id=ids[Keys.Tokenizer.BOS_ID],
+            eos_id=ids[Keys.Tokenizer.EOS_ID],
+            eot_id=ids[Keys.Tokenizer.EOT_ID],
+            unk_id=ids[Keys.Tokenizer.UNK_ID],
+            add_bos=add_bos,
+            add_eos=add_eos,
             add_space_prefix=bool(metadata.get(Keys.Tokenizer.ADD_PREFIX, kind == "spm")),
-            eog_ids=eog_ids, pre=pre,
+            eog_ids=eog_ids,
+            pre=pre,
             merges=list(metadata.get(Keys.Tokenizer.MERGES) or ()) if kind == "bpe" else [],
         )
 
@@ -259,8 +343,9 @@ def detect_special_ids(ids: dict[str, int | None], index: dict[str, int], attrs:
             attrs[ids[key]] |= Attr.CONTROL
 
 
-def end_of_generation_ids(ids: dict[str, int | None], index: dict[str, int],
-                          attrs: list[int]) -> frozenset[int]:
+def end_of_generation_ids(
+    ids: dict[str, int | None], index: dict[str, int], attrs: list[int]
+) -> frozenset[int]:
     """The tokens that end generation: FIM pad/repo/sep, every EOG-looking text, EOS, EOT, EOM.
 
     (llama.cpp's model-specific exceptions for gpt-oss, solar-open and gemma4 are not applied.)
@@ -288,8 +373,9 @@ def special_tokens(texts_utf8: list[bytes], attrs: list[int]) -> list[tuple[byte
     return specials
 
 
-def split_special(data: bytes, specials: list[tuple[bytes, int, int]],
-                  parse_special: bool) -> list[bytes | int]:
+def split_special(
+    data: bytes, specials: list[tuple[bytes, int, int]], parse_special: bool
+) -> list[bytes | int]:
     """Cut the text at each special token, longest token first: raw byte fragments and token ids.
 
     User-defined tokens (gemma's "\\n", runs of spaces, HTML tags) are cut out
@@ -360,7 +446,7 @@ class SpmModel:
             if left < 0 or right < 0:
                 return
             joined = size[left] + size[right]
-            token = self.token_ids.get(text[start[left]:start[left] + joined])
+            token = self.token_ids.get(text[start[left] : start[left] + joined])
             if token is not None:
                 # Highest score first, then leftmost: llm_bigram_spm::comparator.
                 heapq.heappush(queue, (-self.scores[token], left, right, joined))
@@ -383,7 +469,7 @@ class SpmModel:
         ids: list[int] = []
         for i in range(len(spans)):
             if size[i]:
-                piece = text[start[i]:start[i] + size[i]]
+                piece = text[start[i] : start[i] + size[i]]
                 token = self.token_ids.get(piece)
                 ids.extend([token] if token is not None else map(self.byte_fallback, piece))
         return ids
@@ -398,26 +484,79 @@ class SpmModel:
 # -- BPE pre-tokenizer: unicode_regex_split ----------------------------------------------------
 
 # Unicode White_Space: llama.cpp's unicode_set_whitespace.
-WHITESPACE = frozenset((0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B),
-                        0x2028, 0x2029, 0x202F, 0x205F, 0x3000))
+WHITESPACE = frozenset(
+    (
+        0x09,
+        0x0A,
+        0x0B,
+        0x0C,
+        0x0D,
+        0x20,
+        0x85,
+        0xA0,
+        0x1680,
+        *range(0x2000, 0x200B),
+        0x2028,
+        0x2029,
+        0x202F,
+        0x205F,
+        0x3000,
+    )
+)
 # Codepoints assigned in Unicode 15.0 and 15.1, by major category. llama.cpp's table is
 # Unicode 15.1; Python 3.11's unicodedata is 14.0 and calls these unassigned. (Diffing
 # the two tables finds exactly these ranges; format controls are left out, since an
 # unassigned codepoint and a control one pre-tokenize alike.)
 UNICODE_15_ADDITIONS = {
-    "L": ((0x1123F, 0x11240), (0x11F02, 0x11F02), (0x11F04, 0x11F10), (0x11F12, 0x11F33),
-          (0x1342F, 0x1342F), (0x13441, 0x13446), (0x1B132, 0x1B132), (0x1B155, 0x1B155),
-          (0x1DF25, 0x1DF2A), (0x1E030, 0x1E06D), (0x1E4D0, 0x1E4EB), (0x2B739, 0x2B739),
-          (0x2EBF0, 0x2EE5D), (0x31350, 0x323AF)),
-    "M": ((0x00CF3, 0x00CF3), (0x00ECE, 0x00ECE), (0x10EFD, 0x10EFF), (0x11241, 0x11241),
-          (0x11F00, 0x11F01), (0x11F03, 0x11F03), (0x11F34, 0x11F3A), (0x11F3E, 0x11F42),
-          (0x13440, 0x13440), (0x13447, 0x13455), (0x1E08F, 0x1E08F), (0x1E4EC, 0x1E4EF)),
+    "L": (
+        (0x1123F, 0x11240),
+        (0x11F02, 0x11F02),
+        (0x11F04, 0x11F10),
+        (0x11F12, 0x11F33),
+        (0x1342F, 0x1342F),
+        (0x13441, 0x13446),
+        (0x1B132, 0x1B132),
+        (0x1B155, 0x1B155),
+        (0x1DF25, 0x1DF2A),
+        (0x1E030, 0x1E06D),
+        (0x1E4D0, 0x1E4EB),
+        (0x2B739, 0x2B739),
+        (0x2EBF0, 0x2EE5D),
+        (0x31350, 0x323AF),
+    ),
+    "M": (
+        (0x00CF3, 0x00CF3),
+        (0x00ECE, 0x00ECE),
+        (0x10EFD, 0x10EFF),
+        (0x11241, 0x11241),
+        (0x11F00, 0x11F01),
+        (0x11F03, 0x11F03),
+        (0x11F34, 0x11F3A),
+        (0x11F3E, 0x11F42),
+        (0x13440, 0x13440),
+        (0x13447, 0x13455),
+        (0x1E08F, 0x1E08F),
+        (0x1E4EC, 0x1E4EF),
+    ),
     "N": ((0x11F50, 0x11F59), (0x1D2C0, 0x1D2D3), (0x1E4F0, 0x1E4F9)),
     "P": ((0x11B00, 0x11B09), (0x11F43, 0x11F4F)),
-    "S": ((0x02FFC, 0x02FFF), (0x031EF, 0x031EF), (0x1F6DC, 0x1F6DC), (0x1F774, 0x1F776),
-          (0x1F77B, 0x1F77F), (0x1F7D9, 0x1F7D9), (0x1FA75, 0x1FA77), (0x1FA87, 0x1FA88),
-          (0x1FAAD, 0x1FAAF), (0x1FABB, 0x1FABD), (0x1FABF, 0x1FABF), (0x1FACE, 0x1FACF),
-          (0x1FADA, 0x1FADB), (0x1FAE8, 0x1FAE8), (0x1FAF7, 0x1FAF8)),
+    "S": (
+        (0x02FFC, 0x02FFF),
+        (0x031EF, 0x031EF),
+        (0x1F6DC, 0x1F6DC),
+        (0x1F774, 0x1F776),
+        (0x1F77B, 0x1F77F),
+        (0x1F7D9, 0x1F7D9),
+        (0x1FA75, 0x1FA77),
+        (0x1FA87, 0x1FA88),
+        (0x1FAAD, 0x1FAAF),
+        (0x1FABB, 0x1FABD),
+        (0x1FABF, 0x1FABF),
+        (0x1FACE, 0x1FACF),
+        (0x1FADA, 0x1FADB),
+        (0x1FAE8, 0x1FAE8),
+        (0x1FAF7, 0x1FAF8),
+    ),
 }
 
 # llama.cpp's "collapsed" text: each non-ASCII codepoint becomes one stand-in for its
@@ -435,7 +574,7 @@ CATEGORY_CLASSES = {
 
 
 def major_category(codepoint: int) -> str:
-    """"L", "N", "P", ... as llama.cpp's unicode_cpt_flags_from_cpt sees the codepoint."""
+    """ "L", "N", "P", ... as llama.cpp's unicode_cpt_flags_from_cpt sees the codepoint."""
     category = unicodedata.category(chr(codepoint))
     if category == "Cn":
         for major, ranges in UNICODE_15_ADDITIONS.items():
@@ -483,8 +622,8 @@ def collapse_regex(regex: str) -> str:
             inside = True
         elif char == "]" and inside and regex[i - 1] != "\\":
             inside = False
-        elif regex.startswith(r"\p{", i) and regex[i:regex.find("}", i) + 1] in CATEGORY_CLASSES:
-            name = regex[i:regex.find("}", i) + 1]
+        elif regex.startswith(r"\p{", i) and regex[i : regex.find("}", i) + 1] in CATEGORY_CLASSES:
+            name = regex[i : regex.find("}", i) + 1]
             out.append(CATEGORY_CLASSES[name] if inside else f"[{CATEGORY_CLASSES[name]}]")
             i += len(name)
             continue
@@ -515,12 +654,15 @@ def pre_tokenize(text: str, splitters: list[Splitter]) -> list[str]:
     these follow the regexes themselves, which is what they reproduce.)
     """
     spans = [(0, len(text))]
-    forms = {collapsed: text.translate(COLLAPSE if collapsed else SPACES)
-             for collapsed in {s.collapsed for s in splitters}}
+    forms = {
+        collapsed: text.translate(COLLAPSE if collapsed else SPACES)
+        for collapsed in {s.collapsed for s in splitters}
+    }
     for splitter in splitters:
         subject = forms[splitter.collapsed]
-        spans = [piece for start, end in spans
-                 for piece in regex_spans(splitter.pattern, subject, start, end)]
+        spans = [
+            piece for start, end in spans for piece in regex_spans(splitter.pattern, subject, start, end)
+        ]
     return [text[start:end] for start, end in spans]
 
 
@@ -552,9 +694,16 @@ def llama_codepoints(data: bytes) -> str:
     out, pos, end = [], 0, len(data)
     while pos < end:
         lead = data[pos]
-        length = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else (
-            4 if lead >> 3 == 0b11110 else 0)
-        tail = data[pos + 1:pos + length]
+        length = (
+            1
+            if lead < 0x80
+            else 2
+            if lead >> 5 == 0b110
+            else 3
+            if lead >> 4 == 0b1110
+            else (4 if lead >> 3 == 0b11110 else 0)
+        )
+        tail = data[pos + 1 : pos + length]
         if length == 1:
             out.append(chr(lead))
         elif length and len(tail) == length - 1 and all(b >> 6 == 0b10 for b in tail):
@@ -598,7 +747,7 @@ class BpeModel:
         self.ranks: dict[tuple[str, str], int] = {}
         for rank, merge in enumerate(vocab.merges):
             space = merge.find(" ", 1)  # as load(): a merge without a space becomes ("", "")
-            pair = (merge[:space], merge[space + 1:]) if space >= 0 else ("", "")
+            pair = (merge[:space], merge[space + 1 :]) if space >= 0 else ("", "")
             self.ranks.setdefault(pair, rank)  # the first rank of a repeated merge wins
         self.splitters = [Splitter.compile(r) for r in vocab.pre.regexes]
         self.ignore_merges = vocab.pre.ignore_merges
@@ -701,8 +850,13 @@ class Tokenizer:
     def is_eog(self, token_id: int) -> bool:
         return token_id in self.vocab.eog_ids
 
-    def encode(self, text: str | bytes, add_bos: bool | None = None, parse_special: bool = False,
-               add_eos: bool | None = None) -> list[int]:
+    def encode(
+        self,
+        text: str | bytes,
+        add_bos: bool | None = None,
+        parse_special: bool = False,
+        add_eos: bool | None = None,
+    ) -> list[int]:
         """Token ids of `text`. add_bos / add_eos: None follows the model (tokenizer.ggml.add_bos_token ...).
 
         parse_special=True turns the text of control tokens (<start_of_turn>,

@@ -491,16 +491,12 @@ def target_checks(results: list[Result]) -> list[str]:
     bw = [by_name[name] for name in TARGET_READ_BW_TYPES if name in by_name]
     bw = [r for r in bw if r.read_bw_fraction is not None]
     passed = [r.type for r in bw if r.read_bw_fraction >= TARGET_READ_BW_FRACTION]
-    missed = [
-        f"{r.type} ({r.read_bw_fraction:.0%})" for r in bw if r.read_bw_fraction < TARGET_READ_BW_FRACTION
-    ]
+    missed = [f"{r.type} ({r.read_bw_fraction:.0%})" for r in bw if r.read_bw_fraction < TARGET_READ_BW_FRACTION]
     absent = [name for name in TARGET_READ_BW_TYPES if name not in {r.type for r in bw}]
     lines.append(target_line(f">= {TARGET_READ_BW_FRACTION:.0%} of read bandwidth", passed, missed, absent))
     timed = [r for r in results if r.speedup_vs_gguf is not None]
     passed = [r.type for r in timed if r.speedup_vs_gguf >= TARGET_SPEEDUP]
-    missed = [
-        f"{r.type} ({fmt_speedup(r.speedup_vs_gguf)})" for r in timed if r.speedup_vs_gguf < TARGET_SPEEDUP
-    ]
+    missed = [f"{r.type} ({fmt_speedup(r.speedup_vs_gguf)})" for r in timed if r.speedup_vs_gguf < TARGET_SPEEDUP]
     absent = [r.type for r in results if r.speedup_vs_gguf is None]
     lines.append(target_line(f">= {TARGET_SPEEDUP:.0f}x gguf.quants", passed, missed, absent))
     return lines

@@ -29,7 +29,7 @@ CODE = '''def fib(n: int) -> int:
         a, b = b, a + b  # tuple swap
     return a
 '''
-C_CODE = "int main(void) {\n\tprintf(\"%d\\n\", 42);\n\treturn 0;\n}\n"
+C_CODE = 'int main(void) {\n\tprintf("%d\\n", 42);\n\treturn 0;\n}\n'
 
 CORPUS = [
     # plain text, punctuation, contractions (the BPE regexes special-case 's 't 're ...)
@@ -141,10 +141,21 @@ def golden(model: str) -> dict:
         for add_special, parse_special in FLAGS:
             ids = llm.tokenize(utf8(text), add_bos=add_special, special=parse_special)
             decoded = detokenize(llama_cpp, vocab, ids, parse_special)
-            cases.append({"text": text, "add_special": add_special, "parse_special": parse_special,
-                          "ids": ids, "decoded": decoded.decode("utf-8", "surrogateescape")})
-    return {"model": model, "llama_cpp_python": llama_cpp.__version__,
-            "special": special_tokens(llama_cpp, vocab), "cases": cases}
+            cases.append(
+                {
+                    "text": text,
+                    "add_special": add_special,
+                    "parse_special": parse_special,
+                    "ids": ids,
+                    "decoded": decoded.decode("utf-8", "surrogateescape"),
+                }
+            )
+    return {
+        "model": model,
+        "llama_cpp_python": llama_cpp.__version__,
+        "special": special_tokens(llama_cpp, vocab),
+        "cases": cases,
+    }
 
 
 def write(data: dict, path: Path) -> None:

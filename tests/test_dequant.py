@@ -7,8 +7,8 @@ and signed zeros must agree.
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, quants
-
+from gguf import GGML_QUANT_SIZES, quants
+from gguf import GGMLQuantizationType as T
 from refengine.kernels import DEQUANTIZERS, KernelError, dequantize_rows
 
 # Every type gguf.quants can turn into float32.
@@ -19,10 +19,26 @@ REFERENCE_TYPES = [T.F32, T.F16, T.BF16] + sorted(
 
 # Byte offsets of each f16 scale inside one block, for the corner cases below.
 F16_SCALES = {
-    T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
-    T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
-    T.IQ2_XXS: [0], T.IQ2_XS: [0], T.IQ2_S: [0], T.IQ3_XXS: [0], T.IQ3_S: [0],
-    T.IQ1_S: [0], T.IQ4_NL: [0], T.IQ4_XS: [0], T.TQ1_0: [52], T.TQ2_0: [64],
+    T.Q4_0: [0],
+    T.Q4_1: [0, 2],
+    T.Q5_0: [0],
+    T.Q5_1: [0, 2],
+    T.Q8_0: [0],
+    T.Q2_K: [80, 82],
+    T.Q3_K: [108],
+    T.Q4_K: [0, 2],
+    T.Q5_K: [0, 2],
+    T.Q6_K: [208],
+    T.IQ2_XXS: [0],
+    T.IQ2_XS: [0],
+    T.IQ2_S: [0],
+    T.IQ3_XXS: [0],
+    T.IQ3_S: [0],
+    T.IQ1_S: [0],
+    T.IQ4_NL: [0],
+    T.IQ4_XS: [0],
+    T.TQ1_0: [52],
+    T.TQ2_0: [64],
 }
 EXTREME_F16 = [0x0000, 0x8000, 0x0001, 0x03FF, 0x0400, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0x3C00]
 # One-byte scales: MXFP4's e8m0 exponent and NVFP4's four ue4m3 sub-block scales.
@@ -65,7 +81,9 @@ def test_random_blocks(ggml_type):
     # Random bytes everywhere, scales included, so NaN, inf and subnormal scales all occur.
     rng = np.random.default_rng(ggml_type.value)
     n_blocks = 4 if GGML_QUANT_SIZES[ggml_type][0] == 1 else 1
-    assert_bit_exact(ggml_type, random_rows(ggml_type, 37, 3 * n_blocks * 64 // GGML_QUANT_SIZES[ggml_type][0] + 1, rng))
+    assert_bit_exact(
+        ggml_type, random_rows(ggml_type, 37, 3 * n_blocks * 64 // GGML_QUANT_SIZES[ggml_type][0] + 1, rng)
+    )
 
 
 @pytest.mark.parametrize("ggml_type", REFERENCE_TYPES, ids=lambda t: t.name)

@@ -808,9 +808,7 @@ def test_split_count_inconsistent(tmp_path):
 
 
 def test_split_tensor_count_mismatch(tmp_path):
-    paths = write_split_model(
-        tmp_path, split_groups(np.random.default_rng(7)), {0: {"split.tensors.count": 5}}
-    )
+    paths = write_split_model(tmp_path, split_groups(np.random.default_rng(7)), {0: {"split.tensors.count": 5}})
     expect_file_error(paths[0], "split.tensors.count is 5, the splits hold 4")
 
 
@@ -955,9 +953,7 @@ class RealHeader:
 
     name: str
     size: int
-    header: bytes = dataclasses.field(
-        repr=False
-    )  # hypothesis prints fixtures in its reports: keep them short
+    header: bytes = dataclasses.field(repr=False)  # hypothesis prints fixtures in its reports: keep them short
     fields: HeaderMap = dataclasses.field(repr=False)
 
 
@@ -1002,9 +998,7 @@ def mutations(draw, real: RealHeader) -> tuple[list[tuple[int, bytes]], int]:
             position = draw(st.integers(0, len(header) - 1))
         edits.append((position, bytes([draw(st.integers(0, 255))])))
     # The original length with a hole for the tensor data, or cut anywhere (mostly inside the header).
-    length = draw(
-        st.one_of(st.just(real.size), st.integers(0, len(header)), st.integers(len(header), real.size))
-    )
+    length = draw(st.one_of(st.just(real.size), st.integers(0, len(header)), st.integers(len(header), real.size)))
     return edits, length
 
 

@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as T, quants
+from gguf import GGMLQuantizationType as T
+from gguf import quants
 
 from refengine.gguf import open_gguf
 
@@ -22,8 +23,10 @@ def test_every_tensor_is_bit_exact(real_model_path):
             pytest.fail(f"{t.name} ({t.ggml_type.name}): {bad} of {ours.size} values differ from gguf.quants")
         seen_types.add(t.ggml_type)
     # Guard against a model that silently changed: these are the mixes the issue promises we cover.
-    expected = {"gemma-3-270m-q4_k_m.gguf": {T.F32, T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K},
-                "SmolLM2-135M-Instruct.Q4_1.gguf": {T.F32, T.Q8_0, T.Q4_1}}[real_model_path.name]
+    expected = {
+        "gemma-3-270m-q4_k_m.gguf": {T.F32, T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K},
+        "SmolLM2-135M-Instruct.Q4_1.gguf": {T.F32, T.Q8_0, T.Q4_1},
+    }[real_model_path.name]
     assert seen_types == expected
 
 

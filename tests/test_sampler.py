@@ -42,8 +42,12 @@ def test_min_p_drops_tokens_far_below_the_best():
 
 def test_full_distribution_matches_softmax():
     n = 20000
-    got = np.bincount(draws(SamplerConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3), n=n),
-                      minlength=5) / n
+    got = (
+        np.bincount(
+            draws(SamplerConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3), n=n), minlength=5
+        )
+        / n
+    )
     expected = np.exp(LOGITS - LOGITS.max()) / np.exp(LOGITS - LOGITS.max()).sum()
     np.testing.assert_allclose(got, expected, atol=0.015)  # ~4 standard errors at n = 20000
 
@@ -56,8 +60,18 @@ def test_repetition_penalty_as_llama_cpp():
     assert draws(SamplerConfig(temperature=0, repeat_penalty=10.0), n=1, history=[1]) == [2]
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
-                                    dict(min_p=2.0), dict(repeat_penalty=0.0), dict(repeat_last_n=-1)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=-1),
+        dict(top_k=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(min_p=2.0),
+        dict(repeat_penalty=0.0),
+        dict(repeat_last_n=-1),
+    ],
+)
 def test_bad_settings_are_clear_errors(kwargs):
     with pytest.raises(SamplerError, match="--"):
         SamplerConfig(**kwargs)

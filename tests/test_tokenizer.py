@@ -36,12 +36,13 @@ def golden(model: str) -> dict:
 
 @pytest.fixture(scope="session")
 def tokenizers(request) -> dict[str, Tokenizer]:
-    return {name: Tokenizer.from_gguf(open_gguf(request.getfixturevalue(fixture)))
-            for name, fixture in PATH_FIXTURES.items()}
+    return {
+        name: Tokenizer.from_gguf(open_gguf(request.getfixturevalue(fixture)))
+        for name, fixture in PATH_FIXTURES.items()
+    }
 
 
-def encode_like_llama(tokenizer: Tokenizer, text: str | bytes, add_special: bool,
-                      parse_special: bool) -> list[int]:
+def encode_like_llama(tokenizer: Tokenizer, text: str | bytes, add_special: bool, parse_special: bool) -> list[int]:
     """llama_tokenize's add_special is "BOS and EOS as the model says", or neither."""
     default = None if add_special else False
     return tokenizer.encode(text, add_bos=default, add_eos=default, parse_special=parse_special)
@@ -68,8 +69,11 @@ def test_ids_equal_llama_cpp_goldens(tokenizers, model):
 @pytest.mark.parametrize("model", MODELS)
 def test_decode_equals_llama_detokenize(tokenizers, model):
     tokenizer = tokenizers[model]
-    wrong = [describe(case) for case in golden(model)["cases"]
-             if tokenizer.decode_bytes(case["ids"], special=case["parse_special"]) != utf8(case["decoded"])]
+    wrong = [
+        describe(case)
+        for case in golden(model)["cases"]
+        if tokenizer.decode_bytes(case["ids"], special=case["parse_special"]) != utf8(case["decoded"])
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -98,8 +102,20 @@ def test_golden_corpus_covers_the_issue():
     flags = {(c["add_special"], c["parse_special"]) for c in golden("gemma3-270m")["cases"]}
     assert flags == {(True, True), (True, False), (False, True), (False, False)}
     assert "" in texts and any(t.startswith(" ") for t in texts) and any(t.endswith(" ") for t in texts)
-    for needle in ("def ", "我爱", "こんにちは", "👨\u200d👩", "\t\t", "\n\n", "1234567890",
-                   "<start_of_turn>user\nhi", "<|im_start|>", "\u0301", "שלום", "\udcff"):
+    for needle in (
+        "def ",
+        "我爱",
+        "こんにちは",
+        "👨\u200d👩",
+        "\t\t",
+        "\n\n",
+        "1234567890",
+        "<start_of_turn>user\nhi",
+        "<|im_start|>",
+        "\u0301",
+        "שלום",
+        "\udcff",
+    ):
         assert any(needle in t for t in texts), needle
 
 
@@ -203,8 +219,9 @@ def test_unknown_tokenizer_model_names_key_and_value():
 
 
 def test_unknown_pre_tokenizer_names_key_and_value():
-    metadata = small_spm_metadata(**{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "klingon",
-                                     "tokenizer.ggml.merges": []})
+    metadata = small_spm_metadata(
+        **{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "klingon", "tokenizer.ggml.merges": []}
+    )
     with pytest.raises(RefengineError, match=r"tokenizer\.ggml\.pre 'klingon'"):
         Vocab.from_metadata(metadata)
 
@@ -299,11 +316,24 @@ def test_oracle_corpus(tokenizers, llama, model, request):
 
 # Text that stresses the pre-tokenizers: letters of several scripts, digits, marks,
 # apostrophes, whitespace of every kind, special-token fragments, emoji.
-ALPHABET = st.sampled_from(list("aZé漢かカ한ß0٣½'sStT.,!?$~|<>_-/ \t\n\r") + [
-    "\u00a0", "\u2028", "\u0085", "\x1c", "\u0301", "\u200d", "👋", "🫨", "▁",
-    "<start_of_turn>", "<|im_end|>", "\n\n"])
-ORACLE_SETTINGS = settings(max_examples=60, deadline=None,
-                           suppress_health_check=[HealthCheck.function_scoped_fixture])
+ALPHABET = st.sampled_from(
+    list("aZé漢かカ한ß0٣½'sStT.,!?$~|<>_-/ \t\n\r")
+    + [
+        "\u00a0",
+        "\u2028",
+        "\u0085",
+        "\x1c",
+        "\u0301",
+        "\u200d",
+        "👋",
+        "🫨",
+        "▁",
+        "<start_of_turn>",
+        "<|im_end|>",
+        "\n\n",
+    ]
+)
+ORACLE_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.mark.oracle
@@ -349,12 +379,12 @@ def write_variant(source: Path, target: Path, overrides: dict, drop: tuple[str, 
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "deepseek-v3", "default", "gpt-2"])
 def test_oracle_other_pre_tokenizers(llama, smollm_path, tmp_path, pre):
     """SmolLM2's vocabulary under the other pre-tokenizers we support (and their BOS and clean-up rules)."""
-    path = write_variant(smollm_path, tmp_path / f"{pre}.gguf", {"tokenizer.ggml.pre": pre},
-                         drop=("tokenizer.ggml.add_bos_token",))
+    path = write_variant(
+        smollm_path, tmp_path / f"{pre}.gguf", {"tokenizer.ggml.pre": pre}, drop=("tokenizer.ggml.add_bos_token",)
+    )
     llm, tokenizer = llama(path), Tokenizer.from_gguf(open_gguf(path))
     texts = [c["text"] for c in golden("smollm2-135m")["cases"]]
-    texts += ["I'M YOU'RE he'll we've", "hello ' world", "x 's y 'm z 're", "12345678 1.5", "a\r\n\r\nb  ",
-              "!/~|:"]
+    texts += ["I'M YOU'RE he'll we've", "hello ' world", "x 's y 'm z 're", "12345678 1.5", "a\r\n\r\nb  ", "!/~|:"]
     for text in dict.fromkeys(texts):
         assert_same_as_llama(llm, tokenizer, text)
 

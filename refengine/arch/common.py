@@ -115,7 +115,9 @@ class DecoderModel:
             raise ModelError(f"{cache.n_past + n_tok} positions exceed the context of {cache.n_ctx}")
         bad = (tokens < 0) | (tokens >= self.config.n_vocab)
         if bad.any():
-            raise ModelError(f"token id {int(tokens[bad][0])} is outside the vocabulary of {self.config.n_vocab}")
+            raise ModelError(
+                f"token id {int(tokens[bad][0])} is outside the vocabulary of {self.config.n_vocab}"
+            )
         positions = np.arange(cache.n_past, cache.n_past + n_tok)
         x = self.embed(tokens)  # (n_tok, n_embd)
         for il in range(self.config.n_layer):
@@ -144,8 +146,12 @@ class AttentionWeights:
 
 
 def load_attention(gguf: GGUFFile, il: int, c, dtype) -> AttentionWeights:
-    t = layer_tensors(gguf, il, ["attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm"],
-                      optional={"attn_q_norm", "attn_k_norm"})
+    t = layer_tensors(
+        gguf,
+        il,
+        ["attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm"],
+        optional={"attn_q_norm", "attn_k_norm"},
+    )
     q_rows, kv_rows = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     w = AttentionWeights(
         attn_q=Linear(check_shape(t["attn_q"], (q_rows, c.n_embd))),

@@ -97,7 +97,15 @@ class Gemma3(DecoderModel):
         self.attn_scale = 1.0 / math.sqrt(c.head_dim)  # query_pre_attn_scalar = head_dim for these sizes
         self.embd_scale = self.dtype.type(math.sqrt(c.n_embd))
         self.layers = []
-        names = ["attn_norm", "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm"]
+        names = [
+            "attn_norm",
+            "post_attention_norm",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+            "post_ffw_norm",
+        ]
         for il in range(c.n_layer):
             t = layer_tensors(gguf, il, names)
             self.layers.append(
@@ -121,8 +129,9 @@ class Gemma3(DecoderModel):
         local = c.is_local(il)
         rope = c.rope_local if local else c.rope_global
         h = rms_norm(x, w.attn_norm, c.norm_eps)  # (n_tok, n_embd)
-        h = self_attention(w.attn, h, positions, cache, il, c, rope, self.attn_scale,
-                           window=c.sliding_window if local else 0)
+        h = self_attention(
+            w.attn, h, positions, cache, il, c, rope, self.attn_scale, window=c.sliding_window if local else 0
+        )
         x = x + rms_norm(h, w.post_attention_norm, c.norm_eps)
         h = rms_norm(x, w.ffn_norm, c.norm_eps)
         h = w.ffn_down(gelu_tanh(w.ffn_gate(h)) * w.ffn_up(h))

@@ -1,7 +1,7 @@
 """The llama family: llama (SmolLM2, Llama 2/3), qwen2 (attention biases), qwen3 (QK-norm).
 
-    x = x + attn_output(attention(rope(attn_q(norm(x))), rope(attn_k(norm(x))), attn_v(norm(x))))
-    x = x + ffn_down(silu(ffn_gate(norm(x))) * ffn_up(norm(x)))
+x = x + attn_output(attention(rope(attn_q(norm(x))), rope(attn_k(norm(x))), attn_v(norm(x))))
+x = x + ffn_down(silu(ffn_gate(norm(x))) * ffn_up(norm(x)))
 """
 
 from __future__ import annotations
@@ -48,12 +48,15 @@ class LlamaConfig:
         n_embd = hp.int("embedding_length")
         n_head = hp.int("attention.head_count")
         head_dim = hp.int("attention.key_length", n_embd // max(n_head, 1))
-        freq_factors = gguf.tensors.get("rope_freqs.weight")  # llama3 rope scaling, precomputed by the converter
+        freq_factors = gguf.tensors.get(
+            "rope_freqs.weight"
+        )  # llama3 rope scaling, precomputed by the converter
         rope = Rope(
             n_dims=hp.int("rope.dimension_count", head_dim),
             base=hp.float("rope.freq_base", 10000.0),
             neox=NEOX_ROPE[hp.arch],
-            scale=1.0 / hp.float("rope.scaling.factor", 1.0) if gguf.get(f"{hp.arch}.rope.scaling.type") == "linear"
+            scale=1.0 / hp.float("rope.scaling.factor", 1.0)
+            if gguf.get(f"{hp.arch}.rope.scaling.type") == "linear"
             else 1.0,
             freq_factors=None if freq_factors is None else freq_factors.to_numpy(),
         )
