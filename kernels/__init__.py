@@ -8,19 +8,27 @@ Layout of this package:
   iquants.py  IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS
   ternary.py  TQ1_0, TQ2_0
   fp4.py      MXFP4, NVFP4
+  matvec.py   fused y = W @ x straight from the quant blocks, for decoding one token
+              (F32, F16, BF16, the legacy types and the k-quants). The package's
+              `matvec` attribute is the wrapper below, which shadows the module:
+              import from it by name (from refengine.kernels.matvec import ...).
 
 Every dequantize kernel has the same signature,
     kernel(blocks, out, *tables)
 where `blocks` is a C-contiguous uint8 array (n_blocks, type_size), `out` a
 C-contiguous float32 array (n_blocks, block_size), and `tables` the read-only
 lookup tables that type needs (IQ grids), passed in rather than baked into the
-compiled code. The Python wrappers here validate; the kernels just loop.
+compiled code. Every matvec kernel has the signature
+    kernel(rows, x, out)
+with `rows` the weight's raw C-contiguous (n_out, row_bytes) uint8 rows, `x` a
+C-contiguous (n_in,) float32 vector and `out` a C-contiguous (n_out,) float32
+vector. The Python wrappers here validate; the kernels just loop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -28,6 +36,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from refengine.errors import RefengineError
 
 from . import floats, legacy
+from .matvec import MATVEC_KERNELS
 
 _KERNEL_MODULES = [floats, legacy]
 for _name in ("kquants", "iquants", "ternary", "fp4"):
@@ -90,9 +99,7 @@ def dequantize_rows(ggml_type, rows: np.ndarray, out: np.ndarray | None = None) 
     if out is None:
         out = np.empty((n_rows, n_cols), dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != (n_rows, n_cols) or not out.flags.c_contiguous:
-        raise KernelError(
-            f"out must be C-contiguous float32 of shape {(n_rows, n_cols)}, got {out.dtype} {out.shape}"
-        )
+        raise KernelError(f"out must be C-contiguous float32 of shape {(n_rows, n_cols)}, got {out.dtype} {out.shape}")
     if n_rows == 0 or n_cols == 0:
         return out
     if not rows.flags.c_contiguous:
@@ -112,3 +119,49 @@ def dequantize(ggml_type, data: np.ndarray, n_cols: int) -> np.ndarray:
     if flat.size % row_bytes:
         raise KernelError(f"{flat.size} bytes are not whole {dq.ggml_type.name} rows of {row_bytes} bytes")
     return dequantize_rows(ggml_type, flat.reshape(-1, row_bytes))
+
+
+# ggml type -> (matvec kernel, block_size, type_size), looked up once per call.
+_MATVEC = {t: (fn, *GGML_QUANT_SIZES[t]) for t, fn in MATVEC_KERNELS.items()}
+_UINT8, _FLOAT32 = np.dtype(np.uint8), np.dtype(np.float32)
+
+
+def matvec(ggml_type, rows: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """y = W @ x for a weight W (n_out, n_in) of `ggml_type`, given as its raw rows (n_out, row_bytes) uint8.
+
+    x is a C-contiguous (n_in,) float32 vector; the result goes into `out`, a
+    C-contiguous (n_out,) float32 vector, allocated if not given, and is returned.
+    rows may be a read-only view of a memory map. Weights are decoded exactly and
+    products summed in float32, in an order of our choosing (see matvec.py).
+
+    Decoding calls this hundreds of times per token, often on small matrices,
+    so the checks are the few that keep the kernel from reading out of bounds
+    or compiling a new specialisation, each a field compare.
+    """
+    try:
+        kernel, block_size, type_size = _MATVEC[ggml_type]
+    except KeyError:
+        name = getattr(ggml_type, "name", str(ggml_type))
+        raise KernelError(f"no matvec kernel for ggml type {name}") from None
+    if rows.dtype != _UINT8 or rows.ndim != 2 or not rows.flags.c_contiguous:
+        raise KernelError(f"rows must be C-contiguous 2-D uint8, got {rows.dtype} with shape {rows.shape}")
+    n_out, row_bytes = rows.shape
+    n_in = row_bytes // type_size * block_size
+    if row_bytes % type_size or x.dtype != _FLOAT32 or x.shape != (n_in,) or not x.flags.c_contiguous:
+        raise KernelError(
+            f"{_type_name(ggml_type)} rows of {row_bytes} bytes need x of shape ({n_in},) float32 "
+            f"and whole blocks of {type_size} bytes; got x {x.dtype} {x.shape}"
+        )
+    if out is None:
+        out = np.empty(n_out, dtype=np.float32)
+    elif out.dtype != _FLOAT32 or out.shape != (n_out,) or not out.flags.c_contiguous:
+        raise KernelError(f"out must be C-contiguous float32 of shape ({n_out},), got {out.dtype} {out.shape}")
+    if n_out and n_in:
+        kernel(rows, x, out)
+    else:
+        out[:] = 0
+    return out
+
+
+def _type_name(ggml_type) -> str:
+    return GGMLQuantizationType(ggml_type).name
