@@ -15,8 +15,9 @@ are constant over a run of quants are factored out of its inner sum (exact in
 real arithmetic), as ggml's ggml_vec_dot_*_q8_* do:
   * A float scale d multiplies a whole block's (or super-block's) sum:
     sum_l (d * q_l) * x_l = d * sum_l q_l * x_l.
-  * A k-quant's small integer sub-block scale sc multiplies its quants inside
-    the sum: sc * q is an integer below 2^12, exact in float32.
+  * A k-quant's small integer sub-block scale sc multiplies either its quants
+    inside the sum (sc * q is an integer below 2^12, exact in float32) or the
+    sub-block's own sum.
   * A min (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K) meets only x, so its sum of x over the
     (sub-)block is computed once per call, in `group_sums`, as ggml's q8 blocks
     carry theirs (block_q8_1.s, block_q8_K.bsums):
@@ -35,7 +36,8 @@ one thread on the 2-core development VM):
   * Short loops say so. A loop over 16 values (a half block) takes its bound as
     min(shape, 16): without a visible upper bound LLVM sizes its vector loop for
     long runs (32 values an iteration) and a 16-value loop only ever runs its
-    4-lane remainder loop. Q4_0: 3.5 -> 4.9 GB/s.
+    4-lane remainder loop. Q4_0: 3.5 -> 4.9 GB/s. (Q6_K's loop body is long
+    enough for LLVM to interleave less; there the cap costs 15%.)
   * Independent sums. A loop starts its own sums instead of adding onto the
     previous loop's, so that consecutive loops overlap in the out-of-order core
     instead of queueing on one chain of dependent additions (Q2_K: 1.65 -> 2.1
@@ -46,6 +48,12 @@ one thread on the 2-core development VM):
   * Block scales converted by the CPU's half-to-float instruction (`half_to_f32`)
     rather than by _jit.f16_to_f32's bit manipulation and branches: Q8_0, whose
     blocks are small, 8.9 -> 10.5 GB/s.
+Where that leaves them (quiet VM, 2 threads, read bandwidth 24-34 GB/s): the
+float kernels stream at 70-90% of it, Q8_0 at 60%, the 2- to 6-bit types at
+13-39% (Q4_K 10 GB/s). Those are bound by the CPU, not memory: every 8 values
+cost a widening shuffle, an int-to-float conversion and an FMA on 8-lane
+vectors, plus the bit fiddling, about 5 GB/s a core. (AVX-512's 16 lanes, tried
+by lifting LLVM's 256-bit preference, were no faster.)
 """
 
 import numpy as np
