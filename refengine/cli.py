@@ -36,9 +36,7 @@ def load_model(model: str) -> GGUFFile:
 
 
 MODEL_ARGUMENT = click.argument("model", default=DEFAULT_MODEL, metavar="MODEL")
-MODEL_HELP = (
-    f"MODEL is a .gguf path (any split of a split model) or a short name: {DEFAULT_MODEL}, smollm2-135m."
-)
+MODEL_HELP = f"MODEL is a .gguf path (any split of a split model) or a short name: {DEFAULT_MODEL}, smollm2-135m."
 
 
 @click.group(context_settings=CONTEXT)
@@ -90,18 +88,14 @@ def tensor(model: str, name: str, output: Path, as_json: bool) -> None:
 
 
 @cli.command(epilog=MODEL_HELP)
-@click.option(
-    "-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use."
-)
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
 @click.option("--no-bos", is_flag=True, help="Do not add the BOS token, even if the model asks for it.")
 @click.option(
     "--parse-special",
     is_flag=True,
     help="Read special-token text such as <start_of_turn> as that token, not as plain text.",
 )
-@click.option(
-    "--json", "as_json", is_flag=True, help='Print {"tokens": [...]} instead of space-separated ids.'
-)
+@click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [...]} instead of space-separated ids.')
 @click.argument("text", metavar="TEXT")
 def tokenize(model: str, no_bos: bool, parse_special: bool, as_json: bool, text: str) -> None:
     """Print the token ids of TEXT, the ones llama.cpp gives."""
@@ -133,12 +127,8 @@ def parse_token_list(text: str) -> list[int]:
 
 
 @cli.command(epilog=MODEL_HELP)
-@click.option(
-    "-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use."
-)
-@click.option(
-    "--tokens", required=True, metavar="IDS", help="Comma-separated token ids, evaluated as given (no BOS)."
-)
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
+@click.option("--tokens", required=True, metavar="IDS", help="Comma-separated token ids, evaluated as given (no BOS).")
 @click.option(
     "--out",
     "output",
@@ -163,9 +153,7 @@ def logits(model: str, tokens: str, output: Path, precision: str) -> None:
 
 @cli.command(epilog=MODEL_HELP)
 @click.argument("prompt", metavar="PROMPT")
-@click.option(
-    "-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use."
-)
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
 @click.option(
     "-n",
     "--n-predict",
@@ -184,19 +172,13 @@ def logits(model: str, tokens: str, output: Path, precision: str) -> None:
     help="Context size: the KV cache holds this many positions.",
 )
 @click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy.")
-@click.option(
-    "--top-k", default=40, show_default=True, type=int, help="Keep the k most likely tokens (0: off)."
-)
+@click.option("--top-k", default=40, show_default=True, type=int, help="Keep the k most likely tokens (0: off).")
 @click.option("--top-p", default=0.95, show_default=True, type=float, help="Nucleus sampling mass (1: off).")
-@click.option(
-    "--min-p", default=0.05, show_default=True, type=float, help="Drop tokens below min-p x the top one."
-)
+@click.option("--min-p", default=0.05, show_default=True, type=float, help="Drop tokens below min-p x the top one.")
 @click.option(
     "--repeat-penalty", default=1.0, show_default=True, type=float, help="Penalty for recent tokens (1: off)."
 )
-@click.option(
-    "--repeat-last-n", default=64, show_default=True, type=int, help="How many recent tokens are penalised."
-)
+@click.option("--repeat-last-n", default=64, show_default=True, type=int, help="How many recent tokens are penalised.")
 @click.option("--seed", type=int, default=None, help="Random seed; the same seed gives the same text.")
 @click.option("--stop", multiple=True, metavar="TEXT", help="Stop when this text appears (repeatable).")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the model's chat template.")
@@ -231,8 +213,7 @@ def generate(
     prompt_ids = prompt_tokens(session, prompt, chat, system)
     if len(prompt_ids) + n_predict > ctx:
         raise UserError(
-            f"the prompt ({len(prompt_ids)} tokens) plus -n {n_predict} exceeds --ctx {ctx}; "
-            f"raise --ctx or lower -n"
+            f"the prompt ({len(prompt_ids)} tokens) plus -n {n_predict} exceeds --ctx {ctx}; raise --ctx or lower -n"
         )
     cache = session.new_cache(ctx)
     peak_anon = rss_anon_bytes()
@@ -243,9 +224,7 @@ def generate(
         if not as_json:
             click.echo(text, nl=False)
 
-    result = run_generation(
-        session.model, session.tokenizer, cache, prompt_ids, n_predict, sampler, stop, on_text
-    )
+    result = run_generation(session.model, session.tokenizer, cache, prompt_ids, n_predict, sampler, stop, on_text)
     result.timings.load_s = session.load_s
     peak_anon = max(peak_anon, rss_anon_bytes())
     t = result.timings
@@ -264,9 +243,7 @@ def generate(
 
 
 @cli.command(epilog=MODEL_HELP)
-@click.option(
-    "-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use."
-)
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
 @click.option(
     "-n",
     "--n-predict",
@@ -276,9 +253,7 @@ def generate(
     type=click.IntRange(min=1),
     help="Tokens to generate at most per reply.",
 )
-@click.option(
-    "-c", "--ctx", default=4096, show_default=True, type=click.IntRange(min=1), help="Context size."
-)
+@click.option("-c", "--ctx", default=4096, show_default=True, type=click.IntRange(min=1), help="Context size.")
 @click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy.")
 @click.option("--seed", type=int, default=None, help="Random seed.")
 @click.option("--system", default=None, metavar="TEXT", help="System message.")
@@ -384,9 +359,7 @@ def prompt_tokens(session, prompt: str, chat: bool, system: str | None) -> list[
         return tokenizer.encode(prompt)
     from refengine.chat import render, template_for
 
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}
-    ]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     text = render(template_for(session.gguf), messages, tokenizer)
     # the template writes BOS itself, as text, when the model wants one
     return tokenizer.encode(text, add_bos=False, parse_special=True)

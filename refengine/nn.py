@@ -91,9 +91,7 @@ class Rope:
 
     def apply(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Rotate x (n_tok, n_head, head_dim) at `positions` (n_tok,), returning a new array."""
-        angles = (positions.astype(np.float64) / self.scale)[:, None] * self.inv_freq()[
-            None, :
-        ]  # (n_tok, d/2)
+        angles = (positions.astype(np.float64) / self.scale)[:, None] * self.inv_freq()[None, :]  # (n_tok, d/2)
         cos = np.cos(angles).astype(x.dtype)[:, None, :]  # (n_tok, 1, d/2)
         sin = np.sin(angles).astype(x.dtype)[:, None, :]
         out = x.copy()
@@ -146,8 +144,4 @@ def attention(
     scores = np.where(visible[None, None], scores, -np.inf)
     probs = softmax(scores, axis=-1).reshape(n_head_kv, group * n_tok, n_kv)
     out = np.matmul(probs, v.transpose(1, 0, 2))  # (n_head_kv, group*n_tok, head_dim_v)
-    return (
-        out.reshape(n_head_kv, group, n_tok, head_dim_v)
-        .transpose(2, 0, 1, 3)
-        .reshape(n_tok, n_head, head_dim_v)
-    )
+    return out.reshape(n_head_kv, group, n_tok, head_dim_v).transpose(2, 0, 1, 3).reshape(n_tok, n_head, head_dim_v)

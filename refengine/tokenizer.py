@@ -207,9 +207,7 @@ PRE_TOKENIZERS: dict[str, Pre] = {
     **dict.fromkeys(("stablelm2", "megrez"), Pre((QWEN2_REGEX,))),
     **dict.fromkeys(("deepseek-v3", "hunyuan-dense"), Pre(DEEPSEEK3_REGEXES, clean_spaces=False)),
     **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "modern-bert"), Pre((GPT2_REGEX,))),
-    **dict.fromkeys(
-        ("starcoder", "refact", "codeshell", "exaone", "minerva-7b"), Pre((r"\p{N}", GPT2_REGEX))
-    ),
+    **dict.fromkeys(("starcoder", "refact", "codeshell", "exaone", "minerva-7b"), Pre((r"\p{N}", GPT2_REGEX))),
     **dict.fromkeys(("smollm", "command-r"), Pre((r"\p{N}", GPT2_REGEX), clean_spaces=False)),
 }
 
@@ -343,9 +341,7 @@ def detect_special_ids(ids: dict[str, int | None], index: dict[str, int], attrs:
             attrs[ids[key]] |= Attr.CONTROL
 
 
-def end_of_generation_ids(
-    ids: dict[str, int | None], index: dict[str, int], attrs: list[int]
-) -> frozenset[int]:
+def end_of_generation_ids(ids: dict[str, int | None], index: dict[str, int], attrs: list[int]) -> frozenset[int]:
     """The tokens that end generation: FIM pad/repo/sep, every EOG-looking text, EOS, EOT, EOM.
 
     (llama.cpp's model-specific exceptions for gpt-oss, solar-open and gemma4 are not applied.)
@@ -373,9 +369,7 @@ def special_tokens(texts_utf8: list[bytes], attrs: list[int]) -> list[tuple[byte
     return specials
 
 
-def split_special(
-    data: bytes, specials: list[tuple[bytes, int, int]], parse_special: bool
-) -> list[bytes | int]:
+def split_special(data: bytes, specials: list[tuple[bytes, int, int]], parse_special: bool) -> list[bytes | int]:
     """Cut the text at each special token, longest token first: raw byte fragments and token ids.
 
     User-defined tokens (gemma's "\\n", runs of spaces, HTML tags) are cut out
@@ -655,14 +649,11 @@ def pre_tokenize(text: str, splitters: list[Splitter]) -> list[str]:
     """
     spans = [(0, len(text))]
     forms = {
-        collapsed: text.translate(COLLAPSE if collapsed else SPACES)
-        for collapsed in {s.collapsed for s in splitters}
+        collapsed: text.translate(COLLAPSE if collapsed else SPACES) for collapsed in {s.collapsed for s in splitters}
     }
     for splitter in splitters:
         subject = forms[splitter.collapsed]
-        spans = [
-            piece for start, end in spans for piece in regex_spans(splitter.pattern, subject, start, end)
-        ]
+        spans = [piece for start, end in spans for piece in regex_spans(splitter.pattern, subject, start, end)]
     return [text[start:end] for start, end in spans]
 
 

@@ -63,9 +63,7 @@ def main(model: str, repeats: int, as_json: bool) -> None:
     click.echo("| reader | open + all metadata | ratio |")
     click.echo("|---|---:|---:|")
     click.echo(f"| refengine open_gguf | {record['refengine_s'] * 1000:.1f} ms | 1.0 |")
-    click.echo(
-        f"| gguf.GGUFReader | {record['gguf_reader_s'] * 1000:.0f} ms | {record['speedup']:.0f}x slower |"
-    )
+    click.echo(f"| gguf.GGUFReader | {record['gguf_reader_s'] * 1000:.0f} ms | {record['speedup']:.0f}x slower |")
     verdict = "meets" if record["speedup"] >= 50 and record["refengine_s"] < 0.2 else "MISSES"
     click.echo(f"target (< 0.2 s and >= 50x faster than GGUFReader): {verdict}")
 

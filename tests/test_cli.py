@@ -39,9 +39,7 @@ def test_info_gemma_json(capsys, gemma_path):
     assert set(info["types"]) == {"F32", "Q8_0", "Q5_0", "Q4_K", "Q6_K"}
     model = open_gguf(gemma_path)
     assert info["parameters"] == sum(t.n_elements for t in model.tensors.values()) == 268_098_176
-    assert sum(row["bytes"] for row in info["types"].values()) == sum(
-        t.nbytes for t in model.tensors.values()
-    )
+    assert sum(row["bytes"] for row in info["types"].values()) == sum(t.nbytes for t in model.tensors.values())
     assert info["file_size"] == gemma_path.stat().st_size
 
 
@@ -66,9 +64,7 @@ def test_info_tensors_lists_every_tensor(capsys, smollm_path):
 
 def test_tensor_writes_dequantized_npy(capsys, tmp_path, gemma_path):
     out_file = tmp_path / "k.npy"
-    code, out, _ = run(
-        capsys, "tensor", "gemma3-270m", "blk.3.ffn_down.weight", "-o", str(out_file), "--json"
-    )
+    code, out, _ = run(capsys, "tensor", "gemma3-270m", "blk.3.ffn_down.weight", "-o", str(out_file), "--json")
     assert code == 0
     assert json.loads(out)["type"] == "Q4_K"
     t = open_gguf(gemma_path).tensor("blk.3.ffn_down.weight")
@@ -165,9 +161,7 @@ def test_generate_stop_string_is_not_emitted(capsys, smollm_path):
 
 
 def test_generate_prompt_longer_than_context(capsys, smollm_path):
-    code, _, err = run(
-        capsys, "generate", "-m", "smollm2-135m", "-c", "8", "-n", "4", "one two three four five"
-    )
+    code, _, err = run(capsys, "generate", "-m", "smollm2-135m", "-c", "8", "-n", "4", "one two three four five")
     assert_one_line_error(code, err, EXIT_ERROR, "--ctx 8")
 
 
@@ -178,17 +172,13 @@ def test_generate_bad_sampler_setting(capsys, smollm_path):
 
 def test_logits_file(capsys, tmp_path, smollm_path):
     out_file = tmp_path / "logits.npy"
-    code, _, _ = run(
-        capsys, "logits", "-m", "smollm2-135m", "--tokens", "504,3575,282", "--out", str(out_file)
-    )
+    code, _, _ = run(capsys, "logits", "-m", "smollm2-135m", "--tokens", "504,3575,282", "--out", str(out_file))
     assert code == 0
     written = np.load(out_file)
     assert written.shape == (3, 49152) and written.dtype == np.float32
     # the ids are evaluated exactly as given: no BOS in front
     session = Session.load("smollm2-135m")
-    np.testing.assert_array_equal(
-        written, session.model.forward(np.array([504, 3575, 282]), session.new_cache(3))
-    )
+    np.testing.assert_array_equal(written, session.model.forward(np.array([504, 3575, 282]), session.new_cache(3)))
     code, _, _ = run(
         capsys,
         "logits",
@@ -206,9 +196,7 @@ def test_logits_file(capsys, tmp_path, smollm_path):
 
 @pytest.mark.parametrize("tokens", ["1,x,3", ",", "1,99999999"])
 def test_logits_bad_tokens(capsys, tmp_path, smollm_path, tokens):
-    code, _, err = run(
-        capsys, "logits", "-m", "smollm2-135m", "--tokens", tokens, "--out", str(tmp_path / "l.npy")
-    )
+    code, _, err = run(capsys, "logits", "-m", "smollm2-135m", "--tokens", tokens, "--out", str(tmp_path / "l.npy"))
     assert code in (EXIT_ERROR, EXIT_USAGE)
     assert_one_line_error(code, err, code)
     assert not (tmp_path / "l.npy").exists()

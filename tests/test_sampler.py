@@ -43,10 +43,7 @@ def test_min_p_drops_tokens_far_below_the_best():
 def test_full_distribution_matches_softmax():
     n = 20000
     got = (
-        np.bincount(
-            draws(SamplerConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3), n=n), minlength=5
-        )
-        / n
+        np.bincount(draws(SamplerConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3), n=n), minlength=5) / n
     )
     expected = np.exp(LOGITS - LOGITS.max()) / np.exp(LOGITS - LOGITS.max()).sum()
     np.testing.assert_allclose(got, expected, atol=0.015)  # ~4 standard errors at n = 20000

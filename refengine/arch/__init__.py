@@ -20,7 +20,5 @@ ARCHITECTURES: dict[str, type[DecoderModel]] = {
 def load_model(gguf: GGUFFile, dtype=np.float32) -> DecoderModel:
     arch = gguf.architecture
     if arch not in ARCHITECTURES:
-        raise ModelError(
-            f"{gguf.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
-        )
+        raise ModelError(f"{gguf.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
     return ARCHITECTURES[arch](gguf, dtype)

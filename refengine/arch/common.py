@@ -115,9 +115,7 @@ class DecoderModel:
             raise ModelError(f"{cache.n_past + n_tok} positions exceed the context of {cache.n_ctx}")
         bad = (tokens < 0) | (tokens >= self.config.n_vocab)
         if bad.any():
-            raise ModelError(
-                f"token id {int(tokens[bad][0])} is outside the vocabulary of {self.config.n_vocab}"
-            )
+            raise ModelError(f"token id {int(tokens[bad][0])} is outside the vocabulary of {self.config.n_vocab}")
         positions = np.arange(cache.n_past, cache.n_past + n_tok)
         x = self.embed(tokens)  # (n_tok, n_embd)
         for il in range(self.config.n_layer):

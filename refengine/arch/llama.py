@@ -48,9 +48,7 @@ class LlamaConfig:
         n_embd = hp.int("embedding_length")
         n_head = hp.int("attention.head_count")
         head_dim = hp.int("attention.key_length", n_embd // max(n_head, 1))
-        freq_factors = gguf.tensors.get(
-            "rope_freqs.weight"
-        )  # llama3 rope scaling, precomputed by the converter
+        freq_factors = gguf.tensors.get("rope_freqs.weight")  # llama3 rope scaling, precomputed by the converter
         rope = Rope(
             n_dims=hp.int("rope.dimension_count", head_dim),
             base=hp.float("rope.freq_base", 10000.0),
