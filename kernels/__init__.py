@@ -8,10 +8,10 @@ Layout of this package:
   iquants.py  IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS
   ternary.py  TQ1_0, TQ2_0
   fp4.py      MXFP4, NVFP4
-  matvec.py   fused y = W @ x straight from the quant blocks, for decoding one token
-              (F32, F16, BF16, the legacy types and the k-quants). The package's
-              `matvec` attribute is the wrapper below, which shadows the module:
-              import from it by name (from refengine.kernels.matvec import ...).
+  quantize.py float32 -> Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K and F16: ports of ggml's
+              reference quantizers (quantize_row_*_ref), byte-identical to them
+  gemv.py     fused y = W @ x straight from the quant blocks, for decoding one token
+              (F32, F16, BF16, the legacy types and the k-quants); `matvec` below wraps it.
 
 Every dequantize kernel has the same signature,
     kernel(blocks, out, *tables)
@@ -22,21 +22,27 @@ compiled code. Every matvec kernel has the signature
     kernel(rows, x, out)
 with `rows` the weight's raw C-contiguous (n_out, row_bytes) uint8 rows, `x` a
 C-contiguous (n_in,) float32 vector and `out` a C-contiguous (n_out,) float32
-vector. The Python wrappers here validate; the kernels just loop.
+vector. Every quantize kernel has the dequantizer's signature reversed,
+    kernel(x, out)
+with `x` C-contiguous float32 (n_blocks, block_size) and `out` C-contiguous
+uint8 (n_blocks, type_size). The Python wrappers here validate; the kernels just loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from refengine.errors import RefengineError
 
 from . import floats, legacy
-from .matvec import MATVEC_KERNELS
+from .gemv import MATVEC_KERNELS
+from .quantize import QUANTIZE_KERNELS
 
 _KERNEL_MODULES = [floats, legacy]
 for _name in ("kquants", "iquants", "ternary", "fp4"):
@@ -121,6 +127,48 @@ def dequantize(ggml_type, data: np.ndarray, n_cols: int) -> np.ndarray:
     return dequantize_rows(ggml_type, flat.reshape(-1, row_bytes))
 
 
+@dataclass(frozen=True)
+class Quantizer:
+    """How to turn float32 into one ggml type's blocks."""
+
+    ggml_type: GGMLQuantizationType
+    block_size: int  # elements per block
+    type_size: int  # bytes per block
+    kernel: Callable  # kernel(x (n, block_size) float32, out (n, type_size) uint8)
+
+
+QUANTIZERS: dict[GGMLQuantizationType, Quantizer] = {
+    t: Quantizer(t, *GGML_QUANT_SIZES[t], fn) for t, fn in QUANTIZE_KERNELS.items()
+}
+
+
+def quantize_rows(ggml_type, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Quantize float32 rows (n_rows, n_cols) to raw rows (n_rows, row_bytes) uint8, written into `out` if given.
+
+    Byte-identical to ggml_quantize_chunk without an importance matrix (which is
+    what llama_model_quantize writes); n_cols must be whole blocks of the type.
+    """
+    try:
+        q = QUANTIZERS[GGMLQuantizationType(ggml_type)]
+    except (KeyError, ValueError):
+        name = getattr(ggml_type, "name", str(ggml_type))
+        raise KernelError(f"no quantization kernel for ggml type {name}") from None
+    if x.dtype != np.float32 or x.ndim != 2:
+        raise KernelError(f"x must be a 2-D float32 array, got {x.dtype} with shape {x.shape}")
+    n_rows, n_cols = x.shape
+    if n_cols % q.block_size:
+        raise KernelError(f"{q.ggml_type.name} rows of {n_cols} values are not whole blocks of {q.block_size}")
+    row_bytes = n_cols // q.block_size * q.type_size
+    if out is None:
+        out = np.empty((n_rows, row_bytes), dtype=np.uint8)
+    elif out.dtype != np.uint8 or out.shape != (n_rows, row_bytes) or not out.flags.c_contiguous:
+        raise KernelError(f"out must be C-contiguous uint8 of shape {(n_rows, row_bytes)}, got {out.dtype} {out.shape}")
+    if n_rows and n_cols:
+        x = np.ascontiguousarray(x)
+        q.kernel(x.reshape(-1, q.block_size), out.reshape(-1, q.type_size))
+    return out
+
+
 # ggml type -> (matvec kernel, block_size, type_size), looked up once per call.
 _MATVEC = {t: (fn, *GGML_QUANT_SIZES[t]) for t, fn in MATVEC_KERNELS.items()}
 _UINT8, _FLOAT32 = np.dtype(np.uint8), np.dtype(np.float32)
@@ -132,7 +180,7 @@ def matvec(ggml_type, rows: np.ndarray, x: np.ndarray, out: np.ndarray | None = 
     x is a C-contiguous (n_in,) float32 vector; the result goes into `out`, a
     C-contiguous (n_out,) float32 vector, allocated if not given, and is returned.
     rows may be a read-only view of a memory map. Weights are decoded exactly and
-    products summed in float32, in an order of our choosing (see matvec.py).
+    products summed in float32, in an order of our choosing (see gemv.py).
 
     Decoding calls this hundreds of times per token, often on small matrices,
     so the checks are the few that keep the kernel from reading out of bounds
@@ -165,3 +213,22 @@ def matvec(ggml_type, rows: np.ndarray, x: np.ndarray, out: np.ndarray | None = 
 
 def _type_name(ggml_type) -> str:
     return GGMLQuantizationType(ggml_type).name
+
+
+@contextmanager
+def kernel_threads(n: int) -> Iterator[None]:
+    """Run this thread's kernels on `n` threads inside the block (numba's setting is per thread).
+
+    A batch (prefill) spends its time in BLAS, whose own threads spin between
+    calls; a parallel kernel run between two BLAS calls would fight them for the
+    cores and stall for whole scheduler ticks (measured: 6 prompt tokens of
+    gemma3-270m took 3.5 s instead of 0.12 s). So batches decode tiles on one
+    thread and leave the cores to BLAS, and one-token decoding, which is all
+    kernels, gets every thread.
+    """
+    before = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)

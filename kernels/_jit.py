@@ -37,7 +37,7 @@ def kernel(fn=None, *, parallel=False, reassociate=False):
     parallel=True enables `prange`, which kernels use only over independent
     outputs (blocks or rows).
 
-    reassociate=True is for reduction kernels (matvec.py) and only them: it
+    reassociate=True is for reduction kernels (gemv.py) and only them: it
     compiles with the fastmath flags in _REASSOCIATE_FLAGS, so float sums are
     vectorised in a different order from the source's and are no longer
     bit-reproducible against a sequential reference (they stay within float32
@@ -62,7 +62,7 @@ def prefetch(typingctx, arr, i, j):
     they decode, so the line is already in flight when they reach it: the
     hardware prefetcher stops at every 4 KB page and restarts slowly, and at the
     start of every call. Measured +20-30% on streaming dequantization (Q4_K,
-    Q6_K, Q8_0, 2 threads); see matvec.py for the figures there.
+    Q6_K, Q8_0, 2 threads); see gemv.py for the figures there.
     """
     if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C"):
         return None

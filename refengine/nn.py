@@ -2,8 +2,9 @@
 
 Activations are numpy arrays in the model's compute dtype: float32, or float64
 for the exact path. Weights stay quantized in the file mapping; `Linear`
-decodes them a tile of rows at a time into a small reused buffer and hands the
-tile to BLAS, so no dequantized copy of a whole matrix ever exists.
+either reads their blocks in a fused matvec (one token) or decodes them a tile
+of rows at a time into a small reused buffer for BLAS (a batch), so no
+dequantized copy of a whole matrix ever exists.
 """
 
 from __future__ import annotations
@@ -14,27 +15,41 @@ from dataclasses import dataclass
 import numpy as np
 
 from refengine.gguf import Tensor
+from refengine.kernels import MATVEC_KERNELS, dequantize_rows, matvec
 
 # Rows of a weight decoded per BLAS call: ~1 MB of float32, so the tile stays in L2.
 TILE_FLOATS = 1 << 18
 
 
 class Linear:
-    """y = x @ W.T for a GGUF weight W of shape (n_out, n_in), quantized or not."""
+    """y = x @ W.T for a GGUF weight W of shape (n_out, n_in), quantized or not.
 
-    def __init__(self, weight: Tensor):
+    One token in float32 (decoding) goes through the fused matvec kernel, which
+    reads the quant blocks once and never materialises W. A batch (prefill) or
+    the float64 path decodes W a tile of rows at a time, exactly, and hands
+    each tile to BLAS. `rows` may pick a slice of the tensor's rows, which is
+    how one expert of a 3-D ffn_*_exps tensor becomes a Linear of its own.
+    """
+
+    def __init__(self, weight: Tensor, rows: slice | None = None):
         self.weight = weight
-        self.n_out, self.n_in = weight.n_rows, weight.n_cols
-        self.tile_rows = max(1, min(self.n_out, TILE_FLOATS // self.n_in))
+        self.ggml_type = weight.ggml_type
+        self.rows = weight.data if rows is None else weight.data[rows]  # (n_out, row_bytes) uint8, the mapping
+        self.n_out, self.n_in = self.rows.shape[0], weight.n_cols
+        self.tile_rows = max(1, min(self.n_out, TILE_FLOATS // max(self.n_in, 1)))
+        self.fused = self.ggml_type in MATVEC_KERNELS
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         # x: (n_tok, n_in) -> (n_tok, n_out)
         if out is None:
             out = np.empty((x.shape[0], self.n_out), dtype=x.dtype)
+        if x.shape[0] == 1 and x.dtype == np.float32 and self.fused:
+            matvec(self.ggml_type, self.rows, np.ascontiguousarray(x[0]), out[0])
+            return out
         tile = np.empty((self.tile_rows, self.n_in), dtype=np.float32)
         for start in range(0, self.n_out, self.tile_rows):
             stop = min(start + self.tile_rows, self.n_out)
-            w = self.weight.dequantize(start, stop, out=tile[: stop - start])  # (rows, n_in) float32, exact
+            w = dequantize_rows(self.ggml_type, self.rows[start:stop], tile[: stop - start])  # (rows, n_in) exact
             np.matmul(x, w.T.astype(x.dtype, copy=False), out=out[:, start:stop])
         return out
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numba
 import numpy as np
 
 from refengine.errors import RefengineError
 from refengine.gguf import GGUFFile, Tensor
+from refengine.kernels import kernel_threads
 from refengine.nn import KVCache, Linear, attention, embed, rms_norm
 
 
@@ -117,14 +119,16 @@ class DecoderModel:
         if bad.any():
             raise ModelError(f"token id {int(tokens[bad][0])} is outside the vocabulary of {self.config.n_vocab}")
         positions = np.arange(cache.n_past, cache.n_past + n_tok)
-        x = self.embed(tokens)  # (n_tok, n_embd)
-        for il in range(self.config.n_layer):
-            x = self.layer(il, x, positions, cache)
-        cache.n_past += n_tok
-        if not all_logits:
-            x = x[-1:]
-        x = rms_norm(x, self.output_norm, self.config.norm_eps)
-        return self.output(x)  # (n_tok, n_vocab)
+        # A batch is BLAS's to parallelise; one token is the kernels' (see kernel_threads).
+        with kernel_threads(1 if n_tok > 1 else numba.config.NUMBA_NUM_THREADS):
+            x = self.embed(tokens)  # (n_tok, n_embd)
+            for il in range(self.config.n_layer):
+                x = self.layer(il, x, positions, cache)
+            cache.n_past += n_tok
+            if not all_logits:
+                x = x[-1:]
+            x = rms_norm(x, self.output_norm, self.config.norm_eps)
+            return self.output(x)  # (n_tok or 1, n_vocab)
 
     def layer(self, il: int, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
         raise NotImplementedError
