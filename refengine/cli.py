@@ -19,11 +19,14 @@ from refengine import __version__
 from refengine.errors import RefengineError
 from refengine.gguf import GGUFFile, open_gguf
 from refengine.models import DEFAULT_MODEL, resolve_model
+from refengine.plan import NUMA_MODES, DoesNotFit
+from refengine.quantize import MIXES
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 EXIT_ERROR = 1  # bad input: file, model, tensor
 EXIT_USAGE = 2  # bad flags, as click and argparse use it
+EXIT_DOES_NOT_FIT = 3  # generate's memory plan says the run would be killed or could not map the model
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
@@ -116,6 +119,72 @@ PRECISION_OPTION = click.option(
 )
 
 
+SYSROOT_OPTION_TYPE = click.Path(exists=True, file_okay=False, path_type=Path)
+SYSROOT_OPTION = click.option(
+    "--sysroot",
+    type=SYSROOT_OPTION_TYPE,
+    default=Path("/"),
+    show_default=True,
+    metavar="DIR",
+    help="Read the system from DIR/proc and DIR/sys instead: a folder that mirrors proc/meminfo, "
+    "proc/self/status, sys/devices/system/node/nodeN/meminfo, sys/fs/cgroup/... (for tests).",
+)
+PRECISION_BYTES = {"f32": 4, "f64": 8}
+
+
+@cli.command("plan", epilog=MODEL_HELP)
+@MODEL_ARGUMENT
+@click.option(
+    "-c",
+    "--ctx",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Context size to plan the KV cache and activations for.",
+)
+@click.option(
+    "--numa",
+    type=click.Choice(NUMA_MODES),
+    default="off",
+    show_default=True,
+    help="Placement to plan for: off (the kernel's), distribute (threads over nodes), shard (each expert on one node).",
+)
+@PRECISION_OPTION
+@SYSROOT_OPTION
+@click.option("--json", "as_json", is_flag=True, help='Print every figure as JSON, with "verdict".')
+def plan_command(model: str, ctx: int, numa: str, precision: str, sysroot: Path, as_json: bool) -> None:
+    """Will MODEL run here? Its memory needs at --ctx, what this process may use, and a verdict.
+
+    Reads only the GGUF header and /proc, /sys. The verdict is fits, pages_from_disk (the weights do not
+    stay in memory: speed is bound by the disk) or does_not_fit (the run would be killed or could not
+    map the model), with what to change. The exit status is 0 whatever the verdict, 3 when ulimit -v
+    does not even let the model be mapped.
+    """
+    from refengine.plan import open_model, plan, render
+    from refengine.system import read_system
+
+    system = read_system(sysroot)
+    result = plan(open_model(resolve_model(model), system), system, ctx, numa, itemsize=PRECISION_BYTES[precision])
+    click.echo(result.to_json() if as_json else render(result))
+
+
+def preflight(model: str, ctx: int, precision: str, sysroot: Path, max_prompt_tokens: int | None = None) -> None:
+    """Stop a run the memory plan says cannot fit, before anything is loaded; warn when it will page from disk.
+
+    max_prompt_tokens bounds the prefill batch, so that a short prompt is not sized as a full context.
+    """
+    from refengine.plan import open_model, plan
+    from refengine.system import read_system
+
+    system = read_system(sysroot)
+    gguf_file = open_model(resolve_model(model), system)
+    result = plan(gguf_file, system, ctx, itemsize=PRECISION_BYTES[precision], n_batch=max_prompt_tokens)
+    if result.verdict == "does_not_fit":
+        raise DoesNotFit(f"{gguf_file.path.name} does not fit: {result.message()} (see refengine plan; --no-plan)")
+    if result.verdict == "pages_from_disk":
+        click.echo(f"refengine: warning: {result.message()}", err=True)
+
+
 def parse_token_list(text: str) -> list[int]:
     try:
         ids = [int(part) for part in text.replace(" ", "").split(",") if part]
@@ -185,6 +254,13 @@ def logits(model: str, tokens: str, output: Path, precision: str) -> None:
 @click.option("--system", default=None, metavar="TEXT", help="System message, with --chat.")
 @PRECISION_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option(
+    "--no-plan",
+    is_flag=True,
+    help="Skip the memory plan (refengine plan) that otherwise stops, with exit status 3, "
+    "a run that cannot fit before anything is loaded.",
+)
+@click.option("--sysroot", type=SYSROOT_OPTION_TYPE, default=Path("/"), hidden=True)  # as refengine plan's
 def generate(
     prompt,
     model,
@@ -202,12 +278,18 @@ def generate(
     system,
     precision,
     as_json,
+    no_plan,
+    sysroot,
 ) -> None:
     """Generate text after PROMPT, streaming it to stdout; timings go to stderr."""
     from refengine.generate import generate as run_generation
     from refengine.sampler import Sampler, SamplerConfig
     from refengine.session import Session, rss_anon_bytes
 
+    if not no_plan:
+        # A token is at least one byte of text; a chat template adds a few hundred bytes at most.
+        text_bytes = len(prompt.encode()) + len((system or "").encode())
+        preflight(model, ctx, precision, sysroot, max_prompt_tokens=text_bytes + (512 if chat else 8))
     sampler = Sampler(SamplerConfig(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed))
     session = Session.load(model, precision)
     prompt_ids = prompt_tokens(session, prompt, chat, system)
@@ -353,6 +435,49 @@ def bench_model_command(model, n_prompt, n_gen, repetitions, precision, as_json)
     click.echo(json.dumps([r.as_dict() for r in records], indent=2) if as_json else markdown(records))
 
 
+QUANTIZE_EPILOG = """\b
+MIX is one of llama.cpp's mixes, chosen per tensor by its rules:
+  Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   that type everywhere (Q6_K for the output, if Q8_0 is not the mix)
+  Q2_K Q3_K_S Q3_K_M Q3_K_L  Q2_K or Q3_K, with more bits for attn_v, ffn_down, attn_output
+  Q4_K_S Q4_K_M              Q4_K; _M gives Q6_K to about half the attn_v and ffn_down layers
+  Q5_K_S Q5_K_M Q6_K         Q5_K (likewise) or Q6_K
+1-D tensors and norms stay as they are; rows that are not whole blocks get a smaller block type.
+IN must be F32, F16 or BF16 wherever the mix changes a tensor's type."""
+
+
+@cli.command(epilog=QUANTIZE_EPILOG)
+@click.argument("input_path", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output_path", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-t", "--type", "mix", required=True, type=click.Choice(list(MIXES)), help="The quantization mix.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def quantize(input_path: Path, output_path: Path, mix: str, as_json: bool) -> None:
+    """Quantize the GGUF model IN into OUT, byte for byte as llama.cpp's llama-quantize does."""
+    import contextlib
+
+    from refengine.quantize import quantize_file
+
+    with contextlib.ExitStack() as stack:
+        bar = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:  # the total is known once IN is open
+                bar = stack.enter_context(click.progressbar(length=total, label=f"{mix}", file=sys.stderr))
+            bar.update(done - bar.pos)
+
+        # no bar when stderr is a log file or a pipe: click would leave its label there unterminated
+        report = quantize_file(input_path, output_path, mix, on_progress=progress if sys.stderr.isatty() else None)
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        types = ", ".join(f"{name} {count}" for name, count in sorted(report.types.items()))
+        click.echo(
+            f"{output_path}: {mix}, {sum(report.types.values())} tensors ({types}); "
+            f"{report.input_bytes / 1e6:.1f} MB of tensors -> {report.output_bytes / 1e6:.1f} MB file "
+            f"in {report.seconds:.1f} s ({report.mb_per_s:.0f} MB/s of input)"
+        )
+
+
 def prompt_tokens(session, prompt: str, chat: bool, system: str | None) -> list[int]:
     tokenizer = session.tokenizer
     if not chat:
@@ -403,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:
         click.echo(f"{prog}: error: {e.format_message()}", err=True)
         return e.exit_code
+    except DoesNotFit as e:
+        click.echo(f"{prog}: error: {e}", err=True)
+        return EXIT_DOES_NOT_FIT
     except RefengineError as e:
         click.echo(f"{prog}: error: {e}", err=True)
         return EXIT_ERROR

@@ -18,7 +18,6 @@ refengine (angles in float64) is 3e-3 away. So, with those islands recomputed he
         sequence. As is, model.double() is 1-2e-5 away (3e-2 on the long sequence).
 """
 
-import contextlib
 import copy
 
 import numpy as np
@@ -29,6 +28,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[oracle]')")
 pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF file")
 
+from hf_oracle import float64_islands  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 pytestmark = [pytest.mark.oracle, pytest.mark.slow]
@@ -81,61 +81,6 @@ def compare(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
     diff = np.abs(log_softmax(ours) - log_softmax(theirs)).max()
     top1 = float(np.mean(np.argmax(ours, axis=-1) == np.argmax(theirs, axis=-1)))
     return float(diff), top1
-
-
-# -- transformers' float32 islands, recomputed in float64 ----------------------------------------
-
-
-def rms_norm_f64(module, x):
-    """RMSNorm in the input's dtype, where transformers' own goes through float32."""
-    eps = module.eps if hasattr(module, "eps") else module.variance_epsilon
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    if type(module).__name__.startswith("Gemma"):
-        # Gemma scales by (1 + w). The GGUF stores 1 + w in float32 and the loader subtracted 1
-        # in float32; adding it back in float32 restores the stored value exactly.
-        return normed * (1.0 + module.weight.float()).to(x.dtype)
-    return normed * module.weight
-
-
-def rope_tables_f64(module, x, position_ids, layer_type=None):
-    """cos and sin for the positions, computed in float64 and returned in x's dtype."""
-    config = module.config
-    params = config.rope_parameters[layer_type] if layer_type else config.rope_parameters
-    scaling = getattr(module, f"{layer_type}_attention_scaling" if layer_type else "attention_scaling")
-    assert params["rope_type"] == "default" and scaling == 1.0  # what we reimplement
-    dim = config.head_dim
-    inv_freq = params["rope_theta"] ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    theirs = getattr(module, f"{layer_type}_inv_freq" if layer_type else "inv_freq")
-    torch.testing.assert_close(theirs.double(), inv_freq, rtol=1e-6, atol=0)  # the same frequencies
-    angles = position_ids[..., None].double() * inv_freq  # (batch, n_tok, dim / 2)
-    angles = torch.cat((angles, angles), dim=-1)  # rotate_half layout
-    return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-
-
-@contextlib.contextmanager
-def float64_islands(hf, everything: bool):
-    """Within the block, transformers' RoPE tables (and with everything=True its RMSNorm and
-    gemma's embedding scale too) are computed in float64."""
-    patched, scales = [], []
-    for module in hf.modules():
-        name = type(module).__name__
-        if name.endswith("RotaryEmbedding"):
-            module.forward = rope_tables_f64.__get__(module)
-            patched.append(module)
-        elif everything and name.endswith("RMSNorm"):
-            module.forward = rms_norm_f64.__get__(module)
-            patched.append(module)
-        if everything and hasattr(module, "scalar_embed_scale"):  # gemma's sqrt(n_embd)
-            scales.append((module, module.embed_scale))
-            module.embed_scale = torch.tensor(module.scalar_embed_scale, dtype=torch.float64)
-    assert patched, "no rotary embedding found: has transformers renamed it?"
-    try:
-        yield hf
-    finally:
-        for module in patched:
-            del module.forward  # back to the class's
-        for module, scale in scales:
-            module.embed_scale = scale
 
 
 # -- tests ----------------------------------------------------------------------------------------
