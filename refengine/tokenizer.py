@@ -27,13 +27,16 @@ or from 14.0 (Python 3.10) can pre-tokenize differently in BPE models.
 
 from __future__ import annotations
 
+import array
 import codecs
 import heapq
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from gguf import Keys
 
 from refengine.errors import RefengineError
@@ -219,7 +222,7 @@ class Vocab:
     kind: str  # "spm" or "bpe"
     texts: list[str]  # token text, decoded with surrogateescape
     index: dict[str, int]  # text -> id
-    scores: list[float]
+    scores: Sequence[float]  # array of float32
     attrs: list[int]  # Attr bits
     bos_id: int | None
     eos_id: int | None
@@ -300,13 +303,15 @@ def read_token_texts(metadata: dict[str, Any]) -> list[str]:
     return texts
 
 
-def read_scores(metadata: dict[str, Any], n: int) -> list[float]:
+def read_scores(metadata: dict[str, Any], n: int) -> Sequence[float]:
     scores = metadata.get(Keys.Tokenizer.SCORES)
     if scores is None:
-        return [0.0] * n
+        return array.array("f", bytes(4 * n))
     if len(scores) < n:
         raise TokenizerError(f"{Keys.Tokenizer.SCORES} has {len(scores)} entries for {n} tokens")
-    return [float(s) for s in scores[:n].tolist()]
+    # An array of float32 holds 262k scores in 1 MB where a list of Python floats takes 8 MB;
+    # indexing it gives the same Python float.
+    return array.array("f", np.asarray(scores[:n], dtype=np.float32).tobytes())
 
 
 def read_attrs(metadata: dict[str, Any], n: int) -> list[int]:
@@ -355,16 +360,21 @@ def end_of_generation_ids(ids: dict[str, int | None], index: dict[str, int], att
     return frozenset(eog)
 
 
+def utf8(text: str) -> bytes:
+    """A token's text as bytes; surrogateescape round-trips the invalid UTF-8 of byte-level vocabularies."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 # -- special tokens: tokenizer_st_partition ----------------------------------------------------
 
 
-def special_tokens(texts_utf8: list[bytes], attrs: list[int]) -> list[tuple[bytes, int, int]]:
+def special_tokens(texts: list[str], attrs: list[int]) -> list[tuple[bytes, int, int]]:
     """(text, id, attr) of every token matched whole, longest text first.
 
     llama.cpp uses an unstable sort here; ties keep id order, which can only
     matter for two same-length special texts that overlap in the input.
     """
-    specials = [(texts_utf8[i], i, attr) for i, attr in enumerate(attrs) if attr & SPECIAL_ATTRS]
+    specials = [(utf8(texts[i]), i, attr) for i, attr in enumerate(attrs) if attr & SPECIAL_ATTRS]
     specials.sort(key=lambda s: -len(s[0]))
     return specials
 
@@ -418,15 +428,20 @@ def utf8_character_spans(text: bytes) -> list[tuple[int, int]]:
 class SpmModel:
     """Greedy highest-score bigram merging over characters, with <0xXX> byte fallback."""
 
-    def __init__(self, texts_utf8: list[bytes], scores: list[float]):
-        self.token_ids = {text: i for i, text in enumerate(texts_utf8)}
+    def __init__(self, token_ids: dict[str, int], scores: Sequence[float]):
+        # Keyed by text as str (the vocabulary's own index, shared rather than copied as bytes: on a
+        # 262k vocabulary that is 30 MB less); pieces of the input are looked up through `piece_id`.
+        self.token_ids = token_ids
         self.scores = scores
         self.byte_ids = [self.byte_token(b) for b in range(256)]
 
     def byte_token(self, byte: int) -> int | None:
         """llama_vocab::byte_to_token: the <0xXX> token, else a token whose text is that byte."""
-        found = self.token_ids.get(f"<0x{byte:02X}>".encode())
-        return found if found is not None else self.token_ids.get(bytes([byte]))
+        found = self.token_ids.get(f"<0x{byte:02X}>")
+        return found if found is not None else self.piece_id(bytes([byte]))
+
+    def piece_id(self, piece: bytes) -> int | None:
+        return self.token_ids.get(piece.decode("utf-8", "surrogateescape"))
 
     def tokenize(self, text: bytes) -> list[int]:
         spans = utf8_character_spans(text)
@@ -440,7 +455,7 @@ class SpmModel:
             if left < 0 or right < 0:
                 return
             joined = size[left] + size[right]
-            token = self.token_ids.get(text[start[left] : start[left] + joined])
+            token = self.piece_id(text[start[left] : start[left] + joined])
             if token is not None:
                 # Highest score first, then leftmost: llm_bigram_spm::comparator.
                 heapq.heappush(queue, (-self.scores[token], left, right, joined))
@@ -464,7 +479,7 @@ class SpmModel:
         for i in range(len(spans)):
             if size[i]:
                 piece = text[start[i] : start[i] + size[i]]
-                token = self.token_ids.get(piece)
+                token = self.piece_id(piece)
                 ids.extend([token] if token is not None else map(self.byte_fallback, piece))
         return ids
 
@@ -807,9 +822,8 @@ class Tokenizer:
 
     def __init__(self, vocab: Vocab):
         self.vocab = vocab
-        self.texts_utf8 = [t.encode("utf-8", "surrogateescape") for t in vocab.texts]
-        self.model = SpmModel(self.texts_utf8, vocab.scores) if vocab.kind == "spm" else BpeModel(vocab)
-        self.specials = special_tokens(self.texts_utf8, vocab.attrs)
+        self.model = SpmModel(vocab.index, vocab.scores) if vocab.kind == "spm" else BpeModel(vocab)
+        self.specials = special_tokens(vocab.texts, vocab.attrs)
         self.pieces: dict[tuple[int, bool], bytes] = {}
 
     @classmethod
@@ -893,10 +907,10 @@ class Tokenizer:
         if attr & PARSE_SPECIAL_ONLY and not special:
             return b""
         if attr & SPECIAL_ATTRS:
-            return self.texts_utf8[token_id]
+            return utf8(text)
         if attr & Attr.NORMAL:
             if self.vocab.kind == "spm":
-                return self.texts_utf8[token_id].replace(SPACE_ESCAPE, b" ")
+                return utf8(text).replace(SPACE_ESCAPE, b" ")
             return gpt2_decode_text(text)
         if attr & Attr.BYTE:
             return bytes([int(text[3:5], 16)])  # "<0xXX>"
