@@ -118,21 +118,16 @@ def test_help_everywhere(capsys, argv):
     assert code == 0 and out.strip()
 
 
-def test_generate_json(capsys, smollm_path):
-    code, out, _ = run(
-        capsys,
-        "generate",
-        "-m",
-        "smollm2-135m",
-        "--temp",
-        "0",
-        "-n",
-        "8",
-        "--json",
-        "The capital of France is",
-    )
+def generate_json(capsys, *options: str) -> dict:
+    """`refengine generate --json` on smollm2, greedy, continuing "The capital of France is"."""
+    argv = ["generate", "-m", "smollm2-135m", "--temp", "0", "--json", *options, "The capital of France is"]
+    code, out, _ = run(capsys, *argv)
     assert code == 0
-    result = json.loads(out)
+    return json.loads(out)
+
+
+def test_generate_json(capsys, smollm_path):
+    result = generate_json(capsys, "-n", "8")
     assert set(result) >= {"prompt_tokens", "tokens", "text", "timings", "finish_reason"}
     assert result["finish_reason"] in ("length", "eos", "stop")
     assert 0 < len(result["tokens"]) <= 8
@@ -141,22 +136,7 @@ def test_generate_json(capsys, smollm_path):
 
 
 def test_generate_stop_string_is_not_emitted(capsys, smollm_path):
-    code, out, _ = run(
-        capsys,
-        "generate",
-        "-m",
-        "smollm2-135m",
-        "--temp",
-        "0",
-        "-n",
-        "16",
-        "--json",
-        "--stop",
-        "Paris",
-        "The capital of France is",
-    )
-    assert code == 0
-    result = json.loads(out)
+    result = generate_json(capsys, "-n", "16", "--stop", "Paris")
     assert result["finish_reason"] == "stop" and "Paris" not in result["text"]
 
 
