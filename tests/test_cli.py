@@ -180,3 +180,66 @@ def test_logits_bad_tokens(capsys, tmp_path, smollm_path, tokens):
     assert code in (EXIT_ERROR, EXIT_USAGE)
     assert_one_line_error(code, err, code)
     assert not (tmp_path / "l.npy").exists()
+
+
+# -- generation behaviour a llama.cpp user relies on ---------------------------------------------
+
+
+def test_generate_same_seed_same_text(capsys, smollm_path):
+    first, again = (generate_json(capsys, "-n", "12", "--temp", "0.9", "--seed", "7") for _ in range(2))
+    assert first["tokens"] == again["tokens"] and len(first["tokens"]) > 0
+
+
+def test_generate_chat_wraps_the_prompt_in_the_template(capsys, smollm_path):
+    result = generate_json(capsys, "-n", "4", "--chat", "--system", "Be brief.")
+    session = Session.load("smollm2-135m")
+    rendered = session.tokenizer.decode(result["prompt_tokens"], special=True)
+    # smollm2's GGUF carries a ChatML template: system, then user, then the assistant's turn opened
+    assert rendered.index("<|im_start|>system\nBe brief.") < rendered.index("<|im_start|>user\nThe capital of")
+    assert rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_ctrl_c_keeps_the_text_and_exits_130(smollm_path):
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "refengine.cli", "generate", "-m", "smollm2-135m", "-n", "2000", "-c", "2048"]
+    child = subprocess.Popen([*cmd, "--temp", "0", "Once upon a time"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = child.stdout.read(1)  # generation has started streaming
+    child.send_signal(signal.SIGINT)
+    rest, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err.decode()
+    assert first and (first + rest).strip()
+    assert b"Traceback" not in err
+
+
+def test_chat_reuses_the_cache_across_turns(capsys, monkeypatch, smollm_path):
+    import io
+
+    import refengine.generate
+
+    evaluated = []  # prompt tokens evaluated per turn
+    real = refengine.generate.generate
+
+    def spy(model, tokenizer, cache, prompt_tokens, *args, **kwargs):
+        evaluated.append((cache.n_past, len(prompt_tokens)))
+        return real(model, tokenizer, cache, prompt_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(refengine.generate, "generate", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\nAnd of Italy?\n\n"))
+    code, out, _ = run(capsys, "chat", "-m", "smollm2-135m", "--temp", "0", "-n", "12")
+    assert code == 0 and out.count("> ") == 3  # two turns, then the empty line that ends the chat
+    (first_past, first_new), (second_past, second_new) = evaluated
+    assert first_past == 0
+    # the second turn starts from the whole first exchange already in the cache
+    assert second_past >= first_new and second_new < second_past
+
+
+def test_bench_model_json(capsys, smollm_path):
+    code, out, _ = run(capsys, "bench", "model", "smollm2-135m", "-p", "8", "-n", "4", "-r", "2", "--json")
+    assert code == 0
+    records = json.loads(out)
+    assert [r["test"] for r in records] == ["pp8", "tg4"]
+    for r in records:
+        assert r["avg_ts"] > 0 and r["stddev_ts"] >= 0 and r["n_threads"] >= 1 and len(r["samples_ts"]) == 2
