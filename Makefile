@@ -41,9 +41,13 @@ test-fast: install
 test-oracle: install
 	$(PY) -m pytest -q -m oracle
 
+# Run on an idle machine: every figure is a ratio against an anchor measured in the same run.
 bench: install
 	$(PY) scripts/bench_reader.py
 	$(PY) scripts/bench_dequant.py
+	$(PY) scripts/bench_matvec.py
+	$(PY) scripts/bench_quantize.py
+	$(PY) scripts/bench_vs_llamacpp.py
 
 lint: install
 	$(VENV)/bin/ruff check refengine kernels tests scripts
