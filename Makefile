@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast test-oracle bench lint clean
+.PHONY: install run test test-fast test-oracle test-numa bench lint clean
 
 install: $(STAMP)
 
@@ -41,6 +41,19 @@ test-fast: install
 test-oracle: install
 	$(PY) -m pytest -q -m oracle
 
+# The `numa` tests, inside a throw-away QEMU guest with two NUMA nodes (../shared/numa-vm; its README
+# lists the Debian packages it needs, which .ci/run installs). numba's on-disk cache is keyed by the
+# CPU's name and features, and the guest's emulated CPU is not this one, so both sides compile for
+# x86-64-v3 (AVX2, FMA, F16C: what both have; plain "generic" lacks F16C, and LLVM then calls
+# __extendhfsf2, which numba cannot link): the host run of the same tests fills the cache and the
+# guest loads it (a guest generate that compiled everything itself took 86 s, one that loaded it 42 s).
+NUMA_VM  ?= ../shared/numa-vm/numa-vm-run
+NUMA_ENV := NUMBA_CPU_NAME=x86-64-v3 NUMBA_CPU_FEATURES=
+test-numa: install
+	@command -v qemu-system-x86_64 >/dev/null || { echo "test-numa: qemu-system-x86_64 is missing (see $(dir $(NUMA_VM))README.md)" >&2; exit 1; }
+	$(NUMA_ENV) $(PY) -m pytest -q tests/test_numa.py
+	$(NUMA_ENV) REFENGINE_NUMA_REQUIRED=1 bash $(NUMA_VM) -- $(PY) -m pytest -q -m numa -p no:cacheprovider tests/test_numa.py
+
 # Run on an idle machine: every figure is a ratio against an anchor measured in the same run.
 bench: install
 	$(PY) scripts/bench_reader.py
@@ -48,6 +61,7 @@ bench: install
 	$(PY) scripts/bench_matvec.py
 	$(PY) scripts/bench_quantize.py
 	$(PY) scripts/bench_vs_llamacpp.py
+	$(PY) scripts/bench_moe.py
 
 lint: install
 	$(VENV)/bin/ruff check refengine kernels tests scripts

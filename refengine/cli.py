@@ -132,6 +132,48 @@ SYSROOT_OPTION = click.option(
 PRECISION_BYTES = {"f32": 4, "f64": 8}
 
 
+def _node_list(ctx, param, text: str | None):
+    from refengine.system import parse_ids
+
+    return None if text is None else sorted(parse_ids(Path("--numa-nodes"), text))
+
+
+def numa_options(command):
+    """--numa and --numa-nodes, for the commands that run a model (refengine.numa)."""
+    command = click.option(
+        "--numa-nodes",
+        default=None,
+        metavar="LIST",
+        callback=_node_list,
+        help="The NUMA nodes to use, e.g. 0-1 or 1 (default: every node this process may use).",
+    )(command)
+    return click.option(
+        "--numa",
+        type=click.Choice(NUMA_MODES),
+        default="off",
+        show_default=True,
+        help="off: the kernel places pages and threads. distribute: numba's threads spread over the nodes. "
+        "shard: each routed expert on one node, computed by that node's pinned threads; the rest interleaved.",
+    )(command)
+
+
+def load_session(model: str, precision: str, numa: str, numa_nodes, sysroot: Path = Path("/")):
+    """Session.load under --numa: threads are spread before the model loads, pages placed once it is
+    loaded, and the node pools close with the command. --numa off touches nothing."""
+    from refengine.session import Session
+
+    if numa == "off" and numa_nodes is None:
+        return Session.load(model, precision)
+    from refengine.numa import NumaRuntime, warn
+    from refengine.system import read_system
+
+    runtime = NumaRuntime(numa, read_system(sysroot), numa_nodes)
+    click.get_current_context().call_on_close(runtime.close)
+    session = Session.load(model, precision)
+    warn(runtime.attach(session.gguf, session.model))
+    return session
+
+
 @cli.command("plan", epilog=MODEL_HELP)
 @MODEL_ARGUMENT
 @click.option(
@@ -168,7 +210,9 @@ def plan_command(model: str, ctx: int, numa: str, precision: str, sysroot: Path,
     click.echo(result.to_json() if as_json else render(result))
 
 
-def preflight(model: str, ctx: int, precision: str, sysroot: Path, max_prompt_tokens: int | None = None) -> None:
+def preflight(
+    model: str, ctx: int, precision: str, sysroot: Path, max_prompt_tokens: int | None = None, numa: str = "off"
+) -> None:
     """Stop a run the memory plan says cannot fit, before anything is loaded; warn when it will page from disk.
 
     max_prompt_tokens bounds the prefill batch, so that a short prompt is not sized as a full context.
@@ -178,7 +222,7 @@ def preflight(model: str, ctx: int, precision: str, sysroot: Path, max_prompt_to
 
     system = read_system(sysroot)
     gguf_file = open_model(resolve_model(model), system)
-    result = plan(gguf_file, system, ctx, itemsize=PRECISION_BYTES[precision], n_batch=max_prompt_tokens)
+    result = plan(gguf_file, system, ctx, numa, itemsize=PRECISION_BYTES[precision], n_batch=max_prompt_tokens)
     if result.verdict == "does_not_fit":
         raise DoesNotFit(f"{gguf_file.path.name} does not fit: {result.message()} (see refengine plan; --no-plan)")
     if result.verdict == "pages_from_disk":
@@ -206,14 +250,13 @@ def parse_token_list(text: str) -> list[int]:
     help="Where to write the (n_tokens, n_vocab) float32 .npy.",
 )
 @PRECISION_OPTION
-def logits(model: str, tokens: str, output: Path, precision: str) -> None:
+@numa_options
+def logits(model: str, tokens: str, output: Path, precision: str, numa: str, numa_nodes) -> None:
     """Write the logits of every position of a token sequence, for comparing engines."""
     import numpy as np
 
-    from refengine.session import Session
-
     ids = parse_token_list(tokens)
-    session = Session.load(model, precision)
+    session = load_session(model, precision, numa, numa_nodes)
     cache = session.new_cache(len(ids))
     result = session.model.forward(np.asarray(ids), cache).astype(np.float32)  # (n_tokens, n_vocab)
     write_npy(output, result, session.gguf)
@@ -261,6 +304,7 @@ def logits(model: str, tokens: str, output: Path, precision: str) -> None:
     "a run that cannot fit before anything is loaded.",
 )
 @click.option("--sysroot", type=SYSROOT_OPTION_TYPE, default=Path("/"), hidden=True)  # as refengine plan's
+@numa_options
 def generate(
     prompt,
     model,
@@ -280,18 +324,20 @@ def generate(
     as_json,
     no_plan,
     sysroot,
+    numa,
+    numa_nodes,
 ) -> None:
     """Generate text after PROMPT, streaming it to stdout; timings go to stderr."""
     from refengine.generate import generate as run_generation
     from refengine.sampler import Sampler, SamplerConfig
-    from refengine.session import Session, rss_anon_bytes
+    from refengine.session import rss_anon_bytes
 
     if not no_plan:
         # A token is at least one byte of text; a chat template adds a few hundred bytes at most.
         text_bytes = len(prompt.encode()) + len((system or "").encode())
-        preflight(model, ctx, precision, sysroot, max_prompt_tokens=text_bytes + (512 if chat else 8))
+        preflight(model, ctx, precision, sysroot, max_prompt_tokens=text_bytes + (512 if chat else 8), numa=numa)
     sampler = Sampler(SamplerConfig(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed))
-    session = Session.load(model, precision)
+    session = load_session(model, precision, numa, numa_nodes, sysroot)
     prompt_ids = prompt_tokens(session, prompt, chat, system)
     if len(prompt_ids) + n_predict > ctx:
         raise UserError(
@@ -425,14 +471,45 @@ def bench() -> None:
 )
 @PRECISION_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print llama-bench-style JSON records.")
-def bench_model_command(model, n_prompt, n_gen, repetitions, precision, as_json) -> None:
+@numa_options
+def bench_model_command(model, n_prompt, n_gen, repetitions, precision, as_json, numa, numa_nodes) -> None:
     """Prompt processing and generation speed, as llama-bench reports them."""
     from refengine.bench import bench_model, markdown
-    from refengine.session import Session
 
-    session = Session.load(model, precision)
+    session = load_session(model, precision, numa, numa_nodes)
     records = bench_model(session, n_prompt, n_gen, repetitions, precision)
     click.echo(json.dumps([r.as_dict() for r in records], indent=2) if as_json else markdown(records))
+
+
+@cli.command("numa", epilog=MODEL_HELP)
+@MODEL_ARGUMENT
+@numa_options
+@click.option("--sysroot", type=SYSROOT_OPTION_TYPE, default=Path("/"), hidden=True)  # as refengine plan's
+@click.option("--json", "as_json", is_flag=True, help="Print a list of nodes with their bytes per tensor group.")
+def numa_command(model: str, numa: str, numa_nodes, sysroot: Path, as_json: bool) -> None:
+    """Where MODEL's pages live: bytes per NUMA node and tensor group, read back from the kernel
+    (move_pages), and the bytes not in memory: numastat for one model. Reads no page from disk.
+
+    --numa shard first places the model as generate --numa shard does, then reads it back; the pages
+    stay where they were put after this command ends, until the kernel evicts them.
+    """
+    from refengine.numa import ModelPages, NumaRuntime, render_residency, residency, warn
+    from refengine.system import read_system
+
+    system = read_system(sysroot)
+    gguf_file = load_model(model)
+    runtime = NumaRuntime(numa, system, numa_nodes)
+    try:
+        warn(runtime.attach(gguf_file))
+        with ModelPages(gguf_file) as pages:
+            result = residency(pages, runtime.nodes or [n.id for n in system.memory_nodes])
+    finally:
+        runtime.close()
+    placed = None if runtime.report is None else runtime.report.as_dict()
+    if as_json:
+        click.echo(json.dumps({**result.as_dict(), "numa": numa, "placement": placed}, indent=2))
+    else:
+        click.echo(render_residency(result, runtime.report))
 
 
 QUANTIZE_EPILOG = """\b
