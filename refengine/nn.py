@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -84,6 +85,35 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class YaRN:
+    """YaRN context extension, as llama.cpp's rope_yarn with ext_factor 1 (transformers' "yarn" rope_type).
+
+    Frequencies that turn more than beta_fast times over the original context keep their
+    value, those that turn fewer than beta_slow times are divided by `factor` (positions
+    interpolated), and a linear ramp over the pair index blends the two in between.
+    cos and sin are multiplied by `magnitude` (llama.cpp: attn_factor * (1 + 0.1 ln factor)).
+    """
+
+    factor: float  # context extension; the interpolated frequencies are divided by it
+    n_ctx_orig: int  # rope.scaling.original_context_length
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    magnitude: float = 1.0
+
+    def kept(self, n_dims: int, base: float) -> np.ndarray:
+        """(n_dims/2,) the share of each frequency kept as it is: 1 for the fast ones, 0 for the
+        interpolated ones (ggml_rope_yarn_corr_dims, then rope_yarn_ramp)."""
+
+        def pair_turning(n_turns: float) -> float:  # the pair index whose frequency turns n_turns times
+            return n_dims * math.log(self.n_ctx_orig / (n_turns * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(0.0, math.floor(pair_turning(self.beta_fast)))
+        high = min(n_dims - 1.0, math.ceil(pair_turning(self.beta_slow)))
+        ramp = (np.arange(n_dims // 2, dtype=np.float64) - low) / max(0.001, high - low)
+        return 1 - np.clip(ramp, 0, 1)
+
+
+@dataclass(frozen=True)
 class Rope:
     """Rotary position embedding for one group of layers.
 
@@ -97,18 +127,25 @@ class Rope:
     neox: bool
     scale: float = 1.0  # linear position scaling (positions are divided by it)
     freq_factors: np.ndarray | None = None  # (n_dims/2,) llama3-style per-frequency divisors
+    yarn: YaRN | None = None
 
+    @cached_property
     def inv_freq(self) -> np.ndarray:
+        """(n_dims/2,) the angle per position of each pair, computed once (decoding asks for it every token)."""
         inv = self.base ** (-np.arange(0, self.n_dims, 2, dtype=np.float64) / self.n_dims)  # (n_dims/2,)
         if self.freq_factors is not None:
             inv = inv / self.freq_factors.astype(np.float64)
+        if self.yarn is not None:
+            kept = self.yarn.kept(self.n_dims, self.base)
+            inv = inv * kept + inv / self.yarn.factor * (1 - kept)
         return inv
 
     def apply(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Rotate x (n_tok, n_head, head_dim) at `positions` (n_tok,), returning a new array."""
-        angles = (positions.astype(np.float64) / self.scale)[:, None] * self.inv_freq()[None, :]  # (n_tok, d/2)
-        cos = np.cos(angles).astype(x.dtype)[:, None, :]  # (n_tok, 1, d/2)
-        sin = np.sin(angles).astype(x.dtype)[:, None, :]
+        angles = (positions.astype(np.float64) / self.scale)[:, None] * self.inv_freq[None, :]  # (n_tok, d/2)
+        magnitude = 1.0 if self.yarn is None else self.yarn.magnitude
+        cos = (np.cos(angles) * magnitude).astype(x.dtype)[:, None, :]  # (n_tok, 1, d/2)
+        sin = (np.sin(angles) * magnitude).astype(x.dtype)[:, None, :]
         out = x.copy()
         half = self.n_dims // 2
         if self.neox:

@@ -62,7 +62,12 @@ def compare(model: str, n_prompt: int, n_gen: int, repetitions: int, n_threads: 
     rng = np.random.default_rng(0)
     rows = []
     for test, n, ours_run, theirs_run in (
-        (f"pp{n_prompt}", n_prompt, lambda: time_prompt(ours, n_prompt, rng), lambda: llama_prompt(theirs, n_prompt, rng)),
+        (
+            f"pp{n_prompt}",
+            n_prompt,
+            lambda: time_prompt(ours, n_prompt, rng),
+            lambda: llama_prompt(theirs, n_prompt, rng),
+        ),
         (f"tg{n_gen}", n_gen, lambda: time_generation(ours, n_gen, rng), lambda: llama_generation(theirs, n_gen, rng)),
     ):
         ours_run(), theirs_run()  # warm-up: kernels load, pages fault in
@@ -128,7 +133,9 @@ def main(models: str, n_prompt: int, n_gen: int, repetitions: int, startup: bool
     click.echo("| model | test | refengine t/s | llama.cpp t/s | ratio |")
     click.echo("| ----- | ---: | ------------: | ------------: | ----: |")
     for r in rows:
-        click.echo(f"| {r['model']} | {r['test']} | {r['refengine_ts']:.1f} | {r['llama_cpp_ts']:.1f} | {r['ratio']:.2f} |")
+        click.echo(
+            f"| {r['model']} | {r['test']} | {r['refengine_ts']:.1f} | {r['llama_cpp_ts']:.1f} | {r['ratio']:.2f} |"
+        )
     for s in starts:
         click.echo(
             f"{s['model']}: first token cold {s['cold_first_token_s']:.1f} s, warm {s['warm_first_token_s']:.1f} s; "

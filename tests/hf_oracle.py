@@ -61,5 +61,3 @@ def float64_islands(hf, everything: bool):
             del module.forward  # back to the class's
         for module, scale in scales:
             module.embed_scale = scale
-
-

@@ -10,9 +10,9 @@ KVCache and forward pass allocate on the two real models.
 
 import ctypes
 import json
-import re
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -510,7 +510,15 @@ def test_generate_stops_before_loading_when_it_cannot_fit(capsys, monkeypatch, s
     assert "does not fit" in err and "memory.limit_in_bytes" in err
     # --no-plan skips the check and runs; the anonymous memory it really used is within the plan's figure
     # (in a process of its own: this one holds whatever earlier tests allocated)
-    cmd = [sys.executable, "-m", "refengine.cli", *map(str, argv), "--sysroot", str(FIXTURES / "cgroup_v1"), "--no-plan"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "refengine.cli",
+        *map(str, argv),
+        "--sysroot",
+        str(FIXTURES / "cgroup_v1"),
+        "--no-plan",
+    ]
     child = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert child.returncode == 0, child.stderr
     out = child.stdout

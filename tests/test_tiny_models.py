@@ -284,6 +284,22 @@ def test_refengine_dense_models_match_llama_cpp(tiny_model, arch):
 
 
 @pytest.mark.oracle
+def test_linear_rope_scaling_matches_llama_cpp(tmp_path):
+    """rope.scaling.type linear divides positions by the factor, in refengine as in llama.cpp."""
+    from refengine.session import Session
+    from refengine.testing import PRESETS
+
+    spec = replace(PRESETS["llama"]["tiny"], rope_linear_factor=4.0)
+    path = write_tiny_model("llama", tmp_path / "llama-linear4.gguf", spec)
+    tokens, theirs = llama_cpp_logits(path)
+    _, unscaled = llama_cpp_logits(write_tiny_model("llama", tmp_path / "llama.gguf"))
+    assert np.abs(theirs - unscaled).max() > 0.2  # the scaling matters at these positions
+    session = Session.load(str(path))
+    ours = session.model.forward(np.array(tokens), session.new_cache(64))
+    assert_same_logits(ours, theirs, max_abs=0.05)
+
+
+@pytest.mark.oracle
 @pytest.mark.parametrize("arch", MODELS)
 def test_transformers_from_to_hf_state_dict_matches_llama_cpp(tiny_model, arch):
     """to_hf_state_dict's checkpoint in transformers' own model class (LlamaForCausalLM, ...,

@@ -5,15 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 from refengine.arch.common import DecoderModel, ModelError
+from refengine.arch.deepseek2 import Deepseek2
 from refengine.arch.gemma3 import Gemma3
 from refengine.arch.llama import Llama
 from refengine.gguf import GGUFFile
 
 ARCHITECTURES: dict[str, type[DecoderModel]] = {
-    "llama": Llama,
+    "llama": Llama,  # and mixtral, which is llama with expert_count
     "qwen2": Llama,
     "qwen3": Llama,
+    "qwen3moe": Llama,
     "gemma3": Gemma3,
+    "deepseek2": Deepseek2,
 }
 
 

@@ -1,7 +1,8 @@
-"""The llama family: llama (SmolLM2, Llama 2/3), qwen2 (attention biases), qwen3 (QK-norm).
+"""The llama family: llama (SmolLM2, Llama 2/3), qwen2 (attention biases), qwen3 (QK-norm), and
+with a mixture of experts in every layer, mixtral (llama with expert_count) and qwen3moe.
 
 x = x + attn_output(attention(rope(attn_q(norm(x))), rope(attn_k(norm(x))), attn_v(norm(x))))
-x = x + ffn_down(silu(ffn_gate(norm(x))) * ffn_up(norm(x)))
+x = x + ffn_down(silu(ffn_gate(norm(x))) * ffn_up(norm(x)))      or   x + MoE(norm(x))
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from refengine.arch.common import (
     norm_weight,
     self_attention,
 )
+from refengine.arch.moe import MoE, MoEConfig
 from refengine.gguf import GGUFFile
 from refengine.nn import Linear, Rope, rms_norm, silu
 
 # llama.cpp rotates adjacent pairs for llama (the converter permutes Q/K to match) and halves for qwen.
-NEOX_ROPE = {"llama": False, "qwen2": True, "qwen3": True}
+NEOX_ROPE = {"llama": False, "qwen2": True, "qwen3": True, "qwen3moe": True}
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class LlamaConfig:
     n_ctx_train: int
     norm_eps: float
     rope: Rope
+    moe: MoEConfig | None = None  # experts in every layer (mixtral, qwen3moe) instead of the dense FFN
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> LlamaConfig:
@@ -53,11 +56,15 @@ class LlamaConfig:
             n_dims=hp.int("rope.dimension_count", head_dim),
             base=hp.float("rope.freq_base", 10000.0),
             neox=NEOX_ROPE[hp.arch],
-            scale=1.0 / hp.float("rope.scaling.factor", 1.0)
-            if gguf.get(f"{hp.arch}.rope.scaling.type") == "linear"
-            else 1.0,
+            # linear scaling divides positions by the factor (llama.cpp's freq_scale = 1 / factor)
+            scale=hp.float("rope.scaling.factor", 1.0) if gguf.get(f"{hp.arch}.rope.scaling.type") == "linear" else 1.0,
             freq_factors=None if freq_factors is None else freq_factors.to_numpy(),
         )
+        moe = None
+        if hp.arch == "qwen3moe" or hp.int("expert_count", 0):
+            # llama.cpp's llama (mixtral) experts are feed_forward_length wide; qwen3moe's have their own key.
+            n_ff_exp = hp.int("expert_feed_forward_length" if hp.arch == "qwen3moe" else "feed_forward_length")
+            moe = MoEConfig.from_gguf(hp, n_ff_exp, routing_keys=False)
         return cls(
             arch=hp.arch,
             n_vocab=gguf.tensor("token_embd.weight").shape[0],
@@ -70,6 +77,7 @@ class LlamaConfig:
             n_ctx_train=hp.int("context_length"),
             norm_eps=hp.float("attention.layer_norm_rms_epsilon"),
             rope=rope,
+            moe=moe,
         )
 
 
@@ -78,9 +86,10 @@ class LlamaLayer:
     attn_norm: np.ndarray  # (n_embd,)
     attn: AttentionWeights
     ffn_norm: np.ndarray  # (n_embd,)
-    ffn_gate: Linear  # (n_ff, n_embd)
-    ffn_up: Linear  # (n_ff, n_embd)
-    ffn_down: Linear  # (n_embd, n_ff)
+    ffn_gate: Linear | None = None  # (n_ff, n_embd)
+    ffn_up: Linear | None = None  # (n_ff, n_embd)
+    ffn_down: Linear | None = None  # (n_embd, n_ff)
+    ffn_moe: MoE | None = None  # instead of the three above when the model has experts
 
 
 class Llama(DecoderModel):
@@ -90,21 +99,26 @@ class Llama(DecoderModel):
         self.attn_scale = 1.0 / math.sqrt(c.head_dim)
         self.layers = []
         for il in range(c.n_layer):
-            t = layer_tensors(gguf, il, ["attn_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"])
-            self.layers.append(
-                LlamaLayer(
-                    attn_norm=norm_weight(t["attn_norm"], c.n_embd, self.dtype),
-                    attn=load_attention(gguf, il, c, self.dtype),
-                    ffn_norm=norm_weight(t["ffn_norm"], c.n_embd, self.dtype),
-                    ffn_gate=Linear(check_shape(t["ffn_gate"], (c.n_ff, c.n_embd))),
-                    ffn_up=Linear(check_shape(t["ffn_up"], (c.n_ff, c.n_embd))),
-                    ffn_down=Linear(check_shape(t["ffn_down"], (c.n_embd, c.n_ff))),
-                )
+            t = layer_tensors(gguf, il, ["attn_norm", "ffn_norm"])
+            w = LlamaLayer(
+                attn_norm=norm_weight(t["attn_norm"], c.n_embd, self.dtype),
+                attn=load_attention(gguf, il, c, self.dtype),
+                ffn_norm=norm_weight(t["ffn_norm"], c.n_embd, self.dtype),
             )
+            if c.moe is not None:
+                w.ffn_moe = MoE(gguf, il, c.moe, c.n_embd, self.dtype)
+            else:
+                f = layer_tensors(gguf, il, ["ffn_gate", "ffn_up", "ffn_down"])
+                w.ffn_gate = Linear(check_shape(f["ffn_gate"], (c.n_ff, c.n_embd)))
+                w.ffn_up = Linear(check_shape(f["ffn_up"], (c.n_ff, c.n_embd)))
+                w.ffn_down = Linear(check_shape(f["ffn_down"], (c.n_embd, c.n_ff)))
+            self.layers.append(w)
 
     def layer(self, il, x, positions, cache):
         c, w = self.config, self.layers[il]
         h = rms_norm(x, w.attn_norm, c.norm_eps)  # (n_tok, n_embd)
         x = x + self_attention(w.attn, h, positions, cache, il, c, c.rope, self.attn_scale)
         h = rms_norm(x, w.ffn_norm, c.norm_eps)
+        if w.ffn_moe is not None:
+            return x + w.ffn_moe(h)  # (n_tok, n_embd)
         return x + w.ffn_down(silu(w.ffn_gate(h)) * w.ffn_up(h))  # (n_tok, n_embd)

@@ -70,6 +70,7 @@ class TinySpec:
     n_ctx_train: int = 256
     norm_eps: float = 1e-6
     rope_base: float = 10000.0
+    rope_linear_factor: float = 0.0  # rope.scaling.type linear with this factor (0: none); not deepseek2
     # Experts (n_expert 0: a dense model).
     n_expert: int = 0
     n_expert_used: int = 0
@@ -316,6 +317,9 @@ def write_hparams(w: gguf.GGUFWriter, arch: str, s: TinySpec) -> None:
     w.add_key_length(s.head_dim)
     w.add_value_length(s.head_dim)
     w.add_rope_dimension_count(s.head_dim)  # llama.cpp insists on the full head for the llama arch
+    if s.rope_linear_factor:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(s.rope_linear_factor)
     if arch == "gemma3":
         w.add_sliding_window(s.sliding_window)
 

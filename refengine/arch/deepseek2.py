@@ -1,0 +1,278 @@
+"""deepseek2: DeepSeek-V2, V3 and R1. Multi-head latent attention (MLA), then a dense FFN in the
+first leading_dense_block_count layers and a mixture of experts with shared experts in the rest.
+
+    x = x + attn_output(MLA(attn_norm(x)))
+    x = x + ffn(ffn_norm(x))                       ffn: SwiGLU, or MoE (refengine/arch/moe.py)
+
+MLA, in the absorbed form of llama.cpp's llm_build_deepseek2 (MQA over the latent). Each position
+is compressed to one latent and one rope key shared by all heads, and only those two are cached:
+
+    latent   = attn_kv_a_norm(attn_kv_a_mqa(x)[:kv_lora_rank])           (n_tok, kv_lora_rank)
+    k_pe     = rope(attn_kv_a_mqa(x)[kv_lora_rank:])                      (n_tok, qk_rope_dim)
+    q        = attn_q_b(attn_q_a_norm(attn_q_a(x)))  or  attn_q(x)        per head: [q_nope; q_pe]
+    q_latent = attn_k_b[h] @ q_nope[h]                                    q_nope absorbed into latent space
+    score    = (q_latent . latent + rope(q_pe) . k_pe) * attn_scale       over all cached positions
+    out[h]   = attn_v_b[h] @ (softmax(score) @ latent)                    (n_tok, n_head, v_head_dim)
+
+which is the attention of keys [attn_k_b[h].T @ latent; k_pe] and values attn_v_b[h] @ latent,
+never built. Prefill and decode take the same path. Older files store attn_kv_b (per head the k
+rows, then the v rows, applied to the latent) instead of attn_k_b and attn_v_b; attn_v_b is then a
+view of its v rows, and attn_k_b, which needs the k rows transposed, is cut from it into memory
+once at load, as convert_hf_to_gguf cuts it for newer files (float32: 32 MiB a layer at
+DeepSeek-R1's sizes, the one copy of a weight this engine makes).
+
+RoPE is llama.cpp's NORM mode (adjacent pairs) on the last qk_rope_dim dims of each q head and on
+k_pe, with YaRN scaling (refengine.nn.YaRN) when rope.scaling.type is "yarn".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from refengine.arch.common import DecoderModel, HParams, ModelError, check_shape, layer_tensors, norm_weight
+from refengine.arch.moe import MoE, MoEConfig, SwiGLU
+from refengine.gguf import GGUFFile, Tensor
+from refengine.nn import Linear, Rope, YaRN, attention, rms_norm
+
+# convert_hf_to_gguf writes yarn_log_multiplier as 0.1 * mscale_all_dim; llama.cpp divides it back
+# out (TAG_DEEPSEEK2_YARN_LOG_MUL_FIX).
+YARN_LOG_MUL_SCALE = 0.1
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's attention temperature for a context `factor` times longer (llama.cpp's get_mscale)."""
+    return 1.0 if factor <= 1 else 1 + 0.1 * mscale * math.log(factor)
+
+
+def rope_and_scale(hp: HParams, n_rot: int, head_k: int, n_ctx_train: int) -> tuple[Rope, float]:
+    """The rope and the attention's kq_scale, from the rope keys as llama.cpp reads them for deepseek2:
+    llama_context's yarn_attn_factor, ggml's rope_yarn, then llm_build_deepseek2's kq_scale."""
+    arch, path = hp.arch, hp.gguf.path
+    base = hp.float("rope.freq_base", 10000.0)
+    if hp.float("rope.scaling.attn_factor", 1.0) != 1.0:
+        raise ModelError(f"{path}: {arch}.rope.scaling.attn_factor other than 1 is not supported")
+    scaling = hp.gguf.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", "yarn"):
+        raise ModelError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported (none or yarn)")
+    factor = hp.float("rope.scaling.factor", 1.0) if scaling == "yarn" else 1.0
+    if factor <= 1:
+        return Rope(n_rot, base, neox=False), 1 / math.sqrt(head_k)
+    log_mul = hp.float("rope.scaling.yarn_log_multiplier", 0.0) / YARN_LOG_MUL_SCALE  # mscale_all_dim
+    # With a log multiplier, DeepSeek's mscale equals mscale_all_dim and the two cancel: cos and sin
+    # keep their size. Without one, they grow by yarn_mscale(factor, 1).
+    magnitude = 1.0 if log_mul else yarn_mscale(factor, 1.0)
+    yarn = YaRN(
+        factor=factor,
+        n_ctx_orig=hp.int("rope.scaling.original_context_length", n_ctx_train),
+        beta_fast=hp.float("rope.scaling.yarn_beta_fast", 32.0),
+        beta_slow=hp.float("rope.scaling.yarn_beta_slow", 1.0),
+        magnitude=magnitude,
+    )
+    # The temperature is applied to the scores, once for q and once for k (HF: softmax_scale * mscale**2).
+    mscale = magnitude * yarn_mscale(factor, log_mul)
+    return Rope(n_rot, base, neox=False, yarn=yarn), mscale * mscale / math.sqrt(head_k)
+
+
+@dataclass(frozen=True)
+class Deepseek2Config:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_ff: int  # the leading dense layers' feed-forward
+    n_ctx_train: int
+    norm_eps: float
+    q_lora_rank: int  # 0: one attn_q instead of attn_q_a -> attn_q_a_norm -> attn_q_b
+    kv_lora_rank: int  # width of the latent each position caches
+    qk_nope_dim: int  # per q head: the dims without rope, then...
+    qk_rope_dim: int  # ...those with it (rope.dimension_count), matched by k_pe, one for all heads
+    v_head_dim: int
+    mla_split: bool  # attn_k_b and attn_v_b (key_length_mla / value_length_mla keys); False: attn_kv_b
+    n_leading_dense: int  # leading_dense_block_count: layers with a dense FFN before the MoE ones
+    rope: Rope
+    attn_scale: float  # kq_scale: 1/sqrt(qk_nope_dim + qk_rope_dim), times YaRN's mscale squared
+    moe: MoEConfig
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile) -> Deepseek2Config:
+        hp = HParams(gguf)
+        # llama.cpp's is_mla(): the *_mla keys give the head sizes after decompression; without them
+        # (older files) key_length and value_length are those sizes.
+        mla_split = bool(hp.int("attention.key_length_mla", 0) and hp.int("attention.value_length_mla", 0))
+        suffix = "_mla" if mla_split else ""
+        head_k = hp.int(f"attention.key_length{suffix}")
+        n_rot = hp.int("rope.dimension_count")
+        if not 0 < n_rot < head_k or n_rot % 2:
+            raise ModelError(
+                f"{gguf.path}: {hp.arch}.rope.dimension_count ({n_rot}) must be even and below "
+                f"{hp.arch}.attention.key_length{suffix} ({head_k})"
+            )
+        n_ctx_train = hp.int("context_length")
+        rope, attn_scale = rope_and_scale(hp, n_rot, head_k, n_ctx_train)
+        return cls(
+            arch=hp.arch,
+            n_vocab=gguf.tensor("token_embd.weight").shape[0],
+            n_embd=hp.int("embedding_length"),
+            n_layer=hp.int("block_count"),
+            n_head=hp.int("attention.head_count"),
+            n_ff=hp.int("feed_forward_length"),
+            n_ctx_train=n_ctx_train,
+            norm_eps=hp.float("attention.layer_norm_rms_epsilon"),
+            q_lora_rank=hp.int("attention.q_lora_rank", 0),
+            kv_lora_rank=hp.int("attention.kv_lora_rank"),
+            qk_nope_dim=head_k - n_rot,
+            qk_rope_dim=n_rot,
+            v_head_dim=hp.int(f"attention.value_length{suffix}"),
+            mla_split=mla_split,
+            n_leading_dense=hp.int("leading_dense_block_count", 0),
+            rope=rope,
+            attn_scale=attn_scale,
+            moe=MoEConfig.from_gguf(hp, hp.int("expert_feed_forward_length"), routing_keys=True),
+        )
+
+    @property
+    def q_head(self) -> int:
+        return self.qk_nope_dim + self.qk_rope_dim
+
+
+class MLACache:
+    """MLA's compressed cache: per layer and position the latent, then the rope key, side by side as
+    llama.cpp's K cache keeps them (its V is the latent part, as here)."""
+
+    def __init__(self, n_layer: int, n_ctx: int, kv_lora_rank: int, n_rot: int, dtype):
+        self.n_ctx = n_ctx
+        self.kv = np.zeros((n_layer, n_ctx, kv_lora_rank + n_rot), dtype=dtype)  # (layer, pos, kv_lora_rank + n_rot)
+        self.latent = self.kv[..., :kv_lora_rank]  # (layer, pos, kv_lora_rank), a view
+        self.k_pe = self.kv[..., kv_lora_rank:]  # (layer, pos, n_rot), a view
+        self.n_past = 0  # positions [0, n_past) hold valid entries
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes
+
+
+def per_head(heads: list[Linear], x: np.ndarray) -> np.ndarray:
+    """Each head's own matrix on its slice: (n_tok, n_head, n_in) -> (n_tok, n_head, n_out)."""
+    return np.stack([w(x[:, h]) for h, w in enumerate(heads)], axis=1)
+
+
+def k_b_from_kv_b(kv_b: Tensor, c: Deepseek2Config) -> Tensor:
+    """An older file's attention as attn_k_b: per head attn_kv_b's k rows (qk_nope_dim, kv_lora_rank),
+    transposed, as convert_hf_to_gguf cuts it for newer files. In memory as F32, the values exactly:
+    (n_head, kv_lora_rank, qk_nope_dim)."""
+    kv = kv_b.to_numpy().reshape(c.n_head, c.qk_nope_dim + c.v_head_dim, c.kv_lora_rank)
+    k_b = np.ascontiguousarray(kv[:, : c.qk_nope_dim].transpose(0, 2, 1))  # (n_head, kv_lora_rank, qk_nope_dim)
+    rows = k_b.reshape(-1, c.qk_nope_dim).view(np.uint8)  # (n_head * kv_lora_rank, 4 * qk_nope_dim)
+    rows.flags.writeable = False
+    return Tensor(f"{kv_b.name}[k rows, transposed]", GGMLQuantizationType.F32, k_b.shape, rows, kv_b.path, -1)
+
+
+@dataclass
+class MLAWeights:
+    attn_kv_a_mqa: Linear  # (kv_lora_rank + qk_rope_dim, n_embd)
+    attn_kv_a_norm: np.ndarray  # (kv_lora_rank,)
+    attn_k_b: list[Linear]  # per head (kv_lora_rank, qk_nope_dim): q_nope -> latent space
+    attn_v_b: list[Linear]  # per head (v_head_dim, kv_lora_rank): latent -> value
+    attn_output: Linear  # (n_embd, n_head * v_head_dim)
+    attn_q: Linear | None = None  # (n_head * q_head, n_embd), when q_lora_rank is 0
+    attn_q_a: Linear | None = None  # (q_lora_rank, n_embd)
+    attn_q_a_norm: np.ndarray | None = None  # (q_lora_rank,)
+    attn_q_b: Linear | None = None  # (n_head * q_head, q_lora_rank)
+
+    @classmethod
+    def load(cls, gguf: GGUFFile, il: int, c: Deepseek2Config, dtype) -> MLAWeights:
+        q_names = ["attn_q_a", "attn_q_a_norm", "attn_q_b"] if c.q_lora_rank else ["attn_q"]
+        kv_b_names = ["attn_k_b", "attn_v_b"] if c.mla_split else ["attn_kv_b"]
+        t = layer_tensors(gguf, il, [*q_names, "attn_kv_a_mqa", "attn_kv_a_norm", *kv_b_names, "attn_output"])
+        n_q, kv_lora, nope, v_dim = c.n_head * c.q_head, c.kv_lora_rank, c.qk_nope_dim, c.v_head_dim
+        if c.mla_split:
+            k_b = check_shape(t["attn_k_b"], (c.n_head, kv_lora, nope))
+            v_b = check_shape(t["attn_v_b"], (c.n_head, v_dim, kv_lora))
+            v_rows = [slice(h * v_dim, (h + 1) * v_dim) for h in range(c.n_head)]
+        else:
+            kv_b = check_shape(t["attn_kv_b"], (c.n_head * (nope + v_dim), kv_lora))
+            k_b, v_b = k_b_from_kv_b(kv_b, c), kv_b
+            v_rows = [slice(h * (nope + v_dim) + nope, (h + 1) * (nope + v_dim)) for h in range(c.n_head)]
+        w = cls(
+            attn_kv_a_mqa=Linear(check_shape(t["attn_kv_a_mqa"], (kv_lora + c.qk_rope_dim, c.n_embd))),
+            attn_kv_a_norm=norm_weight(t["attn_kv_a_norm"], kv_lora, dtype),
+            attn_k_b=[Linear(k_b, rows=slice(h * kv_lora, (h + 1) * kv_lora)) for h in range(c.n_head)],
+            attn_v_b=[Linear(v_b, rows=rows) for rows in v_rows],
+            attn_output=Linear(check_shape(t["attn_output"], (c.n_embd, c.n_head * v_dim))),
+        )
+        if c.q_lora_rank:
+            w.attn_q_a = Linear(check_shape(t["attn_q_a"], (c.q_lora_rank, c.n_embd)))
+            w.attn_q_a_norm = norm_weight(t["attn_q_a_norm"], c.q_lora_rank, dtype)
+            w.attn_q_b = Linear(check_shape(t["attn_q_b"], (n_q, c.q_lora_rank)))
+        else:
+            w.attn_q = Linear(check_shape(t["attn_q"], (n_q, c.n_embd)))
+        return w
+
+
+@dataclass
+class Deepseek2Layer:
+    attn_norm: np.ndarray  # (n_embd,)
+    attn: MLAWeights
+    ffn_norm: np.ndarray  # (n_embd,)
+    ffn: SwiGLU | MoE
+
+
+class Deepseek2(DecoderModel):
+    def __init__(self, gguf: GGUFFile, dtype=np.float32):
+        c = Deepseek2Config.from_gguf(gguf)
+        super().__init__(gguf, c, dtype)
+        self.layers = []
+        for il in range(c.n_layer):
+            t = layer_tensors(gguf, il, ["attn_norm", "ffn_norm"])
+            if il < c.n_leading_dense:
+                ffn = SwiGLU.load(gguf, il, c.n_ff, c.n_embd)
+            else:
+                ffn = MoE(gguf, il, c.moe, c.n_embd, self.dtype)
+            self.layers.append(
+                Deepseek2Layer(
+                    attn_norm=norm_weight(t["attn_norm"], c.n_embd, self.dtype),
+                    attn=MLAWeights.load(gguf, il, c, self.dtype),
+                    ffn_norm=norm_weight(t["ffn_norm"], c.n_embd, self.dtype),
+                    ffn=ffn,
+                )
+            )
+
+    def new_cache(self, n_ctx: int) -> MLACache:
+        c = self.config
+        return MLACache(c.n_layer, n_ctx, c.kv_lora_rank, c.qk_rope_dim, self.dtype)
+
+    def layer(self, il, x, positions, cache):
+        c, w = self.config, self.layers[il]
+        h = rms_norm(x, w.attn_norm, c.norm_eps)  # (n_tok, n_embd)
+        x = x + self.attention(w.attn, h, positions, cache, il)
+        h = rms_norm(x, w.ffn_norm, c.norm_eps)
+        return x + w.ffn(h)  # (n_tok, n_embd)
+
+    def attention(self, w: MLAWeights, x, positions, cache: MLACache, il: int) -> np.ndarray:
+        """MLA over the compressed cache (see the module docstring): (n_tok, n_embd) -> (n_tok, n_embd)."""
+        c, n_tok = self.config, x.shape[0]
+        if w.attn_q is not None:
+            q = w.attn_q(x)
+        else:
+            q = w.attn_q_b(rms_norm(w.attn_q_a(x), w.attn_q_a_norm, c.norm_eps))  # (n_tok, n_head * q_head)
+        q = q.reshape(n_tok, c.n_head, c.q_head)
+        q_nope, q_pe = q[..., : c.qk_nope_dim], q[..., c.qk_nope_dim :]  # (n_tok, n_head, nope), (..., rope)
+
+        kv = w.attn_kv_a_mqa(x)  # (n_tok, kv_lora_rank + qk_rope_dim)
+        cache.latent[il, positions] = rms_norm(kv[:, : c.kv_lora_rank], w.attn_kv_a_norm, c.norm_eps)
+        cache.k_pe[il, positions] = c.rope.apply(kv[:, None, c.kv_lora_rank :], positions)[:, 0]
+
+        q_latent = per_head(w.attn_k_b, q_nope)  # (n_tok, n_head, kv_lora_rank)
+        q = np.concatenate([q_latent, c.rope.apply(q_pe, positions)], axis=-1)  # (n_tok, n_head, kv_lora + rope)
+        end = positions[-1] + 1
+        # One key/value head for all query heads: keys [latent; k_pe], values the latent.
+        keys = cache.kv[il, :end, None]  # (n_kv, 1, kv_lora_rank + qk_rope_dim)
+        values = cache.latent[il, :end, None]  # (n_kv, 1, kv_lora_rank)
+        out = attention(q, keys, values, positions, c.attn_scale)  # (n_tok, n_head, kv_lora_rank)
+        out = per_head(w.attn_v_b, out)  # (n_tok, n_head, v_head_dim)
+        return w.attn_output(out.reshape(n_tok, c.n_head * c.v_head_dim))

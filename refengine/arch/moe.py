@@ -1,0 +1,241 @@
+"""The feed-forward blocks: the SwiGLU FFN, and the mixture of experts built from it, written once
+for every MoE architecture (qwen3moe, mixtral, deepseek2), as llama.cpp's build_moe_ffn.
+
+    probs    = softmax or sigmoid of ffn_gate_inp @ x               (expert_gating_func)
+    choice   = top-k of probs + exp_probs_b, within the best groups  (selection only)
+    weights  = probs[choice], renormalised and scaled               (expert_weights_norm, _scale)
+    out      = sum over the chosen e of weights[e] * expert_e(x)  +  shared experts(x)
+
+Expert e is rows [e * n_ff_exp, (e + 1) * n_ff_exp) of the 3-D ffn_{gate,up,down}_exps tensors,
+read straight from the mapping: only the chosen experts are ever touched. A batch is grouped by
+expert, so each chosen expert runs once, as one matrix product, over all the tokens routed to it.
+
+Where transformers differs, the GGUF semantics are llama.cpp's, followed here: groups are always
+scored by their two best experts (DeepseekV2's group_limited_greedy takes the best one), qwen3moe
+and mixtral always renormalise (whatever norm_topk_prob), the renormalising sum is clamped to
+MIN_WEIGHTS_SUM (transformers adds 1e-20), and the router runs in the compute dtype (transformers:
+always float32). Renormalising comes before scaling in both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from refengine.arch.common import HParams, ModelError, check_shape, layer_tensors
+from refengine.gguf import GGUFFile, Tensor
+from refengine.nn import Linear, silu, softmax
+
+# expert_gating_func, as llama.cpp's llama_expert_gating_func_type (gguf.ExpertGatingFuncType).
+GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
+# llama.cpp clamps the sum of the chosen weights to the smallest normal f16 before dividing by it.
+MIN_WEIGHTS_SUM = 6.103515625e-5
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    n_expert: int  # expert_count
+    n_expert_used: int  # expert_used_count: experts per token
+    n_ff_exp: int  # width of one expert
+    gating: str  # "softmax" or "sigmoid"
+    weights_norm: bool  # renormalise the chosen experts' weights to sum to 1
+    weights_scale: float  # then multiply them by this (routed_scaling_factor)
+    n_group: int  # expert_group_count: experts are chosen only in the best n_group_used groups (0: no groups)
+    n_group_used: int
+    n_expert_shared: int  # expert_shared_count: one always-on FFN n_expert_shared * n_ff_exp wide (0: none)
+
+    @classmethod
+    def from_gguf(cls, hp: HParams, n_ff_exp: int, routing_keys: bool) -> MoEConfig:
+        """The expert keys of hp's file. routing_keys=False is llama.cpp's llama (mixtral) and qwen3moe
+        graphs, which pass build_moe_ffn softmax gating and renormalised, unscaled weights whatever the
+        file says; True reads expert_gating_func, expert_weights_norm/_scale and expert_shared_count as
+        llama_model_deepseek2::load_arch_hparams does (old DeepSeek-V2 files lack the gating key: softmax)."""
+        path, arch = hp.gguf.path, hp.arch
+        n_expert, n_used = hp.int("expert_count"), hp.int("expert_used_count")
+        gating, weights_norm, weights_scale, n_shared = "softmax", True, 1.0, 0
+        if routing_keys:
+            func = hp.int("expert_gating_func", 0) or 1
+            if func not in GATING_FUNCS:
+                raise ModelError(f"{path}: {arch}.expert_gating_func is {func}, not one of {GATING_FUNCS}")
+            gating = GATING_FUNCS[func]
+            weights_norm = bool(hp.gguf.get(f"{arch}.expert_weights_norm", False))
+            # Absent or 0 means no scaling: llama.cpp passes scale_w = (expert_weights_scale != 0).
+            weights_scale = hp.float("expert_weights_scale", 0.0) or 1.0
+            n_shared = hp.int("expert_shared_count")
+        config = cls(
+            n_expert=n_expert,
+            n_expert_used=n_used,
+            n_ff_exp=n_ff_exp,
+            gating=gating,
+            weights_norm=weights_norm,
+            weights_scale=weights_scale,
+            n_group=hp.int("expert_group_count", 0),
+            n_group_used=hp.int("expert_group_used_count", 0),
+            n_expert_shared=n_shared,
+        )
+        config.check(path, arch)
+        return config
+
+    @property
+    def grouped(self) -> bool:
+        return self.n_group > 1  # one group is no limit (llama.cpp: n_expert_groups > 1)
+
+    def check(self, path, arch: str) -> None:
+        """What llama.cpp's load_hparams asserts, and what group-limited routing needs, as errors naming the keys."""
+
+        def key(name: str) -> str:
+            return f"{arch}.{name}"
+
+        if not 0 < self.n_expert_used <= self.n_expert:
+            raise ModelError(
+                f"{path}: {key('expert_used_count')} is {self.n_expert_used}, "
+                f"not between 1 and {key('expert_count')} ({self.n_expert})"
+            )
+        if self.n_ff_exp < 1:
+            raise ModelError(f"{path}: the experts' feed-forward length is {self.n_ff_exp}")
+        if not self.grouped:
+            return
+        per_group = self.n_expert // self.n_group
+        if self.n_expert % self.n_group:
+            raise ModelError(
+                f"{path}: {key('expert_group_count')} ({self.n_group}) does not divide "
+                f"{key('expert_count')} ({self.n_expert})"
+            )
+        if not 0 < self.n_group_used < self.n_group:
+            raise ModelError(
+                f"{path}: {key('expert_group_used_count')} is {self.n_group_used}, "
+                f"not between 1 and {key('expert_group_count')} - 1 ({self.n_group - 1})"
+            )
+        if per_group < 2:  # a group is scored by its two best experts
+            raise ModelError(f"{path}: {key('expert_group_count')} ({self.n_group}) leaves groups of one expert")
+        if self.n_group_used * per_group < self.n_expert_used:
+            raise ModelError(
+                f"{path}: {key('expert_group_used_count')} ({self.n_group_used}) groups of {per_group} experts "
+                f"hold fewer than {key('expert_used_count')} ({self.n_expert_used})"
+            )
+
+
+def swiglu(ffn_gate: Linear, ffn_up: Linear, ffn_down: Linear, x: np.ndarray) -> np.ndarray:
+    """ffn_down(silu(ffn_gate(x)) * ffn_up(x)): (n_tok, n_embd) -> (n_tok, n_embd)."""
+    return ffn_down(silu(ffn_gate(x)) * ffn_up(x))
+
+
+@dataclass
+class SwiGLU:
+    """A dense gated FFN: the feed-forward of dense layers (deepseek2's leading ones)."""
+
+    ffn_gate: Linear  # (n_ff, n_embd)
+    ffn_up: Linear  # (n_ff, n_embd)
+    ffn_down: Linear  # (n_embd, n_ff)
+
+    @classmethod
+    def load(cls, gguf: GGUFFile, il: int, n_ff: int, n_embd: int, suffix: str = "") -> SwiGLU:
+        """blk.{il}.ffn_{gate,up,down}{suffix}: suffix "_shexp" for the shared experts."""
+        names = [f"ffn_gate{suffix}", f"ffn_up{suffix}", f"ffn_down{suffix}"]
+        t = layer_tensors(gguf, il, names)
+        return cls(
+            Linear(check_shape(t[names[0]], (n_ff, n_embd))),
+            Linear(check_shape(t[names[1]], (n_ff, n_embd))),
+            Linear(check_shape(t[names[2]], (n_embd, n_ff))),
+        )
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return swiglu(self.ffn_gate, self.ffn_up, self.ffn_down, x)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries of each row, largest first (ties: the lower index): (n, k)."""
+    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+
+
+def route(logits: np.ndarray, c: MoEConfig, exp_probs_b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Choose each token's experts from its router logits (n_tok, n_expert), as build_moe_ffn does.
+    Returns the chosen experts (n_tok, n_expert_used), best first, and their weights (same shape)."""
+    n_tok = logits.shape[0]
+    probs = softmax(logits) if c.gating == "softmax" else sigmoid(logits)  # (n_tok, n_expert)
+    # DeepSeek-V3's bias moves which experts are chosen, not how much they weigh.
+    scores = probs if exp_probs_b is None else probs + exp_probs_b  # (n_tok, n_expert)
+    if c.grouped:
+        # A group scores the sum of its two best experts; the others' experts cannot be chosen.
+        grouped = scores.reshape(n_tok, c.n_group, -1)  # (n_tok, n_group, experts per group)
+        group_scores = np.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)  # (n_tok, n_group)
+        kept = np.zeros((n_tok, c.n_group), dtype=bool)
+        np.put_along_axis(kept, top_k(group_scores, c.n_group_used), True, axis=-1)
+        scores = np.where(kept[..., None], grouped, -np.inf).reshape(n_tok, c.n_expert)
+    chosen = top_k(scores, c.n_expert_used)  # (n_tok, n_expert_used)
+    weights = np.take_along_axis(probs, chosen, axis=-1)  # (n_tok, n_expert_used)
+    if c.weights_norm:
+        weights = weights / np.maximum(weights.sum(axis=-1, keepdims=True), weights.dtype.type(MIN_WEIGHTS_SUM))
+    if c.weights_scale != 1.0:
+        weights = weights * weights.dtype.type(c.weights_scale)
+    return chosen, weights
+
+
+class MoE:
+    """One layer's mixture of experts: router, routed experts and shared experts."""
+
+    def __init__(self, gguf: GGUFFile, il: int, c: MoEConfig, n_embd: int, dtype):
+        self.config, self.n_embd = c, n_embd
+        t = layer_tensors(gguf, il, ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"])
+        self.ffn_gate_inp = Linear(check_shape(t["ffn_gate_inp"], (c.n_expert, n_embd)))  # (n_expert, n_embd)
+        bias = gguf.tensors.get(f"blk.{il}.exp_probs_b.bias")
+        self.exp_probs_b = None  # (n_expert,) in the compute dtype
+        if bias is not None:
+            self.exp_probs_b = check_shape(bias, (c.n_expert,)).to_numpy().astype(dtype)
+        # The 3-D expert tensors, kept as tensors: an expert's Linear is made when it is first chosen.
+        self.ffn_gate_exps: Tensor = check_shape(t["ffn_gate_exps"], (c.n_expert, c.n_ff_exp, n_embd))
+        self.ffn_up_exps: Tensor = check_shape(t["ffn_up_exps"], (c.n_expert, c.n_ff_exp, n_embd))
+        self.ffn_down_exps: Tensor = check_shape(t["ffn_down_exps"], (c.n_expert, n_embd, c.n_ff_exp))
+        self.experts: dict[int, tuple[Linear, Linear, Linear]] = {}
+        # --numa shard: refengine.numa sets an ExpertDispatch, which runs an expert on the worker pool of the
+        # node that holds its weights. None: every expert runs here, in turn.
+        self.dispatch = None
+        self.ffn_shexp = None  # ffn_{gate,up,down}_shexp: the shared experts, one FFN every token goes through
+        if c.n_expert_shared:
+            self.ffn_shexp = SwiGLU.load(gguf, il, c.n_expert_shared * c.n_ff_exp, n_embd, suffix="_shexp")
+
+    def expert(self, e: int) -> tuple[Linear, Linear, Linear]:
+        """Expert e's (ffn_gate, ffn_up, ffn_down), views of its rows of the mapping, made when first
+        chosen: a run holds only the experts its tokens were routed to (building all of DeepSeek-R1's
+        58 x 256 up front would take ~60 ms, 1.3 us a Linear, so this is about memory, not speed)."""
+        if e not in self.experts:
+            ff, embd = self.config.n_ff_exp, self.n_embd
+            self.experts[e] = (
+                Linear(self.ffn_gate_exps, rows=slice(e * ff, (e + 1) * ff)),  # (n_ff_exp, n_embd)
+                Linear(self.ffn_up_exps, rows=slice(e * ff, (e + 1) * ff)),  # (n_ff_exp, n_embd)
+                Linear(self.ffn_down_exps, rows=slice(e * embd, (e + 1) * embd)),  # (n_embd, n_ff_exp)
+            )
+        return self.experts[e]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(n_tok, n_embd) -> (n_tok, n_embd)."""
+        chosen, weights = route(self.ffn_gate_inp(x), self.config, self.exp_probs_b)  # (n_tok, n_expert_used) each
+        out = np.zeros_like(x)  # (n_tok, n_embd)
+        if len(x) == 1:  # decoding: the token's experts in turn, each a fused matvec
+            experts = chosen[0].tolist()
+            for weight, y in zip(weights[0], self.run_experts(experts, [x] * len(experts)), strict=True):
+                out += weight * y
+        else:  # a batch: each chosen expert once, as one matrix product over the tokens routed to it
+            experts = np.unique(chosen).tolist()
+            routed = [np.nonzero(chosen == e) for e in experts]  # (tokens, rank); a token picks an expert once
+            ys = self.run_experts(experts, [x[tokens] for tokens, _ in routed])  # (n_routed, n_embd) each
+            for (tokens, rank), y in zip(routed, ys, strict=True):
+                out[tokens] += weights[tokens, rank, None] * y
+        if self.ffn_shexp is not None:
+            out += self.ffn_shexp(x)
+        return out
+
+    def run_experts(self, experts: list[int], inputs: list[np.ndarray]) -> Iterator[np.ndarray]:
+        """swiglu of each expert on its input, in order. With `dispatch` (--numa shard) they run at once,
+        each on the pool of its node; the caller sums them in the same order either way, so the result
+        is the same to the bit."""
+        if self.dispatch is None:
+            return (swiglu(*self.expert(e), xe) for e, xe in zip(experts, inputs, strict=True))
+        futures = [self.dispatch(e, swiglu, *self.expert(e), xe) for e, xe in zip(experts, inputs, strict=True)]
+        return (f.result() for f in futures)
