@@ -18,8 +18,10 @@ import numpy as np
 from refengine.gguf import Tensor
 from refengine.kernels import MATVEC_KERNELS, dequantize_rows, matvec
 
-# Rows of a weight decoded per BLAS call: ~1 MB of float32, so the tile stays in L2.
-TILE_FLOATS = 1 << 18
+# Rows of a weight decoded per BLAS call: at most 8 MB of float32, whatever the model's size.
+# Wider tiles make fewer, larger sgemm calls: gemma3-270m's pp512 went from 535 tok/s with 1 MB
+# tiles to 605-667 with 8 MB (16 MB: no better); the dequantization itself is a few % of prefill.
+TILE_FLOATS = 1 << 21
 
 
 class Linear:
@@ -65,7 +67,8 @@ def embed(table: Tensor, tokens: np.ndarray, dtype) -> np.ndarray:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x / sqrt(mean(x^2) + eps) * weight over the last axis (as ggml_rms_norm then ggml_mul)."""
-    mean_square = np.mean(np.square(x), axis=-1, keepdims=True)
+    # einsum's one pass over x is 30% faster than mean(square(x)), for one token and for a batch alike
+    mean_square = np.einsum("...i,...i->...", x, x)[..., None] / x.dtype.type(x.shape[-1])
     return x / np.sqrt(mean_square + x.dtype.type(eps)) * weight
 
 
@@ -140,12 +143,25 @@ class Rope:
             inv = inv * kept + inv / self.yarn.factor * (1 - kept)
         return inv
 
+    def tables(self, positions: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin at `positions`, each (n_tok, 1, n_dims/2) in `dtype`, angles in float64.
+
+        Every layer of a forward pass asks for the same positions (twice: q and k), so the
+        last pair is kept rather than recomputed.
+        """
+        key = (positions.tobytes(), np.dtype(dtype))
+        kept = self.__dict__.get("_last_tables")
+        if kept is None or kept[0] != key:
+            angles = (positions.astype(np.float64) / self.scale)[:, None] * self.inv_freq[None, :]  # (n_tok, d/2)
+            magnitude = 1.0 if self.yarn is None else self.yarn.magnitude
+            cos = (np.cos(angles) * magnitude).astype(dtype)[:, None, :]  # (n_tok, 1, d/2)
+            sin = (np.sin(angles) * magnitude).astype(dtype)[:, None, :]
+            kept = self.__dict__["_last_tables"] = (key, cos, sin)  # (a frozen dataclass: as cached_property does)
+        return kept[1], kept[2]
+
     def apply(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Rotate x (n_tok, n_head, head_dim) at `positions` (n_tok,), returning a new array."""
-        angles = (positions.astype(np.float64) / self.scale)[:, None] * self.inv_freq[None, :]  # (n_tok, d/2)
-        magnitude = 1.0 if self.yarn is None else self.yarn.magnitude
-        cos = (np.cos(angles) * magnitude).astype(x.dtype)[:, None, :]  # (n_tok, 1, d/2)
-        sin = (np.sin(angles) * magnitude).astype(x.dtype)[:, None, :]
+        cos, sin = self.tables(positions, x.dtype)  # (n_tok, 1, d/2)
         out = x.copy()
         half = self.n_dims // 2
         if self.neox:

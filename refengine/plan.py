@@ -91,7 +91,7 @@ GROUPS = ("embeddings", "attention", "dense_ffn", "routed_experts", "shared_expe
 MIB, GIB = 1 << 20, 1 << 30
 # The float32 tile nn.Linear decodes weights into (nn.TILE_FLOATS), kept here so that planning, which
 # reads only headers, does not load numba with refengine.nn; a test holds the two equal.
-TILE_FLOATS = 1 << 18
+TILE_FLOATS = 1 << 21
 RUNTIME_BASE = 128 * MIB  # interpreter, numpy, numba: measured 96 MiB
 RUNTIME_PER_TOKEN = 256  # the tokenizer's vocabulary as Python strings and tables, per token
 ADDRESS_SPACE_BASE = 512 * MIB  # libraries and interpreter reservations: measured ~360 MiB

@@ -438,7 +438,9 @@ def test_activations_bound_a_real_forward_pass(smollm_path):
     finally:
         tracemalloc.stop()
     estimate = plan(gguf, machine("two_nodes"), n_ctx=n_tok).needs.activations
-    assert peak <= estimate <= 2 * peak, (peak, estimate)
+    # The estimate counts a whole weight tile; smollm's matrices are smaller than one.
+    tile_bytes = refengine.plan.TILE_FLOATS * 4
+    assert peak <= estimate <= 2 * peak + tile_bytes, (peak, estimate)
     assert refengine.plan.TILE_FLOATS == refengine.nn.TILE_FLOATS  # the weight tile in the estimate
 
 
