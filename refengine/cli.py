@@ -7,6 +7,7 @@ flag) ends as one line on stderr and a non-zero exit, never a traceback:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -39,6 +40,47 @@ def load_model(model: str) -> GGUFFile:
 
 
 MODEL_ARGUMENT = click.argument("model", default=DEFAULT_MODEL, metavar="MODEL")
+MODEL_OPTION = click.option(
+    "-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use."
+)
+CTX_OPTION = click.option(
+    "-c",
+    "--ctx",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Context size (KV cache positions).",
+)
+
+
+def sampler_options(command):
+    """The sampling flags of llama.cpp's CLI, passed to the command as one SamplerConfig `sampling`."""
+    options = [
+        click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy."),
+        click.option(
+            "--top-k", default=40, show_default=True, type=int, help="Keep the k most likely tokens (0: off)."
+        ),
+        click.option("--top-p", default=0.95, show_default=True, type=float, help="Nucleus sampling mass (1: off)."),
+        click.option(
+            "--min-p", default=0.05, show_default=True, type=float, help="Drop tokens below min-p x the top one."
+        ),
+        click.option("--repeat-penalty", default=1.0, show_default=True, type=float, help="Penalty for recent tokens."),
+        click.option("--repeat-last-n", default=64, show_default=True, type=int, help="How many recent tokens count."),
+        click.option("--seed", type=int, default=None, help="Random seed; the same seed gives the same text."),
+    ]
+
+    @functools.wraps(command)
+    def with_sampling(*args, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, **kwargs):
+        from refengine.sampler import SamplerConfig
+
+        sampling = SamplerConfig(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        return command(*args, sampling=sampling, **kwargs)
+
+    for option in reversed(options):
+        with_sampling = option(with_sampling)
+    return with_sampling
+
+
 MODEL_HELP = f"MODEL is a .gguf path (any split of a split model) or a short name: {DEFAULT_MODEL}, smollm2-135m."
 
 
@@ -91,7 +133,7 @@ def tensor(model: str, name: str, output: Path, as_json: bool) -> None:
 
 
 @cli.command(epilog=MODEL_HELP)
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
+@MODEL_OPTION
 @click.option("--no-bos", is_flag=True, help="Do not add the BOS token, even if the model asks for it.")
 @click.option(
     "--parse-special",
@@ -240,7 +282,7 @@ def parse_token_list(text: str) -> list[int]:
 
 
 @cli.command(epilog=MODEL_HELP)
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
+@MODEL_OPTION
 @click.option("--tokens", required=True, metavar="IDS", help="Comma-separated token ids, evaluated as given (no BOS).")
 @click.option(
     "--out",
@@ -265,7 +307,7 @@ def logits(model: str, tokens: str, output: Path, precision: str, numa: str, num
 
 @cli.command(epilog=MODEL_HELP)
 @click.argument("prompt", metavar="PROMPT")
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
+@MODEL_OPTION
 @click.option(
     "-n",
     "--n-predict",
@@ -275,23 +317,8 @@ def logits(model: str, tokens: str, output: Path, precision: str, numa: str, num
     type=click.IntRange(min=0),
     help="Tokens to generate at most.",
 )
-@click.option(
-    "-c",
-    "--ctx",
-    default=4096,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Context size: the KV cache holds this many positions.",
-)
-@click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy.")
-@click.option("--top-k", default=40, show_default=True, type=int, help="Keep the k most likely tokens (0: off).")
-@click.option("--top-p", default=0.95, show_default=True, type=float, help="Nucleus sampling mass (1: off).")
-@click.option("--min-p", default=0.05, show_default=True, type=float, help="Drop tokens below min-p x the top one.")
-@click.option(
-    "--repeat-penalty", default=1.0, show_default=True, type=float, help="Penalty for recent tokens (1: off)."
-)
-@click.option("--repeat-last-n", default=64, show_default=True, type=int, help="How many recent tokens are penalised.")
-@click.option("--seed", type=int, default=None, help="Random seed; the same seed gives the same text.")
+@CTX_OPTION
+@sampler_options
 @click.option("--stop", multiple=True, metavar="TEXT", help="Stop when this text appears (repeatable).")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the model's chat template.")
 @click.option("--system", default=None, metavar="TEXT", help="System message, with --chat.")
@@ -310,13 +337,7 @@ def generate(
     model,
     n_predict,
     ctx,
-    temp,
-    top_k,
-    top_p,
-    min_p,
-    repeat_penalty,
-    repeat_last_n,
-    seed,
+    sampling,
     stop,
     chat,
     system,
@@ -329,14 +350,14 @@ def generate(
 ) -> None:
     """Generate text after PROMPT, streaming it to stdout; timings go to stderr."""
     from refengine.generate import generate as run_generation
-    from refengine.sampler import Sampler, SamplerConfig
+    from refengine.sampler import Sampler
     from refengine.session import rss_anon_bytes
 
     if not no_plan:
         # A token is at least one byte of text; a chat template adds a few hundred bytes at most.
         text_bytes = len(prompt.encode()) + len((system or "").encode())
         preflight(model, ctx, precision, sysroot, max_prompt_tokens=text_bytes + (512 if chat else 8), numa=numa)
-    sampler = Sampler(SamplerConfig(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed))
+    sampler = Sampler(sampling)
     session = load_session(model, precision, numa, numa_nodes, sysroot)
     prompt_ids = prompt_tokens(session, prompt, chat, system)
     if len(prompt_ids) + n_predict > ctx:
@@ -371,7 +392,7 @@ def generate(
 
 
 @cli.command(epilog=MODEL_HELP)
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use.")
+@MODEL_OPTION
 @click.option(
     "-n",
     "--n-predict",
@@ -381,19 +402,18 @@ def generate(
     type=click.IntRange(min=1),
     help="Tokens to generate at most per reply.",
 )
-@click.option("-c", "--ctx", default=4096, show_default=True, type=click.IntRange(min=1), help="Context size.")
-@click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy.")
-@click.option("--seed", type=int, default=None, help="Random seed.")
+@CTX_OPTION
+@sampler_options
 @click.option("--system", default=None, metavar="TEXT", help="System message.")
 @PRECISION_OPTION
-def chat(model, n_predict, ctx, temp, seed, system, precision) -> None:
+def chat(model, n_predict, ctx, sampling, system, precision) -> None:
     """Talk with the model. The KV cache is kept across turns; an empty line or Ctrl-D ends."""
     from refengine.chat import render, template_for
     from refengine.generate import generate as run_generation
-    from refengine.sampler import Sampler, SamplerConfig
+    from refengine.sampler import Sampler
     from refengine.session import Session
 
-    sampler = Sampler(SamplerConfig(temperature=temp, seed=seed))
+    sampler = Sampler(sampling)
     session = Session.load(model, precision)
     tokenizer, template = session.tokenizer, template_for(session.gguf)
     cache = session.new_cache(ctx)
@@ -446,28 +466,11 @@ def bench() -> None:
 @bench.command("model", epilog=MODEL_HELP)
 @click.argument("model", default=DEFAULT_MODEL, metavar="MODEL")
 @click.option(
-    "-p",
-    "--n-prompt",
-    default=512,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Prompt tokens for the ppN test (0: skip).",
+    "-p", "--n-prompt", default=512, show_default=True, type=click.IntRange(min=0), help="ppN tokens (0: skip)."
 )
+@click.option("-n", "--n-gen", default=128, show_default=True, type=click.IntRange(min=0), help="tgN tokens (0: skip).")
 @click.option(
-    "-n",
-    "--n-gen",
-    default=128,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Generated tokens for the tgN test (0: skip).",
-)
-@click.option(
-    "-r",
-    "--repetitions",
-    default=3,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Timed runs per test.",
+    "-r", "--repetitions", default=3, show_default=True, type=click.IntRange(min=1), help="Timed runs per test."
 )
 @PRECISION_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print llama-bench-style JSON records.")
