@@ -49,6 +49,49 @@ class HParams:
         return float(self._get(key, default, (int, float)))  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The sizes every decoder has, from the standard `{arch}.*` keys; each family's config extends it."""
+
+    arch: str
+    n_vocab: int  # rows of token_embd
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_ff: int  # feed_forward_length (for MoE models: their dense layers')
+    n_ctx_train: int
+    norm_eps: float
+
+    @staticmethod
+    def read_keys(hp: HParams) -> dict[str, Any]:
+        """The fields above, as keyword arguments for a subclass's constructor."""
+        return dict(
+            arch=hp.arch,
+            n_vocab=hp.gguf.tensor("token_embd.weight").shape[0],
+            n_embd=hp.int("embedding_length"),
+            n_layer=hp.int("block_count"),
+            n_head=hp.int("attention.head_count"),
+            n_ff=hp.int("feed_forward_length"),
+            n_ctx_train=hp.int("context_length"),
+            norm_eps=hp.float("attention.layer_norm_rms_epsilon"),
+        )
+
+
+@dataclass(frozen=True)
+class GQAConfig(DecoderConfig):
+    """Grouped-query attention: n_head query heads share n_head_kv key/value heads of head_dim."""
+
+    n_head_kv: int
+    head_dim: int  # key_length = value_length
+
+    @staticmethod
+    def read_keys(hp: HParams) -> dict[str, Any]:
+        keys = DecoderConfig.read_keys(hp)
+        keys["n_head_kv"] = hp.int("attention.head_count_kv", keys["n_head"])
+        keys["head_dim"] = hp.int("attention.key_length", keys["n_embd"] // max(keys["n_head"], 1))
+        return keys
+
+
 def layer_tensors(gguf: GGUFFile, layer: int, names: list[str], optional: set[str] = frozenset()) -> dict:
     """The `blk.{layer}.{name}.weight` tensors, by their GGUF names (no key mapping needed)."""
     found = {}

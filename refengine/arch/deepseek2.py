@@ -33,7 +33,15 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from refengine.arch.common import DecoderModel, HParams, ModelError, check_shape, layer_tensors, norm_weight
+from refengine.arch.common import (
+    DecoderConfig,
+    DecoderModel,
+    HParams,
+    ModelError,
+    check_shape,
+    layer_tensors,
+    norm_weight,
+)
 from refengine.arch.moe import MoE, MoEConfig, SwiGLU
 from refengine.gguf import GGUFFile, Tensor
 from refengine.nn import Linear, Rope, YaRN, attention, rms_norm
@@ -78,15 +86,7 @@ def rope_and_scale(hp: HParams, n_rot: int, head_k: int, n_ctx_train: int) -> tu
 
 
 @dataclass(frozen=True)
-class Deepseek2Config:
-    arch: str
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_ff: int  # the leading dense layers' feed-forward
-    n_ctx_train: int
-    norm_eps: float
+class Deepseek2Config(DecoderConfig):
     q_lora_rank: int  # 0: one attn_q instead of attn_q_a -> attn_q_a_norm -> attn_q_b
     kv_lora_rank: int  # width of the latent each position caches
     qk_nope_dim: int  # per q head: the dims without rope, then...
@@ -112,17 +112,10 @@ class Deepseek2Config:
                 f"{gguf.path}: {hp.arch}.rope.dimension_count ({n_rot}) must be even and below "
                 f"{hp.arch}.attention.key_length{suffix} ({head_k})"
             )
-        n_ctx_train = hp.int("context_length")
-        rope, attn_scale = rope_and_scale(hp, n_rot, head_k, n_ctx_train)
+        keys = cls.read_keys(hp)  # n_ff: the leading dense layers' feed-forward
+        rope, attn_scale = rope_and_scale(hp, n_rot, head_k, keys["n_ctx_train"])
         return cls(
-            arch=hp.arch,
-            n_vocab=gguf.tensor("token_embd.weight").shape[0],
-            n_embd=hp.int("embedding_length"),
-            n_layer=hp.int("block_count"),
-            n_head=hp.int("attention.head_count"),
-            n_ff=hp.int("feed_forward_length"),
-            n_ctx_train=n_ctx_train,
-            norm_eps=hp.float("attention.layer_norm_rms_epsilon"),
+            **keys,
             q_lora_rank=hp.int("attention.q_lora_rank", 0),
             kv_lora_rank=hp.int("attention.kv_lora_rank"),
             qk_nope_dim=head_k - n_rot,

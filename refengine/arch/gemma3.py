@@ -19,6 +19,7 @@ import numpy as np
 from refengine.arch.common import (
     AttentionWeights,
     DecoderModel,
+    GQAConfig,
     HParams,
     check_shape,
     layer_tensors,
@@ -34,17 +35,7 @@ LOCAL_ROPE_BASE = 10000.0  # gemma3's rope_local_base_freq
 
 
 @dataclass(frozen=True)
-class Gemma3Config:
-    arch: str
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_ctx_train: int
-    norm_eps: float
+class Gemma3Config(GQAConfig):
     sliding_window: int
     rope_global: Rope
     rope_local: Rope
@@ -52,26 +43,15 @@ class Gemma3Config:
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> Gemma3Config:
         hp = HParams(gguf)
-        n_embd = hp.int("embedding_length")
-        n_head = hp.int("attention.head_count")
-        head_dim = hp.int("attention.key_length", n_embd // max(n_head, 1))
+        keys = cls.read_keys(hp)
         scale = 1.0
         if gguf.get("gemma3.rope.scaling.type") == "linear":
             scale = hp.float("rope.scaling.factor", 1.0)
         return cls(
-            arch=hp.arch,
-            n_vocab=gguf.tensor("token_embd.weight").shape[0],
-            n_embd=n_embd,
-            n_layer=hp.int("block_count"),
-            n_head=n_head,
-            n_head_kv=hp.int("attention.head_count_kv", n_head),
-            head_dim=head_dim,
-            n_ff=hp.int("feed_forward_length"),
-            n_ctx_train=hp.int("context_length"),
-            norm_eps=hp.float("attention.layer_norm_rms_epsilon"),
+            **keys,
             sliding_window=hp.int("attention.sliding_window"),
-            rope_global=Rope(head_dim, hp.float("rope.freq_base", 1e6), neox=True, scale=scale),
-            rope_local=Rope(head_dim, LOCAL_ROPE_BASE, neox=True),
+            rope_global=Rope(keys["head_dim"], hp.float("rope.freq_base", 1e6), neox=True, scale=scale),
+            rope_local=Rope(keys["head_dim"], LOCAL_ROPE_BASE, neox=True),
         )
 
     def is_local(self, il: int) -> bool:

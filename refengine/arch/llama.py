@@ -15,6 +15,7 @@ import numpy as np
 from refengine.arch.common import (
     AttentionWeights,
     DecoderModel,
+    GQAConfig,
     HParams,
     check_shape,
     layer_tensors,
@@ -31,29 +32,17 @@ NEOX_ROPE = {"llama": False, "qwen2": True, "qwen3": True, "qwen3moe": True}
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
-    arch: str
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_ctx_train: int
-    norm_eps: float
+class LlamaConfig(GQAConfig):
     rope: Rope
     moe: MoEConfig | None = None  # experts in every layer (mixtral, qwen3moe) instead of the dense FFN
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> LlamaConfig:
         hp = HParams(gguf)
-        n_embd = hp.int("embedding_length")
-        n_head = hp.int("attention.head_count")
-        head_dim = hp.int("attention.key_length", n_embd // max(n_head, 1))
+        keys = cls.read_keys(hp)
         freq_factors = gguf.tensors.get("rope_freqs.weight")  # llama3 rope scaling, precomputed by the converter
         rope = Rope(
-            n_dims=hp.int("rope.dimension_count", head_dim),
+            n_dims=hp.int("rope.dimension_count", keys["head_dim"]),
             base=hp.float("rope.freq_base", 10000.0),
             neox=NEOX_ROPE[hp.arch],
             # linear scaling divides positions by the factor (llama.cpp's freq_scale = 1 / factor)
@@ -65,20 +54,7 @@ class LlamaConfig:
             # llama.cpp's llama (mixtral) experts are feed_forward_length wide; qwen3moe's have their own key.
             n_ff_exp = hp.int("expert_feed_forward_length" if hp.arch == "qwen3moe" else "feed_forward_length")
             moe = MoEConfig.from_gguf(hp, n_ff_exp, routing_keys=False)
-        return cls(
-            arch=hp.arch,
-            n_vocab=gguf.tensor("token_embd.weight").shape[0],
-            n_embd=n_embd,
-            n_layer=hp.int("block_count"),
-            n_head=n_head,
-            n_head_kv=hp.int("attention.head_count_kv", n_head),
-            head_dim=head_dim,
-            n_ff=hp.int("feed_forward_length"),
-            n_ctx_train=hp.int("context_length"),
-            norm_eps=hp.float("attention.layer_norm_rms_epsilon"),
-            rope=rope,
-            moe=moe,
-        )
+        return cls(**keys, rope=rope, moe=moe)
 
 
 @dataclass
