@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 
 from refengine.gguf import Tensor
-from refengine.kernels import MATVEC_KERNELS, dequantize_rows, matvec
+from refengine.kernels import MATVEC_KERNELS, dequantize_rows, kernel_threads, matvec
 
 # Rows of a weight decoded per BLAS call: at most 8 MB of float32, whatever the model's size.
 # Wider tiles make fewer, larger sgemm calls: gemma3-270m's pp512 went from 535 tok/s with 1 MB
@@ -60,8 +60,9 @@ class Linear:
 def embed(table: Tensor, tokens: np.ndarray, dtype) -> np.ndarray:
     """Rows of the embedding table for `tokens`: (n_tok,) -> (n_tok, n_embd)."""
     out = np.empty((len(tokens), table.n_cols), dtype=np.float32)
-    for i, token in enumerate(tokens):
-        table.dequantize(int(token), int(token) + 1, out=out[i : i + 1])
+    with kernel_threads(1):  # a row is a few blocks: waking a second thread costs more than it saves
+        for i, token in enumerate(tokens):
+            table.dequantize(int(token), int(token) + 1, out=out[i : i + 1])
     return out.astype(dtype, copy=False)
 
 
