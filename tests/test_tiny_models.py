@@ -284,19 +284,20 @@ def test_refengine_dense_models_match_llama_cpp(tiny_model, arch):
 
 
 @pytest.mark.oracle
-def test_linear_rope_scaling_matches_llama_cpp(tmp_path):
-    """rope.scaling.type linear divides positions by the factor, in refengine as in llama.cpp."""
+def test_rope_scaling_matches_llama_cpp(tmp_path):
+    """rope.scaling.type linear divides positions by the factor, and llama3's rope_freqs.weight divides
+    each pair's frequency by its factor, in refengine as in llama.cpp."""
     from refengine.session import Session
     from refengine.testing import PRESETS
 
-    spec = replace(PRESETS["llama"]["tiny"], rope_linear_factor=4.0)
-    path = write_tiny_model("llama", tmp_path / "llama-linear4.gguf", spec)
-    tokens, theirs = llama_cpp_logits(path)
     _, unscaled = llama_cpp_logits(write_tiny_model("llama", tmp_path / "llama.gguf"))
-    assert np.abs(theirs - unscaled).max() > 0.2  # the scaling matters at these positions
-    session = Session.load(str(path))
-    ours = session.model.forward(np.array(tokens), session.new_cache(64))
-    assert_same_logits(ours, theirs, max_abs=0.05)
+    for name, change in (("linear4", {"rope_linear_factor": 4.0}), ("llama3-freqs", {"rope_freq_factors": True})):
+        path = write_tiny_model("llama", tmp_path / f"llama-{name}.gguf", replace(PRESETS["llama"]["tiny"], **change))
+        tokens, theirs = llama_cpp_logits(path)
+        assert np.abs(theirs - unscaled).max() > 0.2, name  # the scaling matters at these positions
+        session = Session.load(str(path))
+        ours = session.model.forward(np.array(tokens), session.new_cache(64))
+        assert_same_logits(ours, theirs, max_abs=0.05)
 
 
 @pytest.mark.oracle

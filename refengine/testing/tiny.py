@@ -71,6 +71,7 @@ class TinySpec:
     norm_eps: float = 1e-6
     rope_base: float = 10000.0
     rope_linear_factor: float = 0.0  # rope.scaling.type linear with this factor (0: none); not deepseek2
+    rope_freq_factors: bool = False  # a rope_freqs.weight tensor, as llama3's converter writes (llama only)
     # Experts (n_expert 0: a dense model).
     n_expert: int = 0
     n_expert_used: int = 0
@@ -394,6 +395,8 @@ def write_tensors(t: Weights, arch: str, s: TinySpec) -> None:
     t.add("token_embd.weight", t.draw((s.n_vocab, s.n_embd), embd_std))  # (n_vocab, n_embd)
     t.matrix("output.weight", s.n_vocab, s.n_embd, gain=LOGIT_SPREAD)  # (n_vocab, n_embd)
     t.norm("output_norm.weight", s.n_embd)
+    if s.rope_freq_factors:  # llama3-style: each rotated pair's frequency divided by its factor, here 1 to 8
+        t.add("rope_freqs.weight", np.geomspace(1.0, 8.0, s.head_dim // 2))  # (head_dim / 2,)
     for il in range(s.n_layer):
         p = f"blk.{il}."
         t.norm(p + "attn_norm.weight", s.n_embd)
