@@ -42,7 +42,7 @@ MAX_Q4_K_M_ERROR = 0.1  # relative RMS error of any tensor after Q4_K_M; Q4_K on
 
 def expected_shapes(arch: str, s: TinySpec) -> dict[str, tuple[int, ...]]:
     """Tensor name -> numpy shape, as llama.cpp's load_arch_tensors creates them (its ne reversed):
-    llama_model_{llama,qwen3,qwen3moe,gemma3,deepseek2}::load_arch_tensors."""
+    llama_model_{llama,qwen2,qwen3,qwen3moe,gemma3,deepseek2}::load_arch_tensors."""
     shapes = {
         "token_embd.weight": (s.n_vocab, s.n_embd),
         "output_norm.weight": (s.n_embd,),
@@ -79,6 +79,12 @@ def expected_shapes(arch: str, s: TinySpec) -> dict[str, tuple[int, ...]]:
             }
             if arch in QK_NORM:
                 layer |= {"attn_q_norm": (s.head_dim,), "attn_k_norm": (s.head_dim,)}
+            if arch == "qwen2":
+                shapes |= {
+                    f"blk.{il}.attn_q.bias": (s.n_head * s.head_dim,),
+                    f"blk.{il}.attn_k.bias": (s.n_head_kv * s.head_dim,),
+                    f"blk.{il}.attn_v.bias": (s.n_head_kv * s.head_dim,),
+                }
         if arch == "gemma3":
             layer |= {"post_attention_norm": (s.n_embd,), "post_ffw_norm": (s.n_embd,)}
         if s.n_expert and il >= s.n_leading_dense:
@@ -269,7 +275,7 @@ def test_both_mla_layouts_are_one_model_in_llama_cpp(tiny_model):
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_refengine_dense_models_match_llama_cpp(tiny_model, arch):
     """The dense tiny models through refengine's tokenizer and forward pass: the files mean the
     same to both. 21 positions, so gemma3's window of 4 is exercised."""

@@ -99,7 +99,7 @@ def dense_config(arch: str, key: Keys) -> dict:
         "head_dim": key("attention.key_length"),
         "rope_parameters": rope,
     }
-    if arch == "llama" or arch == "qwen3":
+    if arch in ("llama", "qwen2", "qwen3"):
         return config | {"model_type": arch}
     if arch == "mixtral":
         return config | {
@@ -212,6 +212,9 @@ def layer_weights(model: GGUFFile, arch: str, config: dict, il: int) -> dict[str
         a = hf + "self_attn."
         out |= {a + "q_proj.weight": q, a + "k_proj.weight": k}
         out |= {a + "v_proj.weight": blk("attn_v"), a + "o_proj.weight": blk("attn_output")}
+        for proj in ("q", "k", "v"):  # qwen2's biases
+            if f"blk.{il}.attn_{proj}.bias" in model.tensors:
+                out[a + f"{proj}_proj.bias"] = tensor(model, f"blk.{il}.attn_{proj}.bias")
         if arch in QK_NORM:
             out[a + "q_norm.weight"] = norm(model, f"blk.{il}.attn_q_norm.weight", arch)
             out[a + "k_norm.weight"] = norm(model, f"blk.{il}.attn_k_norm.weight", arch)

@@ -9,6 +9,7 @@ The `arch` names, what llama.cpp sees, and what each one covers:
 
     name            general.architecture   covers
     llama           llama       GQA, SwiGLU
+    qwen2           qwen2       biases on the Q, K and V projections, NEOX rope
     qwen3           qwen3       QK-norm, n_head * head_dim != n_embd
     gemma3          gemma3      sandwich norms, GELU, 5 local : 1 global layers (window 4)
     qwen3moe        qwen3moe    softmax top-k routing, renormalised weights, expert_feed_forward_length
@@ -29,7 +30,7 @@ refengine.testing.hf.to_hf_state_dict does):
 - llama, mixtral: NORM mode, rotating adjacent pairs (2i, 2i+1). HF's Llama and Mixtral rotate
   halves (i, i + head_dim/2), which is why convert_hf_to_gguf permutes the rows of attn_q and attn_k
   head by head; loading these files into LlamaForCausalLM / MixtralForCausalLM takes the inverse.
-- qwen3, qwen3moe, gemma3: NEOX mode (halves), as in HF: the rows are copied as they are.
+- qwen2, qwen3, qwen3moe, gemma3: NEOX mode (halves), as in HF: the rows are copied as they are.
 - deepseek2: NORM mode on the last qk_rope_dim dims of each q head and of attn_kv_a_mqa's output.
   HF DeepseekV3 (rope_interleave=True, its default) reorders q and k alike before rotating halves,
   and DeepseekV2 rotates adjacent pairs itself, so both compute llama.cpp's q.k: no permutation.
@@ -162,6 +163,7 @@ _BIG = dict(n_vocab=4096, n_embd=1024, n_layer=4, n_head=16, n_head_kv=4, n_ff=2
 # tiny: 6-22 MB at F32, 1-3.5 MB as Q4_K_M; bigger: 214-277 MB at F32, 33-44 MB as Q4_K_M.
 PRESETS: dict[str, dict[str, TinySpec]] = {
     "llama": {"tiny": _LLAMA, "bigger": replace(_LLAMA, **_BIG)},
+    "qwen2": {"tiny": _LLAMA, "bigger": replace(_LLAMA, **_BIG)},
     "qwen3": {"tiny": _QWEN3, "bigger": replace(_QWEN3, **_BIG, head_dim=128)},
     "gemma3": {
         "tiny": replace(_LLAMA, n_layer=6, n_head_kv=1, rope_base=1e6, sliding_window=4),
@@ -403,7 +405,7 @@ def write_tensors(t: Weights, arch: str, s: TinySpec) -> None:
         if GGUF_ARCH[arch] == "deepseek2":
             write_mla(t, p, s)
         else:
-            write_attention(t, p, s, qk_norm=arch in QK_NORM)
+            write_attention(t, p, s, qk_norm=arch in QK_NORM, biases=arch == "qwen2")
         if arch == "gemma3":
             t.norm(p + "post_attention_norm.weight", s.n_embd)
         t.norm(p + "ffn_norm.weight", s.n_embd)
@@ -415,7 +417,7 @@ def write_tensors(t: Weights, arch: str, s: TinySpec) -> None:
             t.norm(p + "post_ffw_norm.weight", s.n_embd)
 
 
-def write_attention(t: Weights, p: str, s: TinySpec, qk_norm: bool) -> None:
+def write_attention(t: Weights, p: str, s: TinySpec, qk_norm: bool, biases: bool = False) -> None:
     t.matrix(p + "attn_q.weight", s.n_head * s.head_dim, s.n_embd)
     t.matrix(p + "attn_k.weight", s.n_head_kv * s.head_dim, s.n_embd)
     t.matrix(p + "attn_v.weight", s.n_head_kv * s.head_dim, s.n_embd)
@@ -423,6 +425,10 @@ def write_attention(t: Weights, p: str, s: TinySpec, qk_norm: bool) -> None:
     if qk_norm:
         t.norm(p + "attn_q_norm.weight", s.head_dim)
         t.norm(p + "attn_k_norm.weight", s.head_dim)
+    if biases:  # qwen2
+        t.add(p + "attn_q.bias", t.draw((s.n_head * s.head_dim,), 0.5))
+        t.add(p + "attn_k.bias", t.draw((s.n_head_kv * s.head_dim,), 0.5))
+        t.add(p + "attn_v.bias", t.draw((s.n_head_kv * s.head_dim,), 0.5))
 
 
 def write_mla(t: Weights, p: str, s: TinySpec) -> None:
