@@ -30,6 +30,7 @@ uint8 (n_blocks, type_size). The Python wrappers here validate; the kernels just
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -209,6 +210,19 @@ def matvec(ggml_type, rows: np.ndarray, x: np.ndarray, out: np.ndarray | None = 
     else:
         out[:] = 0
     return out
+
+
+def bound_matvec(ggml_type, rows: np.ndarray) -> Callable[[np.ndarray, np.ndarray], None]:
+    """`matvec` for one weight, its rows checked once: call it as f(x, out).
+
+    Decoding calls the same few hundred weights every token, so the rows' checks move here and
+    the caller keeps only its promise: x a C-contiguous (n_in,) float32 vector and out a
+    (n_out,) float32 one. nn.Linear makes that promise after checking x's width.
+    """
+    kernel, block_size, type_size = _MATVEC[GGMLQuantizationType(ggml_type)]
+    if rows.dtype != _UINT8 or rows.ndim != 2 or not rows.flags.c_contiguous or rows.shape[1] % type_size:
+        raise KernelError(f"rows must be C-contiguous 2-D uint8 of whole {type_size}-byte blocks, got {rows.shape}")
+    return functools.partial(kernel, rows)
 
 
 def _type_name(ggml_type) -> str:

@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 
 from refengine.gguf import Tensor
-from refengine.kernels import MATVEC_KERNELS, dequantize_rows, kernel_threads, matvec
+from refengine.kernels import MATVEC_KERNELS, bound_matvec, dequantize_rows, kernel_threads
 
 # Rows of a weight decoded per BLAS call: at most 8 MB of float32, whatever the model's size.
 # Wider tiles make fewer, larger sgemm calls: gemma3-270m's pp512 went from 535 tok/s with 1 MB
@@ -40,14 +40,17 @@ class Linear:
         self.rows = weight.data if rows is None else weight.data[rows]  # (n_out, row_bytes) uint8, the mapping
         self.n_out, self.n_in = self.rows.shape[0], weight.n_cols
         self.tile_rows = max(1, min(self.n_out, TILE_FLOATS // max(self.n_in, 1)))
-        self.fused = self.ggml_type in MATVEC_KERNELS
+        fused = self.ggml_type in MATVEC_KERNELS and self.n_out and self.n_in
+        self.matvec = bound_matvec(self.ggml_type, self.rows) if fused else None  # f(x (n_in,), out (n_out,))
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         # x: (n_tok, n_in) -> (n_tok, n_out)
+        if x.shape[-1] != self.n_in:
+            raise ValueError(f"{self.weight.name}: input of width {x.shape[-1]}, expected {self.n_in}")
         if out is None:
             out = np.empty((x.shape[0], self.n_out), dtype=x.dtype)
-        if x.shape[0] == 1 and x.dtype == np.float32 and self.fused:
-            matvec(self.ggml_type, self.rows, np.ascontiguousarray(x[0]), out[0])
+        if x.shape[0] == 1 and x.dtype == np.float32 and self.matvec is not None:
+            self.matvec(x[0] if x.flags.c_contiguous else np.ascontiguousarray(x[0]), out[0])
             return out
         tile = np.empty((self.tile_rows, self.n_in), dtype=np.float32)
         for start in range(0, self.n_out, self.tile_rows):

@@ -92,7 +92,7 @@ def llama_cpp_tok_s(path: Path, n_tokens: int, runs: int) -> list[float]:
         llm.close()
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--experts", default="8,64,256", show_default=True, help="Expert counts of the models compared.")
 @click.option("--llama-cpp-experts", default=8, show_default=True, help="The model timed against llama.cpp.")
 @click.option("-n", "n_tokens", default=64, show_default=True, help="Tokens decoded per run.")

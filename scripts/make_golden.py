@@ -169,7 +169,7 @@ def write(data: dict, path: Path) -> None:
     json.loads(path.read_text())  # what we wrote must read back
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("models", nargs=-1, metavar="[MODEL]...")
 def main(models: tuple[str, ...]) -> None:
     """Regenerate the tokenizer goldens for MODELs (default: every bundled model)."""

@@ -76,7 +76,7 @@ def golden(model: str) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, arrays
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("models", nargs=-1, metavar="[MODEL]...")
 def main(models: tuple[str, ...]) -> None:
     """Regenerate the logits goldens for MODELs (default: both test models)."""

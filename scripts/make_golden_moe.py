@@ -75,7 +75,7 @@ def golden_model(arch: str, folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return entry, arrays
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Regenerate the tiny MoE models' logits golden from llama.cpp."""
     import llama_cpp
