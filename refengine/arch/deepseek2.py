@@ -44,7 +44,7 @@ from refengine.arch.common import (
 )
 from refengine.arch.moe import MoE, MoEConfig, SwiGLU
 from refengine.gguf import GGUFFile, Tensor
-from refengine.nn import Linear, Rope, YaRN, attention, rms_norm
+from refengine.nn import Linear, Rope, YaRN, attention, lazy_zeros, rms_norm
 
 # convert_hf_to_gguf writes yarn_log_multiplier as 0.1 * mscale_all_dim; llama.cpp divides it back
 # out (TAG_DEEPSEEK2_YARN_LOG_MUL_FIX).
@@ -139,7 +139,7 @@ class MLACache:
 
     def __init__(self, n_layer: int, n_ctx: int, kv_lora_rank: int, n_rot: int, dtype):
         self.n_ctx = n_ctx
-        self.kv = np.zeros((n_layer, n_ctx, kv_lora_rank + n_rot), dtype=dtype)  # (layer, pos, kv_lora_rank + n_rot)
+        self.kv = lazy_zeros((n_layer, n_ctx, kv_lora_rank + n_rot), dtype)  # (layer, pos, kv_lora_rank + n_rot)
         self.latent = self.kv[..., :kv_lora_rank]  # (layer, pos, kv_lora_rank), a view
         self.k_pe = self.kv[..., kv_lora_rank:]  # (layer, pos, n_rot), a view
         self.n_past = 0  # positions [0, n_past) hold valid entries
