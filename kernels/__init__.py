@@ -90,6 +90,15 @@ def dequantizer(ggml_type: GGMLQuantizationType | int) -> Dequantizer:
         raise KernelError(f"no dequantization kernel for ggml type {name}") from None
 
 
+def _out_buffer(out: np.ndarray | None, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """`out` checked to be a C-contiguous `dtype` array of `shape`, or a new one when it is None."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if out.dtype != dtype or out.shape != shape or not out.flags.c_contiguous:
+        raise KernelError(f"out must be C-contiguous {np.dtype(dtype)} of shape {shape}, got {out.dtype} {out.shape}")
+    return out
+
+
 def dequantize_rows(ggml_type, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Dequantize raw rows (n_rows, row_bytes) uint8 into float32 (n_rows, n_cols).
 
@@ -103,10 +112,7 @@ def dequantize_rows(ggml_type, rows: np.ndarray, out: np.ndarray | None = None) 
     if row_bytes % dq.type_size:
         raise KernelError(f"{dq.ggml_type.name} row of {row_bytes} bytes is not whole blocks of {dq.type_size}")
     n_cols = row_bytes // dq.type_size * dq.block_size
-    if out is None:
-        out = np.empty((n_rows, n_cols), dtype=np.float32)
-    elif out.dtype != np.float32 or out.shape != (n_rows, n_cols) or not out.flags.c_contiguous:
-        raise KernelError(f"out must be C-contiguous float32 of shape {(n_rows, n_cols)}, got {out.dtype} {out.shape}")
+    out = _out_buffer(out, (n_rows, n_cols), np.float32)
     if n_rows == 0 or n_cols == 0:
         return out
     if not rows.flags.c_contiguous:
@@ -160,10 +166,7 @@ def quantize_rows(ggml_type, x: np.ndarray, out: np.ndarray | None = None) -> np
     if n_cols % q.block_size:
         raise KernelError(f"{q.ggml_type.name} rows of {n_cols} values are not whole blocks of {q.block_size}")
     row_bytes = n_cols // q.block_size * q.type_size
-    if out is None:
-        out = np.empty((n_rows, row_bytes), dtype=np.uint8)
-    elif out.dtype != np.uint8 or out.shape != (n_rows, row_bytes) or not out.flags.c_contiguous:
-        raise KernelError(f"out must be C-contiguous uint8 of shape {(n_rows, row_bytes)}, got {out.dtype} {out.shape}")
+    out = _out_buffer(out, (n_rows, row_bytes), np.uint8)
     if n_rows and n_cols:
         x = np.ascontiguousarray(x)
         q.kernel(x.reshape(-1, q.block_size), out.reshape(-1, q.type_size))
@@ -187,24 +190,14 @@ def matvec(ggml_type, rows: np.ndarray, x: np.ndarray, out: np.ndarray | None = 
     so the checks are the few that keep the kernel from reading out of bounds
     or compiling a new specialisation, each a field compare.
     """
-    try:
-        kernel, block_size, type_size = _MATVEC[ggml_type]
-    except KeyError:
-        name = getattr(ggml_type, "name", str(ggml_type))
-        raise KernelError(f"no matvec kernel for ggml type {name}") from None
-    if rows.dtype != _UINT8 or rows.ndim != 2 or not rows.flags.c_contiguous:
-        raise KernelError(f"rows must be C-contiguous 2-D uint8, got {rows.dtype} with shape {rows.shape}")
+    kernel, n_in = _matvec_kernel(ggml_type, rows)
     n_out, row_bytes = rows.shape
-    n_in = row_bytes // type_size * block_size
-    if row_bytes % type_size or x.dtype != _FLOAT32 or x.shape != (n_in,) or not x.flags.c_contiguous:
+    if x.dtype != _FLOAT32 or x.shape != (n_in,) or not x.flags.c_contiguous:
         raise KernelError(
-            f"{_type_name(ggml_type)} rows of {row_bytes} bytes need x of shape ({n_in},) float32 "
-            f"and whole blocks of {type_size} bytes; got x {x.dtype} {x.shape}"
+            f"{_type_name(ggml_type)} rows of {row_bytes} bytes need x of shape ({n_in},) float32; "
+            f"got x {x.dtype} {x.shape}"
         )
-    if out is None:
-        out = np.empty(n_out, dtype=np.float32)
-    elif out.dtype != _FLOAT32 or out.shape != (n_out,) or not out.flags.c_contiguous:
-        raise KernelError(f"out must be C-contiguous float32 of shape ({n_out},), got {out.dtype} {out.shape}")
+    out = _out_buffer(out, (n_out,), _FLOAT32)
     if n_out and n_in:
         kernel(rows, x, out)
     else:
@@ -219,10 +212,22 @@ def bound_matvec(ggml_type, rows: np.ndarray) -> Callable[[np.ndarray, np.ndarra
     the caller keeps only its promise: x a C-contiguous (n_in,) float32 vector and out a
     (n_out,) float32 one. nn.Linear makes that promise after checking x's width.
     """
-    kernel, block_size, type_size = _MATVEC[GGMLQuantizationType(ggml_type)]
-    if rows.dtype != _UINT8 or rows.ndim != 2 or not rows.flags.c_contiguous or rows.shape[1] % type_size:
-        raise KernelError(f"rows must be C-contiguous 2-D uint8 of whole {type_size}-byte blocks, got {rows.shape}")
+    kernel, _ = _matvec_kernel(ggml_type, rows)
     return functools.partial(kernel, rows)
+
+
+def _matvec_kernel(ggml_type, rows: np.ndarray) -> tuple[Callable, int]:
+    """The matvec kernel of `ggml_type`, and n_in, once `rows` is checked to be whole blocks of it."""
+    try:
+        kernel, block_size, type_size = _MATVEC[ggml_type]
+    except KeyError:
+        name = getattr(ggml_type, "name", str(ggml_type))
+        raise KernelError(f"no matvec kernel for ggml type {name}") from None
+    if rows.dtype != _UINT8 or rows.ndim != 2 or not rows.flags.c_contiguous:
+        raise KernelError(f"rows must be C-contiguous 2-D uint8, got {rows.dtype} with shape {rows.shape}")
+    if rows.shape[1] % type_size:
+        raise KernelError(f"{_type_name(ggml_type)} rows of {rows.shape[1]} bytes are not whole blocks of {type_size}")
+    return kernel, rows.shape[1] // type_size * block_size
 
 
 def _type_name(ggml_type) -> str:
