@@ -61,3 +61,24 @@ def test_cli_streams_the_golden_text(smollm_path):
 
 def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_generation_memory_is_the_kv_cache_and_activations_plus_100_mib(request, model):
+    """The issue's bound on RssAnon during generation, measured in a process of its own; the weights
+    stay file-backed. KV cache and activations are the memory plan's figures for this run."""
+    from refengine.gguf import open_gguf
+    from refengine.plan import plan
+    from refengine.system import read_system
+
+    path = request.getfixturevalue(PATH_FIXTURES[model])
+    g = golden(model)
+    n_ctx = 2048
+    cmd = [sys.executable, "-m", "refengine.cli", "generate", "-m", model, "-c", str(n_ctx), "--temp", "0"]
+    run = subprocess.run([*cmd, "-n", "32", "--json", g["prompt"]], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    peak = json.loads(run.stdout)["peak_rss_anon"]
+    needs = plan(open_gguf(path), read_system(), n_ctx, n_batch=len(g["prompt_tokens"])).needs
+    budget = needs.kv_cache + needs.activations + (100 << 20)
+    print(f"{model}: peak RssAnon {peak >> 20} MiB, budget {budget >> 20} MiB")
+    assert 0 < peak <= budget
