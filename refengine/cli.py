@@ -199,7 +199,7 @@ def numa_options(command):
     )(command)
 
 
-def load_session(model: str, precision: str, numa: str, numa_nodes, sysroot: Path = Path("/")):
+def load_session(model: str | GGUFFile, precision: str, numa: str, numa_nodes, sysroot: Path = Path("/")):
     """Session.load under --numa: threads are spread before the model loads, pages placed once it is
     loaded, and the node pools close with the command. --numa off touches nothing."""
     from refengine.session import Session
@@ -254,10 +254,11 @@ def plan_command(model: str, ctx: int, numa: str, precision: str, sysroot: Path,
 
 def preflight(
     model: str, ctx: int, precision: str, sysroot: Path, max_prompt_tokens: int | None = None, numa: str = "off"
-) -> None:
+) -> GGUFFile:
     """Stop a run the memory plan says cannot fit, before anything is loaded; warn when it will page from disk.
 
     max_prompt_tokens bounds the prefill batch, so that a short prompt is not sized as a full context.
+    Returns the opened file, for the run to load rather than open again.
     """
     from refengine.plan import open_model, plan
     from refengine.system import read_system
@@ -269,6 +270,7 @@ def preflight(
         raise DoesNotFit(f"{gguf_file.path.name} does not fit: {result.message()} (see refengine plan; --no-plan)")
     if result.verdict == "pages_from_disk":
         click.echo(f"refengine: warning: {result.message()}", err=True)
+    return gguf_file
 
 
 def parse_token_list(text: str) -> list[int]:
@@ -353,12 +355,14 @@ def generate(
     from refengine.sampler import Sampler
     from refengine.session import rss_anon_bytes
 
+    source = model  # the name, or the file the plan has opened already
     if not no_plan:
         # A token is at least one byte of text; a chat template adds a few hundred bytes at most.
         text_bytes = len(prompt.encode()) + len((system or "").encode())
-        preflight(model, ctx, precision, sysroot, max_prompt_tokens=text_bytes + (512 if chat else 8), numa=numa)
+        max_prompt_tokens = text_bytes + (512 if chat else 8)
+        source = preflight(model, ctx, precision, sysroot, max_prompt_tokens=max_prompt_tokens, numa=numa)
     sampler = Sampler(sampling)
-    session = load_session(model, precision, numa, numa_nodes, sysroot)
+    session = load_session(source, precision, numa, numa_nodes, sysroot)
     prompt_ids = prompt_tokens(session, prompt, chat, system)
     if len(prompt_ids) + n_predict > ctx:
         raise UserError(

@@ -26,9 +26,10 @@ class Session:
     load_s: float
 
     @classmethod
-    def load(cls, model: str, precision: str = "f32") -> Session:
+    def load(cls, model: str | GGUFFile, precision: str = "f32") -> Session:
+        """`model` is a name or path, or a file the caller has already opened (the memory plan's)."""
         start = time.perf_counter()
-        gguf = open_gguf(resolve_model(model))
+        gguf = model if isinstance(model, GGUFFile) else open_gguf(resolve_model(model))
         session = cls(gguf, load_model(gguf, PRECISIONS[precision]), Tokenizer.from_gguf(gguf), 0.0)
         session.load_s = time.perf_counter() - start
         return session
