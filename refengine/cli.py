@@ -562,6 +562,95 @@ def quantize(input_path: Path, output_path: Path, mix: str, as_json: bool) -> No
         )
 
 
+def chunk_progress(stack, label: str):
+    """on_chunk(i, n_chunk) drawing a progress bar on stderr when it is a terminal (else nothing: a log file
+    would keep the bar's label unterminated)."""
+    bar = None
+
+    def update(i: int, n_chunk: int) -> None:
+        nonlocal bar
+        if not sys.stderr.isatty():
+            return
+        if bar is None:
+            bar = stack.enter_context(click.progressbar(length=n_chunk, label=label, file=sys.stderr))
+        bar.update(i + 1 - bar.pos)
+
+    return update
+
+
+PERPLEXITY_EPILOG = """\b
+As llama.cpp's llama-perplexity: the text tokenized with BOS, cut into chunks of --ctx tokens, each
+chunk's first token replaced by BOS, the second half of each chunk scored. Output: the running PPL
+after each chunk ([1]x,[2]y,...) and `Final estimate: PPL = x +/- y`.
+  perplexity -m M -f TEXT --kl-divergence-base B      also writes llama.cpp's base file B
+  perplexity -m M --kl-divergence-base B --kl-divergence   scores M against B (its tokens and n_ctx)
+B files are read and written by llama-perplexity too. MODEL: a .gguf path or gemma3-270m, smollm2-135m."""
+
+
+@cli.command("perplexity", epilog=PERPLEXITY_EPILOG)
+@MODEL_OPTION
+@click.option(
+    "-f",
+    "--file",
+    "text_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The text, read verbatim (less one trailing newline). Not used with --kl-divergence.",
+)
+@click.option(
+    "-c", "--ctx", default=512, show_default=True, type=click.IntRange(min=4), help="Tokens per chunk (n_ctx)."
+)
+@click.option("--chunks", type=click.IntRange(min=1), default=None, help="Score at most N chunks (default: all).")
+@click.option(
+    "--kl-divergence-base",
+    "base_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="llama.cpp's log-probability file: written from this run, or read with --kl-divergence.",
+)
+@click.option("--kl-divergence", "kl_divergence", is_flag=True, help="Score MODEL against --kl-divergence-base.")
+@PRECISION_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print every figure as one JSON object.")
+def perplexity_command(model, text_file, ctx, chunks, base_file, kl_divergence, precision, as_json) -> None:
+    """Perplexity of a text, and KL divergence against a base model, exactly as llama-perplexity."""
+    import contextlib
+
+    import refengine
+
+    if kl_divergence and base_file is None:
+        raise click.UsageError("--kl-divergence needs --kl-divergence-base FILE")
+    if not kl_divergence and text_file is None:
+        raise click.UsageError("-f TEXT is required (except with --kl-divergence)")
+    loaded = refengine.load(model, precision)
+    if base_file is not None and not kl_divergence:
+        inputs = [text_file, *loaded.session.gguf.splits]
+        if any(_same_file(base_file, p) for p in inputs):
+            raise UserError(f"--kl-divergence-base {base_file} is an input file; refusing to overwrite it")
+    record = {"model": model, "precision": precision}
+    with contextlib.ExitStack() as stack:
+        progress = chunk_progress(stack, "perplexity" if not kl_divergence else "KL divergence")
+        if kl_divergence:
+            from refengine.kld import open_logits_file
+
+            base = open_logits_file(base_file)
+            n_chunk = base.n_chunk if chunks is None else min(chunks, base.n_chunk)
+            report = loaded.kl_divergence(base_file, chunks, on_chunk=lambda i, stats: progress(i, n_chunk))
+        else:
+            from refengine.perplexity import read_text
+
+            result = loaded.perplexity(
+                read_text(text_file), ctx, chunks, base_file, on_chunk=lambda i, r: progress(i, r.n_chunk)
+            )
+    if kl_divergence:
+        record.update(n_ctx=base.n_ctx, n_chunk=n_chunk, kl_divergence_base=str(base_file), **report.as_dict())
+        click.echo(json.dumps(record) if as_json else report.render())
+    elif as_json:
+        click.echo(json.dumps({**record, **result.as_dict(), "kl_divergence_base": base_file and str(base_file)}))
+    else:
+        click.echo("".join(f"[{i + 1}]{ppl:.4f}," for i, ppl in enumerate(result.chunk_ppl)))
+        click.echo(result.final_line())
+
+
 def prompt_tokens(session, prompt: str, chat: bool, system: str | None) -> list[int]:
     tokenizer = session.tokenizer
     if not chat:
