@@ -12,6 +12,7 @@ Layout of this package:
               reference quantizers (quantize_row_*_ref), byte-identical to them
   gemv.py     fused y = W @ x straight from the quant blocks, for decoding one token
               (F32, F16, BF16, the legacy types and the k-quants); `matvec` below wraps it.
+  attention.py  one query token's attention over a layer's KV cache, fused (`attend_one_token`).
 
 Every dequantize kernel has the same signature,
     kernel(blocks, out, *tables)
@@ -41,7 +42,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from refengine.errors import RefengineError
 
-from . import floats, legacy
+from . import attention, floats, legacy
 from .gemv import MATVEC_KERNELS
 from .quantize import QUANTIZE_KERNELS
 
@@ -175,7 +176,7 @@ def quantize_rows(ggml_type, x: np.ndarray, out: np.ndarray | None = None) -> np
 
 # ggml type -> (matvec kernel, block_size, type_size), looked up once per call.
 _MATVEC = {t: (fn, *GGML_QUANT_SIZES[t]) for t, fn in MATVEC_KERNELS.items()}
-_UINT8, _FLOAT32 = np.dtype(np.uint8), np.dtype(np.float32)
+_UINT8, _FLOAT32, _FLOAT64 = np.dtype(np.uint8), np.dtype(np.float32), np.dtype(np.float64)
 
 
 def matvec(ggml_type, rows: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -232,6 +233,32 @@ def _matvec_kernel(ggml_type, rows: np.ndarray) -> tuple[Callable, int]:
 
 def _type_name(ggml_type) -> str:
     return GGMLQuantizationType(ggml_type).name
+
+
+# Keys per thread's range below which attend_one_token does not split the keys further.
+MIN_KEYS_PER_RANGE = 256
+
+
+def attend_one_token(q, k, v, first: int, n_keys: int, scale: float, out: np.ndarray) -> np.ndarray:
+    """One query token's attention over positions first .. first + n_keys - 1 of a layer's cache.
+
+    q (n_kv_head, group, dk) and out (n_kv_head, group, dv) C-contiguous, k (n_kv_head, n_slots, dk)
+    and v (n_kv_head, n_slots, dv) with the last axis contiguous (v may be a view of k's first dv
+    columns), all float32 or all float64; position p is in slot p % n_slots (see attention.py).
+    The keys are split into ranges so that every thread has work even with one KV head.
+    """
+    n_kv_head, group, dk = q.shape
+    if not (k.shape[0] == v.shape[0] == out.shape[0] == n_kv_head and k.shape[1] == v.shape[1]):
+        raise KernelError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}, out {out.shape} do not match")
+    if k.shape[2] != dk or out.shape[1:] != (group, v.shape[2]) or not 0 < n_keys <= k.shape[1]:
+        raise KernelError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}, out {out.shape}, {n_keys} keys")
+    if not (q.dtype == k.dtype == v.dtype == out.dtype) or q.dtype not in (_FLOAT32, _FLOAT64):
+        raise KernelError(f"attention: q, k, v, out must all be float32 or all float64, got {q.dtype}, {k.dtype}")
+    threads = numba.get_num_threads()
+    # Enough ranges to keep every thread busy (4 per thread evens out uneven head counts), none tiny.
+    n_split = max(1, min(-(-4 * threads // n_kv_head), n_keys // MIN_KEYS_PER_RANGE))
+    attention.attend_one_token(q, k, v, first, n_keys, q.dtype.type(scale), n_split, out)
+    return out
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from functools import cached_property
 import numpy as np
 
 from refengine.gguf import Tensor
-from refengine.kernels import MATVEC_KERNELS, bound_matvec, dequantize_rows, kernel_threads
+from refengine.kernels import MATVEC_KERNELS, attend_one_token, bound_matvec, dequantize_rows, kernel_threads
 
 # Rows of a weight decoded per BLAS call: at most 8 MB of float32, whatever the model's size.
 # Wider tiles make fewer, larger sgemm calls: gemma3-270m's pp512 went from 535 tok/s with 1 MB
@@ -192,41 +192,163 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated for the whole context."""
+# Prompts are evaluated in micro-batches of this many tokens, as llama.cpp's n_ubatch: activations
+# are sized by it, not by the prompt.
+N_UBATCH = 512
 
-    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int, dtype):
-        self.n_ctx = n_ctx
-        self.k = lazy_zeros((n_layer, n_ctx, n_head_kv, head_dim_k), dtype)  # (layer, pos, kv_head, dim)
-        self.v = lazy_zeros((n_layer, n_ctx, n_head_kv, head_dim_v), dtype)
-        self.n_past = 0  # positions [0, n_past) hold valid entries
+
+class LayerCache:
+    """One layer's cached keys and values, per KV head with positions contiguous (what attention reads).
+
+    Position p is kept in slot p % n_slots. A full-attention layer has a slot for every position of
+    the context; a sliding-window layer keeps a ring of window + n_ubatch slots, so a micro-batch that
+    starts at p can still see the window before p (llama.cpp's iSWA cache does the same).
+    """
+
+    def __init__(self, k: np.ndarray, v: np.ndarray, window: int = 0):
+        self.k = k  # (n_kv_head, n_slots, head_dim_k)
+        self.v = v  # (n_kv_head, n_slots, head_dim_v); MLA: a view of k's first columns (the latent)
+        self.n_slots = k.shape[1]
+        self.window = window  # attend to the last `window` positions only (0: all)
+
+    def slots(self, first: int, n: int) -> slice | np.ndarray:
+        """The slots of positions first .. first + n - 1: a slice, or indices where the ring wraps."""
+        start = first % self.n_slots
+        if start + n <= self.n_slots:
+            return slice(start, start + n)
+        return (first + np.arange(n)) % self.n_slots
+
+    def store(self, first: int, k: np.ndarray, v: np.ndarray | None) -> None:
+        """Keep k (n_tok, n_kv_head, head_dim_k) and v (n_tok, n_kv_head, head_dim_v) at positions first...
+        v is None where the values are a view of the keys (MLA)."""
+        slots = self.slots(first, k.shape[0])
+        self.k[:, slots] = k.transpose(1, 0, 2)
+        if v is not None:
+            self.v[:, slots] = v.transpose(1, 0, 2)
+
+    def first_visible(self, position: int) -> int:
+        """The earliest position a query at `position` attends to."""
+        return max(0, position - self.window + 1) if self.window else 0
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + (0 if np.may_share_memory(self.k, self.v) else self.v.nbytes)
 
 
-def attention(
-    q: np.ndarray,  # (n_tok, n_head, head_dim)
-    k: np.ndarray,  # (n_kv, n_head_kv, head_dim)  all cached keys, including this batch
-    v: np.ndarray,  # (n_kv, n_head_kv, head_dim_v)
-    q_positions: np.ndarray,  # (n_tok,)
-    scale: float,
-    window: int = 0,  # sliding window: attend only to the last `window` positions (0: all)
-) -> np.ndarray:
-    """Causal grouped-query attention; returns (n_tok, n_head, head_dim_v)."""
+def cache_slots(n_ctx: int, window: int, n_ubatch: int = N_UBATCH) -> int:
+    """Slots a layer needs at n_ctx: all of them, or a sliding window's ring (see LayerCache)."""
+    return min(n_ctx, window + n_ubatch) if window else n_ctx
+
+
+class KVCache:
+    """Every layer's LayerCache, and how many positions hold valid entries."""
+
+    def __init__(self, layers: list[LayerCache], n_ctx: int):
+        self.layers = layers
+        self.n_ctx = n_ctx
+        self.n_past = 0  # positions [0, n_past) hold valid entries
+
+    @classmethod
+    def for_heads(cls, n_ctx, n_kv_head, head_dim_k, head_dim_v, dtype, windows: list[int]) -> KVCache:
+        """Separate keys and values for each layer; windows[il] is layer il's sliding window (0: none)."""
+        layers = []
+        for window in windows:
+            n_slots = cache_slots(n_ctx, window)
+            k = lazy_zeros((n_kv_head, n_slots, head_dim_k), dtype)  # (n_kv_head, n_slots, head_dim_k)
+            v = lazy_zeros((n_kv_head, n_slots, head_dim_v), dtype)  # (n_kv_head, n_slots, head_dim_v)
+            layers.append(LayerCache(k, v, window))
+        return cls(layers, n_ctx)
+
+    def keep(self, n: int) -> int:
+        """Drop every position from n on, for the next tokens to continue from n (chat reuses a prefix).
+        Returns the positions kept: n, or 0 when a sliding-window ring no longer holds the window before
+        n (it moved on since), so everything must be evaluated again."""
+        n = min(n, self.n_past)
+        for layer in self.layers:
+            oldest_kept = self.n_past - layer.n_slots  # the ring's oldest position still in its slot
+            if layer.n_slots < self.n_ctx and layer.first_visible(n) < oldest_kept:
+                n = 0
+        self.n_past = n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+
+# Score values one key block of prefill attention holds at most (16 MB of float32), whatever the
+# context: the keys are taken in blocks of ATTENTION_TILE_FLOATS // (query rows) positions.
+ATTENTION_TILE_FLOATS = 1 << 22
+MIN_KEY_BLOCK = 64
+
+
+def attention(q: np.ndarray, layer: LayerCache, first: int, scale: float) -> np.ndarray:
+    """Causal grouped-query attention of the queries at positions first, first + 1, ... over the cache,
+    whose slots already hold this batch's keys and values: q (n_tok, n_head, head_dim_k) ->
+    (n_tok, n_head, head_dim_v). Query heads h * group .. (h + 1) * group - 1 share KV head h.
+
+    One token goes through the fused kernel (kernels/attention.py); a batch through attention_tiled.
+    """
     n_tok, n_head, _ = q.shape
-    n_kv, n_head_kv, head_dim_v = v.shape
-    group = n_head // n_head_kv
-    kv_positions = np.arange(n_kv)
-    visible = kv_positions[None, :] <= q_positions[:, None]  # (n_tok, n_kv)
-    if window:
-        visible &= kv_positions[None, :] > q_positions[:, None] - window
-    # Query heads that share a key/value head are stacked: (n_head_kv, group * n_tok, head_dim).
-    qg = q.reshape(n_tok, n_head_kv, group, -1).transpose(1, 2, 0, 3).reshape(n_head_kv, group * n_tok, -1)
-    scores = np.matmul(qg, k.transpose(1, 2, 0)) * q.dtype.type(scale)  # (n_head_kv, group*n_tok, n_kv)
-    scores = scores.reshape(n_head_kv, group, n_tok, n_kv)
-    scores = np.where(visible[None, None], scores, -np.inf)
-    probs = softmax(scores, axis=-1).reshape(n_head_kv, group * n_tok, n_kv)
-    out = np.matmul(probs, v.transpose(1, 0, 2))  # (n_head_kv, group*n_tok, head_dim_v)
-    return out.reshape(n_head_kv, group, n_tok, head_dim_v).transpose(2, 0, 1, 3).reshape(n_tok, n_head, head_dim_v)
+    n_kv_head = layer.k.shape[0]
+    if n_head % n_kv_head:
+        raise ValueError(f"{n_head} query heads cannot share {n_kv_head} key/value heads evenly")
+    if n_tok > 1:
+        return attention_tiled(q, layer, first, scale)
+    begin = layer.first_visible(first)
+    group = n_head // n_kv_head
+    out = np.empty((n_kv_head, group, layer.v.shape[2]), dtype=q.dtype)  # (n_kv_head, group, head_dim_v)
+    attend_one_token(q[0].reshape(n_kv_head, group, -1), layer.k, layer.v, begin, first + 1 - begin, scale, out)
+    return out.reshape(1, n_head, -1)
+
+
+def attention_tiled(q: np.ndarray, layer: LayerCache, first: int, scale: float) -> np.ndarray:
+    """attention() for a batch: the keys a block at a time with the online softmax, each block's
+    products by BLAS, so memory is one block's scores whatever the context.
+
+    For each block of keys K_b, V_b and every query row, with m the running max and l the running sum:
+        s = scale * q . K_b                  masked to -inf where the key is in the query's future,
+                                             or behind its sliding window
+        m' = max(m, max(s));  p = exp(s - m')
+        l = l * exp(m - m') + sum(p);  o = o * exp(m - m') + p @ V_b;  m = m'
+    and out = o / l. With one block this is the plain softmax.
+    """
+    n_tok, n_head, head_dim = q.shape
+    n_kv_head, n_slots, head_dim_v = layer.v.shape
+    group = n_head // n_kv_head
+    rows = group * n_tok
+    last = first + n_tok - 1
+    # Query heads that share a KV head are stacked: (n_kv_head, group * n_tok, head_dim), row g * n_tok + t.
+    qg = q.reshape(n_tok, n_kv_head, group, head_dim).transpose(1, 2, 0, 3).reshape(n_kv_head, rows, head_dim)
+    q_positions = np.arange(first, last + 1)  # (n_tok,)
+    dtype = q.dtype.type
+    block = max(MIN_KEY_BLOCK, ATTENTION_TILE_FLOATS // (n_kv_head * rows))
+    m = np.full((n_kv_head, rows, 1), -np.inf, dtype=q.dtype)  # running max score of each row
+    l = np.zeros((n_kv_head, rows, 1), dtype=q.dtype)  # running sum of exp(score - m)
+    o = np.zeros((n_kv_head, rows, head_dim_v), dtype=q.dtype)  # running output, unnormalised
+    k_begin = layer.first_visible(first)
+    while k_begin <= last:
+        slot = k_begin % n_slots
+        k_end = min(k_begin + block, last + 1, k_begin + n_slots - slot)  # a block never wraps the ring
+        n_keys = k_end - k_begin
+        scores = np.matmul(qg, layer.k[:, slot : slot + n_keys].transpose(0, 2, 1))  # (n_kv_head, rows, n_keys)
+        scores *= dtype(scale)
+        k_positions = np.arange(k_begin, k_end)  # (n_keys,)
+        visible = k_positions[None, :] <= q_positions[:, None]  # (n_tok, n_keys)
+        if layer.window:
+            visible &= k_positions[None, :] > q_positions[:, None] - layer.window
+        if not visible.all():
+            bias = np.where(visible, dtype(0), dtype(-np.inf))  # (n_tok, n_keys): adding 0 is exact
+            scores.reshape(n_kv_head, group, n_tok, n_keys)[...] += bias
+        m_new = np.maximum(m, scores.max(axis=-1, keepdims=True))
+        m_safe = np.where(m_new == -np.inf, dtype(0), m_new)  # a row with no visible key yet: exp(-inf) = 0
+        scores -= m_safe
+        np.exp(scores, out=scores)  # p
+        correction = np.exp(m - m_safe)
+        l = l * correction + scores.sum(axis=-1, keepdims=True)
+        o *= correction
+        o += np.matmul(scores, layer.v[:, slot : slot + n_keys])  # (n_kv_head, rows, head_dim_v)
+        m = m_new
+        k_begin = k_end
+    out = o / l  # (n_kv_head, group * n_tok, head_dim_v)
+    return out.reshape(n_kv_head, group, n_tok, head_dim_v).transpose(2, 0, 1, 3).reshape(n_tok, n_head, head_dim_v)

@@ -32,7 +32,6 @@ from oracle_utils import N_GENERATE, binned_kl, kl_divergence, llama_cpp_generat
 
 import refengine.nn as nn
 import refengine.testing.tiny as tiny
-from refengine.arch.deepseek2 import MLACache
 from refengine.arch.moe import MoE, MoEConfig, route
 from refengine.cli import main
 from refengine.errors import RefengineError
@@ -236,8 +235,11 @@ def test_decode_token_by_token_matches_the_batch(q4_k_m, arch, monkeypatch):
     assert (decoded.argmax(-1) == batch.argmax(-1)).all()
     if arch.startswith("deepseek2"):
         c = session.model.config
-        assert isinstance(cache, MLACache)  # the latent and the rope key, not keys and values per head
-        assert cache.kv.shape == (c.n_layer, len(tokens), c.kv_lora_rank + c.qk_rope_dim)
+        # the latent and the rope key, one head, not keys and values per head; the values a view of the latent
+        for layer in cache.layers:
+            assert layer.k.shape == (1, len(tokens), c.kv_lora_rank + c.qk_rope_dim)
+            assert layer.v.shape == (1, len(tokens), c.kv_lora_rank) and np.shares_memory(layer.k, layer.v)
+        assert cache.nbytes == c.n_layer * len(tokens) * (c.kv_lora_rank + c.qk_rope_dim) * 4
 
 
 # -- llama.cpp --------------------------------------------------------------------------------------

@@ -3,16 +3,16 @@ GGUF keys, the weights of one layer, and the embed -> layers -> norm -> head loo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-import numba
 import numpy as np
 
 from refengine.errors import RefengineError
 from refengine.gguf import GGUFFile, Tensor
-from refengine.kernels import kernel_threads
-from refengine.nn import KVCache, Linear, attention, embed, rms_norm
+from refengine.nn import N_UBATCH, KVCache, Linear, attention, embed, rms_norm
+from refengine.threads import step_threads
 
 
 class ModelError(RefengineError):
@@ -126,6 +126,11 @@ class Weights:
         return [f.name for f in fields(cls)]
 
 
+# observer(name, x): called with each intermediate tensor of a forward pass, named as llama.cpp's graph
+# names it ("attn_norm-3", "result_output"); x is (n_tok, ...) for the micro-batch being evaluated.
+Observer = Callable[[str, np.ndarray], None]
+
+
 class DecoderModel:
     """Token ids in, logits out, through a KV cache. Subclasses supply `layer`."""
 
@@ -136,6 +141,8 @@ class DecoderModel:
         self.gguf = gguf
         self.config = config
         self.dtype = np.dtype(dtype)
+        self.n_ubatch = N_UBATCH  # prompts are evaluated this many tokens at a time
+        self.observer: Observer | None = None  # set for the length of one forward(..., observer=)
         c = config
         self.token_embd = check_shape(gguf.tensor("token_embd.weight"), (c.n_vocab, c.n_embd))
         self.output_norm = norm_weight(gguf.tensor("output_norm.weight"), c.n_embd, self.dtype)
@@ -143,15 +150,32 @@ class DecoderModel:
         head = gguf.tensors.get("output.weight", self.token_embd)
         self.output = Linear(check_shape(head, (c.n_vocab, c.n_embd)))
 
+    def sliding_window(self, il: int) -> int:
+        """Layer il's sliding attention window (0: it attends to the whole context)."""
+        return 0
+
     def new_cache(self, n_ctx: int) -> KVCache:
         c = self.config
-        return KVCache(c.n_layer, n_ctx, c.n_head_kv, c.head_dim, c.head_dim, self.dtype)
+        windows = [self.sliding_window(il) for il in range(c.n_layer)]
+        return KVCache.for_heads(n_ctx, c.n_head_kv, c.head_dim, c.head_dim, self.dtype, windows)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         return embed(self.token_embd, tokens, self.dtype)  # (n_tok, n_embd)
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
-        """Run `tokens` at positions cache.n_past.. and return logits (n_tok or 1, n_vocab)."""
+    def emit(self, name: str, x: np.ndarray, il: int | None = None) -> np.ndarray:
+        """Show x to the observer as llama.cpp's `name-il` (or `name`), and return it."""
+        if self.observer is not None:
+            self.observer(name if il is None else f"{name}-{il}", x)
+        return x
+
+    def forward(
+        self, tokens: np.ndarray, cache: KVCache, all_logits: bool = True, observer: Observer | None = None
+    ) -> np.ndarray:
+        """Run `tokens` at positions cache.n_past.. and return logits (n_tok or 1, n_vocab).
+
+        A prompt is evaluated n_ubatch tokens at a time, each micro-batch appended to the cache before
+        the next attends to it, so activations are bounded by the micro-batch, not the prompt.
+        """
         tokens = np.asarray(tokens, dtype=np.int64)
         n_tok = len(tokens)
         if n_tok == 0:
@@ -161,17 +185,31 @@ class DecoderModel:
         bad = (tokens < 0) | (tokens >= self.config.n_vocab)
         if bad.any():
             raise ModelError(f"token id {int(tokens[bad][0])} is outside the vocabulary of {self.config.n_vocab}")
-        positions = np.arange(cache.n_past, cache.n_past + n_tok)
-        # A batch is BLAS's to parallelise; one token is the kernels' (see kernel_threads).
-        with kernel_threads(1 if n_tok > 1 else numba.config.NUMBA_NUM_THREADS):
-            x = self.embed(tokens)  # (n_tok, n_embd)
-            for il in range(self.config.n_layer):
-                x = self.layer(il, x, positions, cache)
-            cache.n_past += n_tok
-            if not all_logits:
-                x = x[-1:]
-            x = rms_norm(x, self.output_norm, self.config.norm_eps)
-            return self.output(x)  # (n_tok or 1, n_vocab)
+        logits = []
+        self.observer = observer
+        try:
+            for start in range(0, n_tok, self.n_ubatch):
+                batch = tokens[start : start + self.n_ubatch]
+                last = start + len(batch) == n_tok
+                with step_threads(len(batch)):
+                    out = self.step(batch, cache, all_logits or last)
+                if out is not None:
+                    logits.append(out if all_logits else out[-1:])
+        finally:
+            self.observer = None
+        return logits[0] if len(logits) == 1 else np.concatenate(logits)
+
+    def step(self, tokens: np.ndarray, cache: KVCache, want_logits: bool) -> np.ndarray | None:
+        """One micro-batch at positions cache.n_past..: its logits (n_tok, n_vocab) if wanted."""
+        positions = np.arange(cache.n_past, cache.n_past + len(tokens))
+        x = self.emit("inp_embd", self.embed(tokens))  # (n_tok, n_embd)
+        for il in range(self.config.n_layer):
+            x = self.emit("l_out", self.layer(il, x, positions, cache), il)
+        cache.n_past += len(tokens)
+        if not want_logits:
+            return None
+        x = self.emit("result_norm", rms_norm(x, self.output_norm, self.config.norm_eps))
+        return self.emit("result_output", self.output(x))  # (n_tok, n_vocab)
 
     def layer(self, il: int, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
         raise NotImplementedError
@@ -214,9 +252,9 @@ def load_attention(gguf: GGUFFile, il: int, c, dtype) -> AttentionWeights:
     return w
 
 
-def self_attention(w: AttentionWeights, x, positions, cache: KVCache, il: int, c, rope, scale, window=0):
+def self_attention(model: DecoderModel, w: AttentionWeights, x, positions, cache: KVCache, il: int, rope, scale):
     """Project, QK-norm, rotate, append to the cache, attend, project back: (n_tok, n_embd)."""
-    n_tok = x.shape[0]
+    c, n_tok = model.config, x.shape[0]
     q, k, v = w.attn_q(x), w.attn_k(x), w.attn_v(x)  # (n_tok, heads * head_dim)
     if w.bias_q is not None:
         q, k, v = q + w.bias_q, k + w.bias_k, v + w.bias_v
@@ -224,12 +262,13 @@ def self_attention(w: AttentionWeights, x, positions, cache: KVCache, il: int, c
     k = k.reshape(n_tok, c.n_head_kv, c.head_dim)
     v = v.reshape(n_tok, c.n_head_kv, c.head_dim)
     if w.attn_q_norm is not None:
-        q = rms_norm(q, w.attn_q_norm, c.norm_eps)
-        k = rms_norm(k, w.attn_k_norm, c.norm_eps)
-    q = rope.apply(q, positions)
-    k = rope.apply(k, positions)
-    end = positions[-1] + 1
-    cache.k[il, positions] = k
-    cache.v[il, positions] = v
-    out = attention(q, cache.k[il, :end], cache.v[il, :end], positions, scale, window)  # (n_tok, n_head, dim)
-    return w.attn_output(out.reshape(n_tok, c.n_head * c.head_dim))
+        q = model.emit("Qcur_normed", rms_norm(q, w.attn_q_norm, c.norm_eps), il)
+        k = model.emit("Kcur_normed", rms_norm(k, w.attn_k_norm, c.norm_eps), il)
+    q = model.emit("Qcur", rope.apply(q, positions), il)  # (n_tok, n_head, head_dim)
+    k = model.emit("Kcur", rope.apply(k, positions), il)  # (n_tok, n_head_kv, head_dim)
+    model.emit("Vcur", v, il)
+    layer = cache.layers[il]
+    layer.store(int(positions[0]), k, v)
+    out = attention(q, layer, int(positions[0]), scale)  # (n_tok, n_head, head_dim)
+    out = model.emit("kqv_out", out.reshape(n_tok, c.n_head * c.head_dim), il)
+    return w.attn_output(out)

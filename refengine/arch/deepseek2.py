@@ -44,7 +44,7 @@ from refengine.arch.common import (
 )
 from refengine.arch.moe import MoE, MoEConfig, SwiGLU
 from refengine.gguf import GGUFFile, Tensor
-from refengine.nn import Linear, Rope, YaRN, attention, lazy_zeros, rms_norm
+from refengine.nn import KVCache, LayerCache, Linear, Rope, YaRN, attention, lazy_zeros, rms_norm
 
 # convert_hf_to_gguf writes yarn_log_multiplier as 0.1 * mscale_all_dim; llama.cpp divides it back
 # out (TAG_DEEPSEEK2_YARN_LOG_MUL_FIX).
@@ -133,20 +133,14 @@ class Deepseek2Config(DecoderConfig):
         return self.qk_nope_dim + self.qk_rope_dim
 
 
-class MLACache:
+def mla_cache(n_layer: int, n_ctx: int, kv_lora_rank: int, n_rot: int, dtype) -> KVCache:
     """MLA's compressed cache: per layer and position the latent, then the rope key, side by side as
-    llama.cpp's K cache keeps them (its V is the latent part, as here)."""
-
-    def __init__(self, n_layer: int, n_ctx: int, kv_lora_rank: int, n_rot: int, dtype):
-        self.n_ctx = n_ctx
-        self.kv = lazy_zeros((n_layer, n_ctx, kv_lora_rank + n_rot), dtype)  # (layer, pos, kv_lora_rank + n_rot)
-        self.latent = self.kv[..., :kv_lora_rank]  # (layer, pos, kv_lora_rank), a view
-        self.k_pe = self.kv[..., kv_lora_rank:]  # (layer, pos, n_rot), a view
-        self.n_past = 0  # positions [0, n_past) hold valid entries
-
-    @property
-    def nbytes(self) -> int:
-        return self.kv.nbytes
+    llama.cpp's K cache keeps them; the values are a view of the latent part, as llama.cpp's V."""
+    layers = []
+    for _ in range(n_layer):
+        kv = lazy_zeros((1, n_ctx, kv_lora_rank + n_rot), dtype)  # (1 head, n_ctx, kv_lora_rank + n_rot)
+        layers.append(LayerCache(kv, kv[..., :kv_lora_rank]))  # values: (1, n_ctx, kv_lora_rank), a view
+    return KVCache(layers, n_ctx)
 
 
 def per_head(heads: list[Linear], x: np.ndarray) -> np.ndarray:
@@ -235,18 +229,20 @@ class Deepseek2(DecoderModel):
                 )
             )
 
-    def new_cache(self, n_ctx: int) -> MLACache:
+    def new_cache(self, n_ctx: int) -> KVCache:
         c = self.config
-        return MLACache(c.n_layer, n_ctx, c.kv_lora_rank, c.qk_rope_dim, self.dtype)
+        return mla_cache(c.n_layer, n_ctx, c.kv_lora_rank, c.qk_rope_dim, self.dtype)
 
     def layer(self, il, x, positions, cache):
         c, w = self.config, self.layers[il]
-        h = rms_norm(x, w.attn_norm, c.norm_eps)  # (n_tok, n_embd)
-        x = x + self.attention(w.attn, h, positions, cache, il)
-        h = rms_norm(x, w.ffn_norm, c.norm_eps)
-        return x + w.ffn(h)  # (n_tok, n_embd)
+        h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps), il)  # (n_tok, n_embd)
+        x = self.emit("ffn_inp", x + self.attention(w.attn, h, positions, cache, il), il)
+        h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps), il)
+        if isinstance(w.ffn, MoE):
+            return x + self.emit("ffn_moe_out", w.ffn(h, self.emit, il), il)  # (n_tok, n_embd)
+        return x + self.emit("ffn_out", w.ffn(h), il)  # (n_tok, n_embd)
 
-    def attention(self, w: MLAWeights, x, positions, cache: MLACache, il: int) -> np.ndarray:
+    def attention(self, w: MLAWeights, x, positions, cache: KVCache, il: int) -> np.ndarray:
         """MLA over the compressed cache (see the module docstring): (n_tok, n_embd) -> (n_tok, n_embd)."""
         c, n_tok = self.config, x.shape[0]
         if w.attn_q is not None:
@@ -257,15 +253,15 @@ class Deepseek2(DecoderModel):
         q_nope, q_pe = q[..., : c.qk_nope_dim], q[..., c.qk_nope_dim :]  # (n_tok, n_head, nope), (..., rope)
 
         kv = w.attn_kv_a_mqa(x)  # (n_tok, kv_lora_rank + qk_rope_dim)
-        cache.latent[il, positions] = rms_norm(kv[:, : c.kv_lora_rank], w.attn_kv_a_norm, c.norm_eps)
-        cache.k_pe[il, positions] = c.rope.apply(kv[:, None, c.kv_lora_rank :], positions)[:, 0]
+        latent = self.emit("kv_cmpr", rms_norm(kv[:, : c.kv_lora_rank], w.attn_kv_a_norm, c.norm_eps), il)
+        k_pe = self.emit("k_pe", c.rope.apply(kv[:, None, c.kv_lora_rank :], positions), il)  # (n_tok, 1, rope)
+        # One key/value head for all query heads: keys [latent; k_pe], values the latent.
+        layer, first = cache.layers[il], int(positions[0])
+        layer.store(first, np.concatenate([latent[:, None], k_pe], axis=-1), None)  # (n_tok, 1, kv_lora + rope)
 
         q_latent = per_head(w.attn_k_b, q_nope)  # (n_tok, n_head, kv_lora_rank)
         q = np.concatenate([q_latent, c.rope.apply(q_pe, positions)], axis=-1)  # (n_tok, n_head, kv_lora + rope)
-        end = positions[-1] + 1
-        # One key/value head for all query heads: keys [latent; k_pe], values the latent.
-        keys = cache.kv[il, :end, None]  # (n_kv, 1, kv_lora_rank + qk_rope_dim)
-        values = cache.latent[il, :end, None]  # (n_kv, 1, kv_lora_rank)
-        out = attention(q, keys, values, positions, c.attn_scale)  # (n_tok, n_head, kv_lora_rank)
+        out = attention(q, layer, first, c.attn_scale)  # (n_tok, n_head, kv_lora_rank)
         out = per_head(w.attn_v_b, out)  # (n_tok, n_head, v_head_dim)
-        return w.attn_output(out.reshape(n_tok, c.n_head * c.v_head_dim))
+        out = self.emit("kqv_out", out.reshape(n_tok, c.n_head * c.v_head_dim), il)
+        return w.attn_output(out)

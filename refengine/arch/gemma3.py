@@ -104,15 +104,17 @@ class Gemma3(DecoderModel):
     def embed(self, tokens):
         return super().embed(tokens) * self.embd_scale  # (n_tok, n_embd)
 
+    def sliding_window(self, il: int) -> int:
+        c = self.config
+        return c.sliding_window if c.is_local(il) else 0
+
     def layer(self, il, x, positions, cache):
         c, w = self.config, self.layers[il]
-        local = c.is_local(il)
-        rope = c.rope_local if local else c.rope_global
-        h = rms_norm(x, w.attn_norm, c.norm_eps)  # (n_tok, n_embd)
-        h = self_attention(
-            w.attn, h, positions, cache, il, c, rope, self.attn_scale, window=c.sliding_window if local else 0
-        )
-        x = x + rms_norm(h, w.post_attention_norm, c.norm_eps)
-        h = rms_norm(x, w.ffn_norm, c.norm_eps)
-        h = w.ffn_down(gelu_tanh(w.ffn_gate(h)) * w.ffn_up(h))
-        return x + rms_norm(h, w.post_ffw_norm, c.norm_eps)  # (n_tok, n_embd)
+        rope = c.rope_local if c.is_local(il) else c.rope_global
+        h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps), il)  # (n_tok, n_embd)
+        h = self_attention(self, w.attn, h, positions, cache, il, rope, self.attn_scale)
+        h = self.emit("attn_post_norm", rms_norm(h, w.post_attention_norm, c.norm_eps), il)
+        x = self.emit("sa_out", x + h, il)
+        h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps), il)
+        h = self.emit("ffn_out", w.ffn_down(gelu_tanh(w.ffn_gate(h)) * w.ffn_up(h)), il)
+        return x + self.emit("ffn_post_norm", rms_norm(h, w.post_ffw_norm, c.norm_eps), il)  # (n_tok, n_embd)

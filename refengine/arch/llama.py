@@ -92,9 +92,9 @@ class Llama(DecoderModel):
 
     def layer(self, il, x, positions, cache):
         c, w = self.config, self.layers[il]
-        h = rms_norm(x, w.attn_norm, c.norm_eps)  # (n_tok, n_embd)
-        x = x + self_attention(w.attn, h, positions, cache, il, c, c.rope, self.attn_scale)
-        h = rms_norm(x, w.ffn_norm, c.norm_eps)
+        h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps), il)  # (n_tok, n_embd)
+        x = self.emit("ffn_inp", x + self_attention(self, w.attn, h, positions, cache, il, c.rope, self.attn_scale), il)
+        h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps), il)
         if w.ffn_moe is not None:
-            return x + w.ffn_moe(h)  # (n_tok, n_embd)
-        return x + w.ffn_down(silu(w.ffn_gate(h)) * w.ffn_up(h))  # (n_tok, n_embd)
+            return x + self.emit("ffn_moe_out", w.ffn_moe(h, self.emit, il), il)  # (n_tok, n_embd)
+        return x + self.emit("ffn_out", w.ffn_down(silu(w.ffn_gate(h)) * w.ffn_up(h)), il)  # (n_tok, n_embd)

@@ -19,7 +19,7 @@ always float32). Renormalising comes before scaling in both.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +27,9 @@ import numpy as np
 from refengine.arch.common import HParams, ModelError, check_shape, layer_tensors
 from refengine.gguf import GGUFFile, Tensor
 from refengine.nn import Linear, silu, softmax
+
+# A DecoderModel's emit(name, x, il): shows an intermediate tensor to the forward pass's observer.
+Emit = Callable[[str, np.ndarray, int | None], np.ndarray]
 
 # expert_gating_func, as llama.cpp's llama_expert_gating_func_type (gguf.ExpertGatingFuncType).
 GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
@@ -213,9 +216,15 @@ class MoE:
             )
         return self.experts[e]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """(n_tok, n_embd) -> (n_tok, n_embd)."""
-        chosen, weights = route(self.ffn_gate_inp(x), self.config, self.exp_probs_b)  # (n_tok, n_expert_used) each
+    def __call__(self, x: np.ndarray, emit: Emit | None = None, il: int | None = None) -> np.ndarray:
+        """(n_tok, n_embd) -> (n_tok, n_embd). emit(name, x, il), if given, sees the router's logits, the chosen
+        experts and their weights (a DecoderModel's emit: llama.cpp's names)."""
+        logits = self.ffn_gate_inp(x)  # (n_tok, n_expert)
+        chosen, weights = route(logits, self.config, self.exp_probs_b)  # (n_tok, n_expert_used) each
+        if emit is not None:
+            emit("ffn_moe_logits", logits, il)
+            emit("ffn_moe_topk", chosen, il)
+            emit("ffn_moe_weights", weights, il)
         out = np.zeros_like(x)  # (n_tok, n_embd)
         if len(x) == 1:  # decoding: the token's experts in turn, each a fused matvec
             experts = chosen[0].tolist()

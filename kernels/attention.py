@@ -1,0 +1,105 @@
+"""Attention of one query token over the KV cache (decoding), fused in one pass over the keys.
+
+    kernel(q, k, v, first, n_keys, scale, out)
+
+    q    (n_kv_head, group, dk)     the query heads, grouped by the key/value head they share (GQA)
+    k    (n_kv_head, n_slots, dk)   one layer's keys, per KV head, positions contiguous
+    v    (n_kv_head, n_slots, dv)   its values (may be a view of k's first dv columns: MLA's latent)
+    out  (n_kv_head, group, dv)     softmax(scale * q . k) @ v over the n_keys positions first, first+1, ...
+
+Position p lives in slot p % n_slots, so a sliding-window layer's cache is a ring of a little more
+than its window and only the window is ever read. Each key row is read once for its whole group of
+query heads, and the softmax is the online (flash-attention) recurrence: keys are scored a block at a
+time, and the running sum of exp(score - max) and the running output are rescaled whenever the max
+grows, so no (n_head, n_kv) score array exists. The keys are split into one range per thread when
+there are few KV heads (gemma3 has one), each range keeping its own max, sum and output, merged at
+the end as flash-decoding does.
+
+Arithmetic: the dot products are summed in an order LLVM chooses (kernel(reassociate=True)), within
+the dtype's rounding of a sequential sum; exp is libm's. The dtype of q, k, v and out is float32, or
+float64 for the exact path: every intermediate is in that dtype.
+"""
+
+import numpy as np
+
+from ._jit import kernel, prange
+
+# Keys scored per pass of the recurrence: their scores stay in L1 (group x KEY_BLOCK values), and the
+# running output is rescaled once per block rather than once per key.
+KEY_BLOCK = 128
+
+
+@kernel(parallel=True, reassociate=True)
+def attend_one_token(q, k, v, first, n_keys, scale, n_split, out):
+    n_kv_head, group, dk = q.shape
+    n_slots = k.shape[1]
+    dv = v.shape[2]
+    chunk = (n_keys + n_split - 1) // n_split
+    zero = np.zeros(1, dtype=q.dtype)[0]
+    part_o = np.zeros((n_kv_head, n_split, group, dv), dtype=q.dtype)  # each range's unnormalised output
+    part_m = np.full((n_kv_head, n_split, group), -np.inf, dtype=q.dtype)  # its running max score
+    part_l = np.zeros((n_kv_head, n_split, group), dtype=q.dtype)  # its running sum of exp(score - max)
+    for task in prange(n_kv_head * n_split):
+        h = task // n_split
+        s = task - h * n_split
+        lo = s * chunk
+        hi = min(n_keys, lo + chunk)
+        o = part_o[h, s]  # (group, dv)
+        m = part_m[h, s]  # (group,)
+        lsum = part_l[h, s]  # (group,)
+        scores = np.empty((group, KEY_BLOCK), dtype=q.dtype)
+        for b0 in range(lo, hi, KEY_BLOCK):
+            nb = min(KEY_BLOCK, hi - b0)
+            start = (first + b0) % n_slots
+            slot = start
+            for t in range(nb):  # scores of the block: each key row read once for the whole group
+                for g in range(group):
+                    acc = zero
+                    for d in range(dk):
+                        acc += q[h, g, d] * k[h, slot, d]
+                    scores[g, t] = acc * scale
+                slot += 1
+                if slot == n_slots:
+                    slot = 0
+            for g in range(group):  # the recurrence: rescale what came before if the max grew
+                m_block = scores[g, 0]
+                for t in range(1, nb):
+                    m_block = max(m_block, scores[g, t])
+                m_new = max(m[g], m_block)
+                correction = np.exp(m[g] - m_new)
+                for d in range(dv):
+                    o[g, d] *= correction
+                total = lsum[g] * correction
+                for t in range(nb):
+                    p = np.exp(scores[g, t] - m_new)
+                    scores[g, t] = p
+                    total += p
+                lsum[g] = total
+                m[g] = m_new
+            slot = start
+            for t in range(nb):  # output: each value row read once for the whole group
+                for g in range(group):
+                    p = scores[g, t]
+                    for d in range(dv):
+                        o[g, d] += p * v[h, slot, d]
+                slot += 1
+                if slot == n_slots:
+                    slot = 0
+    for i in prange(n_kv_head * group):  # merge the ranges (flash-decoding's reduction)
+        h = i // group
+        g = i - h * group
+        m_all = part_m[h, 0, g]
+        for s in range(1, n_split):
+            m_all = max(m_all, part_m[h, s, g])
+        total = zero
+        for d in range(dv):
+            out[h, g, d] = total
+        for s in range(n_split):
+            if part_l[h, s, g] == 0:  # an empty range (more ranges than keys)
+                continue
+            w = np.exp(part_m[h, s, g] - m_all)
+            total += part_l[h, s, g] * w
+            for d in range(dv):
+                out[h, g, d] += part_o[h, s, g, d] * w
+        for d in range(dv):
+            out[h, g, d] /= total
