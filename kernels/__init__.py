@@ -13,6 +13,11 @@ Layout of this package:
   gemv.py     fused y = W @ x straight from the quant blocks, for decoding one token
               (F32, F16, BF16, the legacy types and the k-quants); `matvec` below wraps it.
   attention.py  one query token's attention over a layer's KV cache, fused (`attend_one_token`).
+  simd.py     32-byte integer vectors for numba: the CPU's byte dot product (vpdpbusd, or
+              vpmaddubsw + vpmaddwd), chosen at import for the CPU numba compiles for
+  activations.py  float32 -> Q8_0, Q8_1, Q8_K as ggml-cpu quantizes activations, bit for bit
+  gemv_ggml.py  y = W @ x in llama.cpp's CPU arithmetic (numerics="ggml"): x quantized, integer
+              dot products as ggml_vec_dot_*; same signature as gemv.py's kernels.
 
 Every dequantize kernel has the same signature,
     kernel(blocks, out, *tables)
@@ -44,6 +49,7 @@ from refengine.errors import RefengineError
 
 from . import attention, floats, legacy
 from .gemv import MATVEC_KERNELS
+from .gemv_ggml import ACTIVATION_KERNELS, GGML_MATVEC_KERNELS, VEC_DOT_TYPES
 from .quantize import QUANTIZE_KERNELS
 
 _KERNEL_MODULES = [floats, legacy]
@@ -174,24 +180,34 @@ def quantize_rows(ggml_type, x: np.ndarray, out: np.ndarray | None = None) -> np
     return out
 
 
-# ggml type -> (matvec kernel, block_size, type_size), looked up once per call.
-_MATVEC = {t: (fn, *GGML_QUANT_SIZES[t]) for t, fn in MATVEC_KERNELS.items()}
+# numerics -> ggml type -> (matvec kernel, block_size, type_size), looked up once per call.
+#   exact  weights decoded exactly, x kept in float32, products summed in float32 (gemv.py)
+#   ggml   llama.cpp's CPU arithmetic: x quantized to the type's vec_dot_type, integer dot products (gemv_ggml.py)
+_MATVEC = {
+    "exact": {t: (fn, *GGML_QUANT_SIZES[t]) for t, fn in MATVEC_KERNELS.items()},
+    "ggml": {t: (fn, *GGML_QUANT_SIZES[t]) for t, fn in GGML_MATVEC_KERNELS.items()},
+}
+NUMERICS = tuple(_MATVEC)
 _UINT8, _FLOAT32, _FLOAT64 = np.dtype(np.uint8), np.dtype(np.float32), np.dtype(np.float64)
 
 
-def matvec(ggml_type, rows: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def matvec(
+    ggml_type, rows: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, numerics: str = "exact"
+) -> np.ndarray:
     """y = W @ x for a weight W (n_out, n_in) of `ggml_type`, given as its raw rows (n_out, row_bytes) uint8.
 
     x is a C-contiguous (n_in,) float32 vector; the result goes into `out`, a
     C-contiguous (n_out,) float32 vector, allocated if not given, and is returned.
-    rows may be a read-only view of a memory map. Weights are decoded exactly and
-    products summed in float32, in an order of our choosing (see gemv.py).
+    rows may be a read-only view of a memory map. numerics="exact": weights are
+    decoded exactly and products summed in float32, in an order of our choosing
+    (see gemv.py). numerics="ggml": x is quantized and the dot products run on
+    integers, as llama.cpp's CPU backend computes them (see gemv_ggml.py).
 
     Decoding calls this hundreds of times per token, often on small matrices,
     so the checks are the few that keep the kernel from reading out of bounds
     or compiling a new specialisation, each a field compare.
     """
-    kernel, n_in = _matvec_kernel(ggml_type, rows)
+    kernel, n_in = _matvec_kernel(ggml_type, rows, numerics)
     n_out, row_bytes = rows.shape
     if x.dtype != _FLOAT32 or x.shape != (n_in,) or not x.flags.c_contiguous:
         raise KernelError(
@@ -206,24 +222,26 @@ def matvec(ggml_type, rows: np.ndarray, x: np.ndarray, out: np.ndarray | None = 
     return out
 
 
-def bound_matvec(ggml_type, rows: np.ndarray) -> Callable[[np.ndarray, np.ndarray], None]:
+def bound_matvec(ggml_type, rows: np.ndarray, numerics: str = "exact") -> Callable[[np.ndarray, np.ndarray], None]:
     """`matvec` for one weight, its rows checked once: call it as f(x, out).
 
     Decoding calls the same few hundred weights every token, so the rows' checks move here and
     the caller keeps only its promise: x a C-contiguous (n_in,) float32 vector and out a
     (n_out,) float32 one. nn.Linear makes that promise after checking x's width.
     """
-    kernel, _ = _matvec_kernel(ggml_type, rows)
+    kernel, _ = _matvec_kernel(ggml_type, rows, numerics)
     return functools.partial(kernel, rows)
 
 
-def _matvec_kernel(ggml_type, rows: np.ndarray) -> tuple[Callable, int]:
-    """The matvec kernel of `ggml_type`, and n_in, once `rows` is checked to be whole blocks of it."""
+def _matvec_kernel(ggml_type, rows: np.ndarray, numerics: str = "exact") -> tuple[Callable, int]:
+    """The matvec kernel of `ggml_type` in `numerics`, and n_in, once `rows` is checked to be whole blocks of it."""
+    if numerics not in _MATVEC:
+        raise KernelError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
     try:
-        kernel, block_size, type_size = _MATVEC[ggml_type]
+        kernel, block_size, type_size = _MATVEC[numerics][ggml_type]
     except KeyError:
         name = getattr(ggml_type, "name", str(ggml_type))
-        raise KernelError(f"no matvec kernel for ggml type {name}") from None
+        raise KernelError(f"no {numerics} matvec kernel for ggml type {name}") from None
     if rows.dtype != _UINT8 or rows.ndim != 2 or not rows.flags.c_contiguous:
         raise KernelError(f"rows must be C-contiguous 2-D uint8, got {rows.dtype} with shape {rows.shape}")
     if rows.shape[1] % type_size:
@@ -233,6 +251,19 @@ def _matvec_kernel(ggml_type, rows: np.ndarray) -> tuple[Callable, int]:
 
 def _type_name(ggml_type) -> str:
     return GGMLQuantizationType(ggml_type).name
+
+
+def quantize_activations(ggml_type, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (n,) float32 quantized as ggml-cpu quantizes a matvec's activations for weights of `ggml_type`
+    (to its vec_dot_type: Q8_0, Q8_1 or Q8_K; activations.py): (blocks, scales, sums), `blocks` the raw
+    ggml blocks (n_blocks, block bytes) uint8, bit for bit what ggml's quantize_row_q8_* writes."""
+    vec_dot_type = VEC_DOT_TYPES.get(GGMLQuantizationType(ggml_type))
+    if vec_dot_type not in ACTIVATION_KERNELS:
+        raise KernelError(f"ggml type {_type_name(ggml_type)} takes float activations, not quantized ones")
+    block_size = 256 if vec_dot_type == GGMLQuantizationType.Q8_K else 32
+    if x.dtype != _FLOAT32 or x.ndim != 1 or x.size % block_size:
+        raise KernelError(f"x must be float32 (n,) with n a multiple of {block_size}, got {x.dtype} {x.shape}")
+    return ACTIVATION_KERNELS[vec_dot_type](np.ascontiguousarray(x))
 
 
 # Keys per thread's range below which attend_one_token does not split the keys further.

@@ -151,3 +151,20 @@ def random_rows(rng: np.random.RandomState, n_rows: int, n_cols: int) -> dict[st
         "outliers": np.where(rng.random_sample((n_rows, n_cols)) < 0.01, 50.0, 1.0) * normal,
     }
     return {name: x.astype(np.float32) for name, x in rows.items()}
+
+
+# -- ggml-cpu's activation quantizers and integer dot products ---------------------------------------
+# What llama.cpp's CPU backend runs for a matrix-vector product (refengine.libggml binds them):
+# x quantized by the from_float of the weight type's vec_dot_type (the arch-specific
+# quantize_row_q8_0 / _q8_1 / _q8_K, not the _ref ones), then ggml_vec_dot_<type>_<vec_dot_type>
+# per row. The oracle of kernels/activations.py and kernels/gemv_ggml.py.
+
+from refengine.libggml import (  # noqa: E402, F401  (re-exported for the tests)
+    ACTIVATION_BLOCKS,
+    VEC_DOT_TYPES,
+    LibggmlMissing,
+    MulMat,
+    cpu_features,
+    quantize_activations,
+    vec_dot_rows,
+)

@@ -1,0 +1,433 @@
+"""Matrix-vector products in llama.cpp's CPU arithmetic: y = W @ x on integers, as ggml_vec_dot_*.
+
+Every kernel has gemv.py's signature, kernel(rows, x, out), and computes what ggml's
+mul_mat computes for one token on x86 (ggml-cpu/arch/x86/quants.c):
+
+ 1. x is quantized to the weight type's vec_dot_type (activations.py): Q8_0 for Q4_0,
+    Q5_0, Q8_0; Q8_1 for Q4_1, Q5_1; Q8_K for the k-quants. Bit for bit as ggml does it.
+ 2. Each block's dot product of weight quants and activation quants runs on integers and is
+    exact: with the block's integer sub-block scales, an int32 `isum` per block.
+ 3. Floats enter once per block, as in ggml: y += (d_w * d_x) * isum, with d_w the block's
+    f16 scale and d_x the activation block's; a min (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K) adds
+    m_w * s_x, s_x being Q8_1's f16 s or Q8_K's bsums times its d.
+
+So the integers are ggml's exactly, and the float32 sums over blocks differ from ggml's
+only in their order (ggml keeps 8 lane sums and adds them at the end; we add each block's
+total): equal within float32 reassociation, as tests/test_ggml_numerics.py checks against
+ggml's own vec_dot through ctypes.
+
+Integer dot products use simd.py's Bytes32 vectors and `dot_bytes` (vpdpbusd with VNNI,
+vpmaddubsw + vpmaddwd with AVX2): 32 byte products an instruction, with no conversion to
+float per value, which is what lets a matvec read its weights at memory speed where the
+exact kernels of gemv.py are bound by the CPU. `dot_bytes` multiplies unsigned by signed
+bytes; the weight types with signed quants are fed unsigned, and the offset they carry is
+subtracted once per (sub-)block with the activation sums (Q4_0: sum (q - 8) y = sum q y -
+8 sum y), except Q8_0, which takes ggml's sign trick (`dot_signed_bytes`).
+
+Block layouts are those of legacy.py and kquants.py; each kernel restates its own.
+"""
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from ._jit import f16_to_f32, kernel, prange, u32_as_f32
+from .activations import (
+    Q8_0_BYTES,
+    Q8_1_BYTES,
+    Q8_K_BYTES,
+    cpu_fp32_to_fp16,
+    quantize_q8_0,
+    quantize_q8_1,
+    quantize_q8_k,
+)
+from .gemv import half_to_f32, matvec_bf16, matvec_f16, matvec_f32, prefetch_block
+from .kquants import q3_k_scale, scale_min_k4
+from .quantize import f32_bits
+from .simd import (
+    HAS_F16C,
+    add_lanes,
+    bit_bytes,
+    bits_to_bytes,
+    dot_bytes,
+    dot_signed_bytes,
+    high_nibbles,
+    load_bytes,
+    load_nibbles,
+    low_nibbles,
+    mask_bytes,
+    or_bytes,
+    scale_halves,
+    shift_left,
+    shift_right,
+    sum_lanes,
+    zero_lanes,
+)
+
+f32 = np.float32
+
+
+@kernel
+def half_at(rows, r, j):
+    """The little-endian f16 at rows[r, j : j + 2], as float32 (GGML_CPU_FP16_TO_FP32): one vcvtph2ps
+    with F16C; without it _jit.f16_to_f32's bit manipulation (LLVM would call a runtime function)."""
+    if HAS_F16C:
+        return half_to_f32(np.uint16(rows[r, j]) | (np.uint16(rows[r, j + 1]) << np.uint16(8)))
+    return f16_to_f32(rows[r, j], rows[r, j + 1])
+
+
+@kernel
+def u32_at(rows, r, j):
+    """The little-endian uint32 at rows[r, j : j + 4]."""
+    return (
+        np.uint32(rows[r, j])
+        | (np.uint32(rows[r, j + 1]) << np.uint32(8))
+        | (np.uint32(rows[r, j + 2]) << np.uint32(16))
+        | (np.uint32(rows[r, j + 3]) << np.uint32(24))
+    )
+
+
+# ---------------------------------------------------------------- activations
+
+
+@kernel
+def activations_q8_0(x):  # (n,) f32 -> (n / 32, 34) u8, (n / 32,) f32, (n / 32,) int32
+    n_blocks = x.shape[0] // 32
+    blocks = np.empty((n_blocks, Q8_0_BYTES), dtype=np.uint8)
+    scales = np.empty(n_blocks, dtype=np.float32)
+    sums = np.empty(n_blocks, dtype=np.int32)
+    quantize_q8_0(x.reshape((n_blocks, 32)), blocks, scales, sums)
+    return blocks, scales, sums
+
+
+@kernel
+def activations_q8_1(x):  # (n,) f32 -> (n / 32, 36) u8, (n / 32,) f32, (n / 32,) f32
+    n_blocks = x.shape[0] // 32
+    blocks = np.empty((n_blocks, Q8_1_BYTES), dtype=np.uint8)
+    scales = np.empty(n_blocks, dtype=np.float32)
+    sums = np.empty(n_blocks, dtype=np.float32)
+    quantize_q8_1(x.reshape((n_blocks, 32)), blocks, scales, sums)
+    return blocks, scales, sums
+
+
+@kernel
+def activations_q8_k(x):  # (n,) f32 -> (n / 256, 292) u8, (n / 256,) f32, (n / 256, 16) int32
+    n_blocks = x.shape[0] // 256
+    blocks = np.empty((n_blocks, Q8_K_BYTES), dtype=np.uint8)
+    scales = np.empty(n_blocks, dtype=np.float32)
+    sums = np.empty((n_blocks, 16), dtype=np.int32)
+    quantize_q8_k(x.reshape((n_blocks, 256)), blocks, scales, sums)
+    return blocks, scales, sums
+
+
+# ---------------------------------------------------------------- legacy 32-value blocks, by Q8_0 / Q8_1
+# Activation block b: qs at a[b, 2:34] (Q8_0) or a[b, 4:36] (Q8_1).
+
+
+# Q8_0, 34 bytes: | d: f16 | qs: int8 x 32 |   y = sum_b (d_b d_x) * sum_l q_l y_l, as ggml_vec_dot_q8_0_q8_0
+@kernel(parallel=True, reassociate=True)
+def matvec_q8_0(rows, x, out):  # (n_out, n_blocks * 34) uint8, (n_blocks * 32,) float32 -> (n_out,)
+    a, a_scales, _ = activations_q8_0(x)
+    for r in prange(rows.shape[0]):
+        acc = f32(0)
+        for b in range(a.shape[0]):
+            prefetch_block(rows, r, 34 * b, 34)
+            dot = dot_signed_bytes(zero_lanes(), load_bytes(rows, r, 34 * b + 2), load_bytes(a, b, 2))
+            acc += (half_at(rows, r, 34 * b) * a_scales[b]) * f32(sum_lanes(dot))
+        out[r] = acc
+
+
+# Q4_0, 18 bytes: | d: f16 | qs: 16 B, value l low nibble of qs[l], value l + 16 high |   q - 8
+@kernel(parallel=True, reassociate=True)
+def matvec_q4_0(rows, x, out):  # (n_out, n_blocks * 18) uint8, (n_blocks * 32,) float32 -> (n_out,)
+    a, a_scales, a_sums = activations_q8_0(x)
+    for r in prange(rows.shape[0]):
+        acc = f32(0)
+        for b in range(a.shape[0]):
+            prefetch_block(rows, r, 18 * b, 18)
+            dot = dot_bytes(zero_lanes(), load_nibbles(rows, r, 18 * b + 2), load_bytes(a, b, 2))
+            isum = sum_lanes(dot) - 8 * a_sums[b]
+            acc += (half_at(rows, r, 18 * b) * a_scales[b]) * f32(isum)
+        out[r] = acc
+
+
+# Q4_1, 20 bytes: | d: f16 | m: f16 | qs: 16 B |   y = sum_b (d_b d_x) * sum q y + m_b * s_x, as ggml_vec_dot_q4_1_q8_1
+@kernel(parallel=True, reassociate=True)
+def matvec_q4_1(rows, x, out):  # (n_out, n_blocks * 20) uint8, (n_blocks * 32,) float32 -> (n_out,)
+    a, a_scales, a_sums = activations_q8_1(x)
+    for r in prange(rows.shape[0]):
+        acc = f32(0)
+        mins = f32(0)
+        for b in range(a.shape[0]):
+            prefetch_block(rows, r, 20 * b, 20)
+            dot = dot_bytes(zero_lanes(), load_nibbles(rows, r, 20 * b + 4), load_bytes(a, b, 4))
+            acc += (half_at(rows, r, 20 * b) * a_scales[b]) * f32(sum_lanes(dot))
+            mins += half_at(rows, r, 20 * b + 2) * a_sums[b]
+        out[r] = acc + mins
+
+
+# Q5_0, 22 bytes: | d: f16 | qh: u32, bit l = 5th bit of value l | qs: 16 B, low 4 bits |   q - 16
+@kernel(parallel=True, reassociate=True)
+def matvec_q5_0(rows, x, out):  # (n_out, n_blocks * 22) uint8, (n_blocks * 32,) float32 -> (n_out,)
+    a, a_scales, a_sums = activations_q8_0(x)
+    for r in prange(rows.shape[0]):
+        acc = f32(0)
+        for b in range(a.shape[0]):
+            prefetch_block(rows, r, 22 * b, 22)
+            q = or_bytes(load_nibbles(rows, r, 22 * b + 6), bits_to_bytes(u32_at(rows, r, 22 * b + 2), 16))
+            isum = sum_lanes(dot_bytes(zero_lanes(), q, load_bytes(a, b, 2))) - 16 * a_sums[b]
+            acc += (half_at(rows, r, 22 * b) * a_scales[b]) * f32(isum)
+        out[r] = acc
+
+
+# Q5_1, 24 bytes: | d: f16 | m: f16 | qh: u32 | qs: 16 B |   5-bit q as Q5_0, unsigned; min as Q4_1
+@kernel(parallel=True, reassociate=True)
+def matvec_q5_1(rows, x, out):  # (n_out, n_blocks * 24) uint8, (n_blocks * 32,) float32 -> (n_out,)
+    a, a_scales, a_sums = activations_q8_1(x)
+    for r in prange(rows.shape[0]):
+        acc = f32(0)
+        mins = f32(0)
+        for b in range(a.shape[0]):
+            prefetch_block(rows, r, 24 * b, 24)
+            q = or_bytes(load_nibbles(rows, r, 24 * b + 8), bits_to_bytes(u32_at(rows, r, 24 * b + 4), 16))
+            isum = sum_lanes(dot_bytes(zero_lanes(), q, load_bytes(a, b, 4)))
+            acc += (half_at(rows, r, 24 * b) * a_scales[b]) * f32(isum)
+            mins += half_at(rows, r, 24 * b + 2) * a_sums[b]
+        out[r] = acc + mins
+
+
+# ---------------------------------------------------------------- k-quants, 256-value super-blocks, by Q8_K
+# Activation super-block b: d = a_scales[b], qs at a[b, 4:260] (value v at 4 + v), bsums a_sums[b, k]
+# (sum of the quants of values 16k .. 16k + 15). In ggml_vec_dot_q*_K_q8_K a super-block adds
+#   d_x * d_w * isum  +  (-d_x * dmin_w) * msum,
+# isum = sum_k sc_k * (sum over sub-block k of q y), msum = sum_k m_k * (sum of y over sub-block k).
+
+
+# Q4_K, 144 bytes: | d: f16 | dmin: f16 | scales: 12 B (8 x 6-bit scale, 8 x 6-bit min) | qs: 128 B |
+#   Value 64c + l is the low nibble of qs[32c + l] (sub-block 2c), value 64c + 32 + l its high one (2c + 1).
+@kernel(parallel=True, reassociate=True)
+def matvec_q4_k(rows, x, out):  # (n_out, n_blocks * 144) uint8, (n_blocks * 256,) float32 -> (n_out,)
+    a, a_scales, a_sums = activations_q8_k(x)
+    blocks = rows.reshape((rows.shape[0], a.shape[0], 144))
+    for r in prange(rows.shape[0]):
+        row = blocks[r]
+        acc = f32(0)
+        acc_mins = f32(0)
+        for b in range(a.shape[0]):
+            prefetch_block(rows, r, 144 * b, 144)
+            lanes = zero_lanes()
+            msum = 0
+            for c in range(4):
+                packed = load_bytes(rows, r, 144 * b + 16 + 32 * c)
+                low = dot_bytes(zero_lanes(), low_nibbles(packed), load_bytes(a, b, 4 + 64 * c))
+                high = dot_bytes(zero_lanes(), high_nibbles(packed), load_bytes(a, b, 36 + 64 * c))
+                scale_low, min_low = scale_min_k4(row, b, 2 * c)
+                scale_high, min_high = scale_min_k4(row, b, 2 * c + 1)
+                lanes = add_lanes(lanes, scale_halves(low, scale_low, scale_low))
+                lanes = add_lanes(lanes, scale_halves(high, scale_high, scale_high))
+                msum += np.int32(min_low) * (a_sums[b, 4 * c] + a_sums[b, 4 * c + 1])
+                msum += np.int32(min_high) * (a_sums[b, 4 * c + 2] + a_sums[b, 4 * c + 3])
+            acc += (a_scales[b] * half_at(rows, r, 144 * b)) * f32(sum_lanes(lanes))
+            acc_mins += (-a_scales[b] * half_at(rows, r, 144 * b + 2)) * f32(msum)
+        out[r] = acc + acc_mins
+
+
+# Q5_K, 176 bytes: | d: f16 | dmin: f16 | scales: 12 B (as Q4_K) | qh: 32 B | qs: 128 B |
+#   Value 64c + l: low nibble of qs[32c + l] | bit 2c of qh[l] << 4; value 64c + 32 + l: high nibble, bit 2c + 1.
+@kernel(parallel=True, reassociate=True)
+def matvec_q5_k(rows, x, out):  # (n_out, n_blocks * 176) uint8, (n_blocks * 256,) float32 -> (n_out,)
+    a, a_scales, a_sums = activations_q8_k(x)
+    blocks = rows.reshape((rows.shape[0], a.shape[0], 176))
+    for r in prange(rows.shape[0]):
+        row = blocks[r]
+        acc = f32(0)
+        acc_mins = f32(0)
+        for b in range(a.shape[0]):
+            prefetch_block(rows, r, 176 * b, 176)
+            high_bits = load_bytes(rows, r, 176 * b + 16)
+            lanes = zero_lanes()
+            msum = 0
+            for c in range(4):
+                packed = load_bytes(rows, r, 176 * b + 48 + 32 * c)
+                q_low = or_bytes(low_nibbles(packed), bit_bytes(high_bits, 1 << (2 * c), 16))
+                q_high = or_bytes(high_nibbles(packed), bit_bytes(high_bits, 2 << (2 * c), 16))
+                low = dot_bytes(zero_lanes(), q_low, load_bytes(a, b, 4 + 64 * c))
+                high = dot_bytes(zero_lanes(), q_high, load_bytes(a, b, 36 + 64 * c))
+                scale_low, min_low = scale_min_k4(row, b, 2 * c)
+                scale_high, min_high = scale_min_k4(row, b, 2 * c + 1)
+                lanes = add_lanes(lanes, scale_halves(low, scale_low, scale_low))
+                lanes = add_lanes(lanes, scale_halves(high, scale_high, scale_high))
+                msum += np.int32(min_low) * (a_sums[b, 4 * c] + a_sums[b, 4 * c + 1])
+                msum += np.int32(min_high) * (a_sums[b, 4 * c + 2] + a_sums[b, 4 * c + 3])
+            acc += (a_scales[b] * half_at(rows, r, 176 * b)) * f32(sum_lanes(lanes))
+            acc_mins += (-a_scales[b] * half_at(rows, r, 176 * b + 2)) * f32(msum)
+        out[r] = acc + acc_mins
+
+
+# Q6_K, 210 bytes: | ql: 128 B (low 4 bits) | qh: 64 B (high 2 bits) | scales: int8 x 16 | d: f16 |
+#   In half h (values 128h ..), value 128h + 32j + l takes nibble j // 2 of ql[64h + 32(j % 2) + l] and
+#   bits 2j, 2j + 1 of qh[32h + l]: q in 0..63, weight q - 32, sub-block 8h + 2j + l // 16.
+#   isum = sum_k sc_k * sum (q - 32) y = sum_k sc_k * sum q y - 32 * sum_k sc_k * bsum_k, as ggml's q8sclsub.
+@kernel(parallel=True, reassociate=True)
+def matvec_q6_k(rows, x, out):  # (n_out, n_blocks * 210) uint8, (n_blocks * 256,) float32 -> (n_out,)
+    a, a_scales, a_sums = activations_q8_k(x)
+    for r in prange(rows.shape[0]):
+        acc = f32(0)
+        for b in range(a.shape[0]):
+            base = 210 * b
+            prefetch_block(rows, r, base, 210)
+            lanes = zero_lanes()
+            offsets = 0
+            for h in range(2):
+                low = load_bytes(rows, r, base + 64 * h)
+                high = load_bytes(rows, r, base + 64 * h + 32)
+                bits = load_bytes(rows, r, base + 128 + 32 * h)
+                q0 = or_bytes(low_nibbles(low), mask_bytes(shift_left(bits, 4), 0x30))
+                q1 = or_bytes(low_nibbles(high), mask_bytes(shift_left(bits, 2), 0x30))
+                q2 = or_bytes(high_nibbles(low), mask_bytes(bits, 0x30))
+                q3 = or_bytes(high_nibbles(high), mask_bytes(shift_right(bits, 2), 0x30))
+                y = 4 + 128 * h
+                k = base + 192 + 8 * h  # scale of sub-block 8h
+                d0 = dot_bytes(zero_lanes(), q0, load_bytes(a, b, y))
+                d1 = dot_bytes(zero_lanes(), q1, load_bytes(a, b, y + 32))
+                d2 = dot_bytes(zero_lanes(), q2, load_bytes(a, b, y + 64))
+                d3 = dot_bytes(zero_lanes(), q3, load_bytes(a, b, y + 96))
+                lanes = add_lanes(lanes, scale_halves(d0, np.int8(rows[r, k]), np.int8(rows[r, k + 1])))
+                lanes = add_lanes(lanes, scale_halves(d1, np.int8(rows[r, k + 2]), np.int8(rows[r, k + 3])))
+                lanes = add_lanes(lanes, scale_halves(d2, np.int8(rows[r, k + 4]), np.int8(rows[r, k + 5])))
+                lanes = add_lanes(lanes, scale_halves(d3, np.int8(rows[r, k + 6]), np.int8(rows[r, k + 7])))
+            for k in range(16):
+                offsets += np.int32(np.int8(rows[r, base + 192 + k])) * a_sums[b, k]
+            isum = sum_lanes(lanes) - 32 * offsets
+            acc += (a_scales[b] * half_at(rows, r, base + 208)) * f32(isum)
+        out[r] = acc
+
+
+# Q3_K, 110 bytes: | hmask: 32 B | qs: 64 B (low 2 bits) | scales: 12 B (16 x 6-bit, +32) | d: f16 |
+#   Value 128h + 32j + l: bits 2j, 2j + 1 of qs[32h + l] and bit 4h + j of hmask[l], weight
+#   low2 - (0 if the hmask bit is set else 4) = q - 4 with q = low2 | hbit << 2 in 0..7; sub-block 8h + 2j + l // 16.
+@kernel(parallel=True, reassociate=True)
+def matvec_q3_k(rows, x, out):  # (n_out, n_blocks * 110) uint8, (n_blocks * 256,) float32 -> (n_out,)
+    a, a_scales, a_sums = activations_q8_k(x)
+    blocks = rows.reshape((rows.shape[0], a.shape[0], 110))
+    for r in prange(rows.shape[0]):
+        row = blocks[r]
+        acc = f32(0)
+        for b in range(a.shape[0]):
+            base = 110 * b
+            prefetch_block(rows, r, base, 110)
+            hmask = load_bytes(rows, r, base)
+            lanes = zero_lanes()
+            for h in range(2):
+                packed = load_bytes(rows, r, base + 32 + 32 * h)
+                for j in range(4):
+                    q = or_bytes(mask_bytes(shift_right(packed, 2 * j), 3), bit_bytes(hmask, 1 << (4 * h + j), 4))
+                    dot = dot_bytes(zero_lanes(), q, load_bytes(a, b, 4 + 128 * h + 32 * j))
+                    k = 8 * h + 2 * j
+                    lanes = add_lanes(lanes, scale_halves(dot, q3_k_scale(row, b, k), q3_k_scale(row, b, k + 1)))
+            offsets = 0
+            for k in range(16):
+                offsets += np.int32(q3_k_scale(row, b, k)) * a_sums[b, k]
+            isum = sum_lanes(lanes) - 4 * offsets
+            acc += (a_scales[b] * half_at(rows, r, base + 108)) * f32(isum)
+        out[r] = acc
+
+
+# Q2_K, 84 bytes: | scales: 16 B (scale | min << 4) | qs: 64 B (2-bit) | d: f16 | dmin: f16 |
+#   Value 128h + 32j + l is bits 2j, 2j + 1 of qs[32h + l]; sub-block 8h + 2j + l // 16.
+@kernel(parallel=True, reassociate=True)
+def matvec_q2_k(rows, x, out):  # (n_out, n_blocks * 84) uint8, (n_blocks * 256,) float32 -> (n_out,)
+    a, a_scales, a_sums = activations_q8_k(x)
+    for r in prange(rows.shape[0]):
+        acc = f32(0)
+        for b in range(a.shape[0]):
+            base = 84 * b
+            prefetch_block(rows, r, base, 84)
+            lanes = zero_lanes()
+            for h in range(2):
+                packed = load_bytes(rows, r, base + 16 + 32 * h)
+                for j in range(4):
+                    q = mask_bytes(shift_right(packed, 2 * j), 3)
+                    dot = dot_bytes(zero_lanes(), q, load_bytes(a, b, 4 + 128 * h + 32 * j))
+                    k = base + 8 * h + 2 * j
+                    lanes = add_lanes(lanes, scale_halves(dot, rows[r, k] & 0xF, rows[r, k + 1] & 0xF))
+            msum = 0
+            for k in range(16):
+                msum += np.int32(rows[r, base + k] >> 4) * a_sums[b, k]
+            acc += (-a_scales[b] * half_at(rows, r, base + 82)) * f32(msum)
+            acc += (a_scales[b] * half_at(rows, r, base + 80)) * f32(sum_lanes(lanes))
+        out[r] = acc
+
+
+# ---------------------------------------------------------------- float weights
+# ggml's vec_dot_type of F16 is F16 and of BF16 is BF16: x is rounded to the weight's format
+# (GGML_CPU_FP32_TO_FP16 / _BF16, to nearest even) and the products, exact in float32 (11 x 11 or
+# 8 x 8 significant bits), summed in float32, which is gemv.py's kernel on the rounded x. F32 is F32.
+
+
+@kernel
+def round_to_f16(x):  # (n,) f32 -> (n,) f32, each value rounded to the nearest half (GGML_CPU_FP32_TO_FP16)
+    rounded = np.empty_like(x)
+    for i in range(x.shape[0]):
+        h = cpu_fp32_to_fp16(x[i])
+        rounded[i] = f16_to_f32(h & 0xFF, h >> 8)
+    return rounded
+
+
+@kernel
+def round_to_bf16(x):  # (n,) f32 -> (n,) f32, each value rounded to bfloat16 as ggml_compute_fp32_to_bf16
+    rounded = np.empty_like(x)
+    for i in range(x.shape[0]):
+        u = np.uint32(f32_bits(x[i]))
+        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: truncate and force quiet
+            top = (u >> np.uint32(16)) | np.uint32(64)
+        else:
+            top = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+        rounded[i] = u32_as_f32(top << np.uint32(16))
+    return rounded
+
+
+@kernel
+def matvec_f16_by_f16(rows, x, out):  # (n_out, 2 n_in) uint8, (n_in,) float32 -> (n_out,)
+    matvec_f16(rows, round_to_f16(x), out)
+
+
+@kernel
+def matvec_bf16_by_bf16(rows, x, out):  # (n_out, 2 n_in) uint8, (n_in,) float32 -> (n_out,)
+    matvec_bf16(rows, round_to_bf16(x), out)
+
+
+# ggml type -> kernel.
+GGML_MATVEC_KERNELS = {
+    T.F32: matvec_f32,
+    T.F16: matvec_f16_by_f16,
+    T.BF16: matvec_bf16_by_bf16,
+    T.Q8_0: matvec_q8_0,
+    T.Q4_0: matvec_q4_0,
+    T.Q4_1: matvec_q4_1,
+    T.Q5_0: matvec_q5_0,
+    T.Q5_1: matvec_q5_1,
+    T.Q2_K: matvec_q2_k,
+    T.Q3_K: matvec_q3_k,
+    T.Q4_K: matvec_q4_k,
+    T.Q5_K: matvec_q5_k,
+    T.Q6_K: matvec_q6_k,
+}
+
+# What each weight type's activations are quantized to (ggml-cpu.c's type_traits_cpu), and how.
+VEC_DOT_TYPES = {
+    T.F32: T.F32,
+    T.F16: T.F16,
+    T.BF16: T.BF16,
+    T.Q8_0: T.Q8_0,
+    T.Q4_0: T.Q8_0,
+    T.Q5_0: T.Q8_0,
+    T.Q4_1: T.Q8_1,
+    T.Q5_1: T.Q8_1,
+    T.Q2_K: T.Q8_K,
+    T.Q3_K: T.Q8_K,
+    T.Q4_K: T.Q8_K,
+    T.Q5_K: T.Q8_K,
+    T.Q6_K: T.Q8_K,
+}
+
+ACTIVATION_KERNELS = {T.Q8_0: activations_q8_0, T.Q8_1: activations_q8_1, T.Q8_K: activations_q8_k}
