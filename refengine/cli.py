@@ -10,14 +10,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 
 from refengine import __version__
-from refengine.errors import RefengineError
+from refengine.errors import RefengineError, one_line
 from refengine.gguf import GGUFFile, open_gguf
 from refengine.models import DEFAULT_MODEL, resolve_model
 from refengine.plan import NUMA_MODES, DoesNotFit
@@ -28,7 +28,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 EXIT_ERROR = 1  # bad input: file, model, tensor
 EXIT_USAGE = 2  # bad flags, as click and argparse use it
 EXIT_DOES_NOT_FIT = 3  # generate's memory plan says the run would be killed or could not map the model
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C (and 143, 128 + SIGTERM, for SIGTERM)
 
 
 class UserError(RefengineError):
@@ -40,6 +40,8 @@ def load_model(model: str) -> GGUFFile:
 
 
 MODEL_ARGUMENT = click.argument("model", default=DEFAULT_MODEL, metavar="MODEL")
+MAX_CTX = 2**32 - 1  # llama.cpp's n_ctx is a uint32_t
+MAX_TOKEN_ID = 2**31 - 1  # llama_token is an int32_t
 MODEL_OPTION = click.option(
     "-m", "--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL", help="The model to use."
 )
@@ -48,7 +50,7 @@ CTX_OPTION = click.option(
     "--ctx",
     default=4096,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_CTX),
     help="Context size (KV cache positions).",
 )
 
@@ -66,14 +68,22 @@ def sampler_options(command):
         ),
         click.option("--repeat-penalty", default=1.0, show_default=True, type=float, help="Penalty for recent tokens."),
         click.option("--repeat-last-n", default=64, show_default=True, type=int, help="How many recent tokens count."),
-        click.option("--seed", type=int, default=None, help="Random seed; the same seed gives the same text."),
+        click.option(
+            "--seed",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Random seed; the same seed gives the same text.",
+        ),
     ]
 
     @functools.wraps(command)
     def with_sampling(*args, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, **kwargs):
-        from refengine.sampler import SamplerConfig
+        from refengine.sampler import SamplerConfig, SamplerError
 
-        sampling = SamplerConfig(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        try:
+            sampling = SamplerConfig(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        except SamplerError as e:  # a bad flag value: a usage error, exit status 2
+            raise click.UsageError(str(e), ctx=click.get_current_context()) from None
         return command(*args, sampling=sampling, **kwargs)
 
     for option in reversed(options):
@@ -280,6 +290,9 @@ def parse_token_list(text: str) -> list[int]:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of token ids") from None
     if not ids:
         raise click.BadParameter("no token ids given")
+    outside = [i for i in ids if not 0 <= i <= MAX_TOKEN_ID]
+    if outside:
+        raise click.BadParameter(f"token id {outside[0]} is not between 0 and {MAX_TOKEN_ID}")
     return ids
 
 
@@ -353,12 +366,13 @@ def generate(
     """Generate text after PROMPT, streaming it to stdout; timings go to stderr."""
     from refengine.generate import generate as run_generation
     from refengine.sampler import Sampler
-    from refengine.session import rss_anon_bytes
+    from refengine.session import PeakAnon
 
+    peak = click.get_current_context().with_resource(PeakAnon())  # the whole run: load, prefill, decode
     source = model  # the name, or the file the plan has opened already
     if not no_plan:
         # A token is at least one byte of text; a chat template adds a few hundred bytes at most.
-        text_bytes = len(prompt.encode()) + len((system or "").encode())
+        text_bytes = len(prompt.encode(errors="surrogateescape")) + len((system or "").encode(errors="surrogateescape"))
         max_prompt_tokens = text_bytes + (512 if chat else 8)
         source = preflight(model, ctx, precision, sysroot, max_prompt_tokens=max_prompt_tokens, numa=numa)
     sampler = Sampler(sampling)
@@ -369,17 +383,14 @@ def generate(
             f"the prompt ({len(prompt_ids)} tokens) plus -n {n_predict} exceeds --ctx {ctx}; raise --ctx or lower -n"
         )
     cache = session.new_cache(ctx)
-    peak_anon = rss_anon_bytes()
 
     def on_text(text: str) -> None:
-        nonlocal peak_anon
-        peak_anon = max(peak_anon, rss_anon_bytes())
         if not as_json:
             click.echo(text, nl=False)
 
     result = run_generation(session.model, session.tokenizer, cache, prompt_ids, n_predict, sampler, stop, on_text)
     result.timings.load_s = session.load_s
-    peak_anon = max(peak_anon, rss_anon_bytes())
+    peak_anon = peak.sample()
     t = result.timings
     if as_json:
         click.echo(json.dumps({**result.as_dict(), "peak_rss_anon": peak_anon}))
@@ -433,8 +444,7 @@ def chat(model, n_predict, ctx, sampling, system, precision) -> None:
         messages.append({"role": "user", "content": line})
         ids = tokenizer.encode(render(template, messages, tokenizer), add_bos=False, parse_special=True)
         # Reuse the cache for the longest prefix this rendering shares with what was evaluated before.
-        keep = common_prefix(cached, ids[:-1])
-        cache.n_past = keep
+        keep = cache.keep(common_prefix(cached, ids[:-1]))  # 0 if a sliding window's ring has moved past it
         if len(ids) + n_predict > ctx:
             raise UserError(f"the conversation ({len(ids)} tokens) plus -n {n_predict} exceeds --ctx {ctx}")
         result = run_generation(
@@ -474,18 +484,80 @@ def bench() -> None:
 )
 @click.option("-n", "--n-gen", default=128, show_default=True, type=click.IntRange(min=0), help="tgN tokens (0: skip).")
 @click.option(
+    "-d",
+    "--n-depth",
+    "depth",
+    multiple=True,
+    type=click.IntRange(min=0),
+    help="Tokens already in the cache before each test, as llama-bench's -d (repeatable; default 0).",
+)
+@click.option(
     "-r", "--repetitions", default=3, show_default=True, type=click.IntRange(min=1), help="Timed runs per test."
 )
 @PRECISION_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print llama-bench-style JSON records.")
 @numa_options
-def bench_model_command(model, n_prompt, n_gen, repetitions, precision, as_json, numa, numa_nodes) -> None:
+def bench_model_command(model, n_prompt, n_gen, depth, repetitions, precision, as_json, numa, numa_nodes) -> None:
     """Prompt processing and generation speed, as llama-bench reports them."""
     from refengine.bench import bench_model, markdown
 
     session = load_session(model, precision, numa, numa_nodes)
-    records = bench_model(session, n_prompt, n_gen, repetitions, precision)
+    records = [r for d in depth or (0,) for r in bench_model(session, n_prompt, n_gen, repetitions, precision, d)]
     click.echo(json.dumps([r.as_dict() for r in records], indent=2) if as_json else markdown(records))
+
+
+BENCH_KERNELS_EPILOG = """\b
+Every figure comes from the same passes over data larger than the last-level cache: the read
+bandwidth is a sum over the same bytes, in chunks of one call's input; each call's best time over
+the passes is kept (noise only slows a call down). Examples:
+  refengine bench kernels --types Q4_K,Q6_K --vs-ggml        matvec, both numerics, beside ggml
+  refengine bench kernels --op dequant --types Q8_0 --json
+  refengine bench kernels --numerics ggml --shape 262144x640 --types Q8_0   gemma3's output head"""
+
+
+def parse_shape(ctx, param, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        n_out, n_in = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not N_OUTxN_IN, e.g. 2048x640") from None
+    if n_out < 1 or n_in < 1:
+        raise click.BadParameter(f"{value!r}: both sizes must be positive")
+    return n_out, n_in
+
+
+@bench.command("kernels", epilog=BENCH_KERNELS_EPILOG)
+@click.option("--op", type=click.Choice(["matvec", "dequant", "quantize"]), default="matvec", show_default=True)
+@click.option("--types", metavar="LIST", help="Comma-separated ggml types, e.g. Q4_K,Q6_K (default: every kernel).")
+@click.option(
+    "--numerics",
+    type=click.Choice(["exact", "ggml", "both"]),
+    default="both",
+    show_default=True,
+    help="matvec: exact float32 kernels, llama.cpp's integer arithmetic, or both in the same passes.",
+)
+@click.option("--vs-ggml", is_flag=True, help="Also run ggml's own kernels (libggml through ctypes) and the ratio.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads (default: numba's, every CPU).")
+@click.option("--size-mb", type=click.IntRange(min=1), default=None, help="MB streamed per type (default: >= 16 x L3).")
+@click.option("--budget", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Seconds per type.")
+@click.option("--shape", callback=parse_shape, metavar="N_OUTxN_IN", help="matvec weight shape (default: gemma3's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as one JSON object.")
+def bench_kernels_command(op, types, numerics, vs_ggml, threads, size_mb, budget, shape, as_json) -> None:
+    """GB/s of the dequantize, matvec and quantize kernels per type, as a percentage of the read
+    bandwidth measured in the same run, the per-call overhead, and with --vs-ggml ggml's own."""
+    import contextlib
+
+    from refengine.benchkernels import bench_kernels, markdown, parse_types
+
+    numerics_list = ["exact", "ggml"] if numerics == "both" else [numerics]
+    chosen = parse_types(op, types, numerics_list)
+    with contextlib.ExitStack() as stack:
+        progress = chunk_progress(stack, f"bench {op}")
+        run = bench_kernels(
+            op, chosen, numerics_list, vs_ggml, threads, size_mb, budget, shape, on_done=lambda i, n: progress(i, n)
+        )
+    click.echo(json.dumps(run.as_dict(), indent=2) if as_json else markdown(run))
 
 
 @cli.command("numa", epilog=MODEL_HELP)
@@ -651,6 +723,65 @@ def perplexity_command(model, text_file, ctx, chunks, base_file, kl_divergence, 
         click.echo(result.final_line())
 
 
+@cli.command("trace", epilog=MODEL_HELP)
+@MODEL_OPTION
+@click.option("-p", "--prompt", default=None, metavar="TEXT", help="Text, tokenized as llama.cpp does (BOS included).")
+@click.option("--tokens", default=None, metavar="IDS", help="Comma-separated token ids, evaluated as given.")
+@click.option(
+    "--out", "output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .npz to write."
+)
+@click.option("--filter", "pattern", default=None, metavar="REGEX", help="Keep tensors whose name matches (re.search).")
+@click.option(
+    "--positions", type=click.Choice(["all", "last"]), default="all", show_default=True, help="Positions kept."
+)
+@PRECISION_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print each tensor's name, shape and sum as JSON.")
+def trace_command(model, prompt, tokens, output, pattern, positions, precision, as_json) -> None:
+    """Write every intermediate tensor of one forward pass, by llama.cpp's graph names (inp_embd,
+    attn_norm-0, Qcur-0, ..., l_out-N, result_norm, result_output), to line up with llama-eval-callback."""
+    import refengine
+    from refengine.trace import compile_filter
+
+    if (prompt is None) == (tokens is None):
+        raise click.UsageError("give one of -p PROMPT or --tokens IDS")
+    compile_filter(pattern)  # a bad regex fails before the model loads
+    loaded = refengine.load(model, precision)
+    ids = loaded.tokenize(prompt) if prompt is not None else parse_token_list(tokens)
+    traced = loaded.trace(ids, filter=pattern, positions=positions)
+    if any(_same_file(output, p) for p in loaded.session.gguf.splits):
+        raise UserError(f"--out {output} is the model file itself; refusing to overwrite it")
+    traced.save(output)
+    if as_json:
+        click.echo(json.dumps({"tokens": [int(t) for t in ids], "output": str(output), "tensors": traced.summary()}))
+    else:
+        for row in traced.summary():
+            click.echo(f"{row['name']:24} {'x'.join(map(str, row['shape'])):>20} sum = {row['sum']:.6f}")
+        click.echo(f"{len(traced)} tensors of {len(ids)} tokens -> {output}", err=True)
+
+
+@cli.command("compare")
+@click.argument("a", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("b", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="NMSE past which a tensor diverges (default 1e-6, llama.cpp's 'essentially identical'); "
+    "against an eval-callback log, the relative difference of sums (default 1e-3).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print every tensor's figures as JSON.")
+def compare_command(a: Path, b: Path, threshold: float | None, as_json: bool) -> None:
+    """Compare A with the reference B, tensor by tensor, and name the first that diverges.
+
+    A and B: two traces (refengine trace), two logits files (.npy, refengine logits), a trace and a
+    logits file, or a trace and a llama-eval-callback log (its stdout). Per tensor: NMSE, max |diff| and
+    where (position, index), cosine; for logits also KL and top-1 agreement per position."""
+    from refengine.compare import compare_files
+
+    result = compare_files(a, b, threshold)
+    click.echo(json.dumps(result.as_dict()) if as_json else result.render())
+
+
 def prompt_tokens(session, prompt: str, chat: bool, system: str | None) -> list[int]:
     tokenizer = session.tokenizer
     if not chat:
@@ -664,20 +795,16 @@ def prompt_tokens(session, prompt: str, chat: bool, system: str | None) -> list[
 
 
 def write_npy(output: Path, array, gguf_file: GGUFFile) -> None:
-    """np.save beside the target, then rename: an interrupted run leaves no half-written file,
+    """np.save through refengine.files.atomic_output: an interrupted run leaves no half-written file,
     and a model file is never the target."""
     import numpy as np
 
+    from refengine.files import atomic_output
+
     if any(_same_file(output, p) for p in gguf_file.splits):
         raise UserError(f"--output {output} is the model file itself; refusing to overwrite it")
-    fd, tmp = tempfile.mkstemp(dir=output.parent if str(output.parent) else ".", suffix=".npy.partial")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(output) as fh:
+        np.save(fh, array)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -689,32 +816,47 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every expected failure into one line on stderr."""
+    from refengine.signals import guard
+
     prog = "refengine"
-    try:
-        cli.main(args=argv, prog_name=prog, standalone_mode=False)
-    except click.exceptions.Exit as e:  # --help, --version
-        return e.exit_code
-    except click.UsageError as e:
-        command = e.ctx.command_path if e.ctx else prog
-        click.echo(f"{command}: error: {e.format_message()} (see '{command} -h')", err=True)
-        return EXIT_USAGE
-    except click.ClickException as e:
-        click.echo(f"{prog}: error: {e.format_message()}", err=True)
-        return e.exit_code
-    except DoesNotFit as e:
-        click.echo(f"{prog}: error: {e}", err=True)
-        return EXIT_DOES_NOT_FIT
-    except RefengineError as e:
-        click.echo(f"{prog}: error: {e}", err=True)
-        return EXIT_ERROR
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo(f"{prog}: interrupted", err=True)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (e.g. `refengine info --tensors | head`): not an error.
-        sys.stderr.close()
-        return 0
+    with guard() as signals:
+        try:
+            cli.main(args=argv, prog_name=prog, standalone_mode=False)
+        except click.exceptions.Exit as e:  # --help, --version
+            return e.exit_code
+        except click.UsageError as e:
+            command = e.ctx.command_path if e.ctx else prog
+            click.echo(f"{command}: error: {one_line(e.format_message())} (see '{command} -h')", err=True)
+            return EXIT_USAGE
+        except click.ClickException as e:
+            click.echo(f"{prog}: error: {one_line(e.format_message())}", err=True)
+            return e.exit_code
+        except DoesNotFit as e:
+            click.echo(f"{prog}: error: {one_line(e)}", err=True)
+            return EXIT_DOES_NOT_FIT
+        except RefengineError as e:
+            click.echo(f"{prog}: error: {one_line(e)}", err=True)
+            return EXIT_ERROR
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            # Ctrl-C, or SIGTERM, which refengine.signals turns into the same clean stop
+            return stopped(prog, signals.received)
+        except BrokenPipeError:
+            # The reader went away (e.g. `refengine info --tensors | head`): not an error.
+            sys.stderr.close()
+            return 0
+        except Exception:
+            if signals.received is None:
+                raise  # a bug in refengine: it keeps its traceback
+            # raised by code the signal interrupted (numba half-way through compiling a kernel, say)
+            return stopped(prog, signals.received)
     return 0
+
+
+def stopped(prog: str, signum: int | None) -> int:
+    """The line and exit status for a command stopped by Ctrl-C (130) or SIGTERM (143)."""
+    signum = signum or signal.SIGINT
+    click.echo(f"{prog}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}", err=True)
+    return EXIT_INTERRUPTED - signal.SIGINT + signum
 
 
 def run() -> None:

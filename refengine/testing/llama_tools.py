@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +29,65 @@ def find_tool(name: str) -> Path | None:
     return path if os.access(path, os.X_OK) else None
 
 
+# llama.cpp's logger prints from a worker thread that the process does not wait for at exit
+# (ggml-org/llama.cpp issue 22142): the last lines of a log, in the log file as on stdout, are often
+# lost (up to a third of an eval-callback log in runs here). This library, preloaded, makes the
+# process wait 0.3 s at the very end of exit (its atexit handler is the first registered, so it runs
+# last), which lets the thread print the rest: every run here then had its whole log.
+DRAIN_SOURCE = """
+#include <stdlib.h>
+#include <unistd.h>
+static void wait_for_log(void) { usleep(300000); }
+__attribute__((constructor)) static void register_wait(void) { atexit(wait_for_log); }
+"""
+# What the last line of each tool's log holds, to tell a whole log from a cut one.
+LAST_LINES = {
+    "llama-perplexity": ("Final estimate: PPL", "Same top p:"),
+    "llama-eval-callback": ("result_output = ",),
+}
+ATTEMPTS = 4
+
+
+def drain_library() -> Path | None:
+    """The preload library above, compiled once into the tools' cache (None without a C compiler)."""
+    target = cache_dir() / "llama-tools" / "drain_log.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "drain_log.c"
+        source.write_text(DRAIN_SOURCE)
+        built = Path(tmp) / "drain_log.so"
+        try:
+            subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", built, source], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        os.replace(built, target)
+    return target
+
+
 def run_tool(name: str, *args: str | os.PathLike, threads: int = 2, timeout: float = 3600) -> str:
-    """Run a built tool on the CPU with `threads` threads; its stdout and stderr together (llama.cpp logs to both)."""
+    """Run a built tool on the CPU with `threads` threads and return its whole log (from --log-file,
+    with drain_library preloaded; a log still cut short is run again, up to ATTEMPTS times)."""
     path = find_tool(name)
     if path is None:
         raise FileNotFoundError(f"{name} is not built in {tools_dir()} (scripts/build_llama_tools.sh)")
-    argv = [str(path), *map(str, args), "-t", str(threads)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, errors="replace")
-    output = done.stdout + done.stderr
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{output[-3000:]}")
-    return output
+    env = dict(os.environ)
+    drain = drain_library()
+    if drain is not None:
+        env["LD_PRELOAD"] = " ".join(filter(None, [str(drain), env.get("LD_PRELOAD")]))
+    ends = LAST_LINES.get(name, ())
+    for _ in range(ATTEMPTS):
+        with tempfile.TemporaryDirectory() as tmp:
+            log = Path(tmp) / "log.txt"
+            argv = [str(path), *map(str, args), "-t", str(threads), "--log-file", str(log)]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, errors="replace", env=env)
+            output = log.read_text(errors="replace") if log.exists() else ""
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{(output + done.stderr)[-3000:]}")
+        if not ends or any(end in output for end in ends):
+            return output
+    raise RuntimeError(f"{name}: the log was cut short in {ATTEMPTS} runs (no {' or '.join(ends)!r})")
 
 
 @dataclass(frozen=True)
