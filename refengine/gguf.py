@@ -24,10 +24,13 @@ whose message names the file and the byte offset.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import mmap
 import os
 import re
 import reprlib
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,18 +278,77 @@ class _ParsedFile:
 
 def _read_file(path: Path) -> _ParsedFile:
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size == 0:
-                raise GGUFError(f"{path}: file is empty, not GGUF")
-            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    except GGUFError:
-        raise
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise GGUFError(f"{path}: cannot open: {e.strerror or e}") from None
-    except (ValueError, OverflowError) as e:  # mmap refuses some special files
-        raise GGUFError(f"{path}: cannot map: {e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise GGUFError(f"{path}: cannot open: it is {_file_kind(st.st_mode)}, not a regular file")
+        if st.st_size == 0:
+            raise GGUFError(f"{path}: file is empty, not GGUF")
+        mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError, OverflowError) as e:
+        os.close(fd)
+        raise GGUFError(f"{path}: cannot map: {getattr(e, 'strerror', None) or e}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    if not _lease(fd, path):
+        os.close(fd)  # the mapping keeps the file open
     return _HeaderParser(path, mapping).parse()
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
+    kinds |= {stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a file")
+
+
+# -- read leases: see refengine.signals --------------------------------------------------------
+
+_leases: dict[int, Path] | None = None  # fd -> file, while leases are taken (None: they are not)
+
+
+def start_leases() -> None:
+    """Take a read lease on every file mapped from now on, until stop_leases(). The caller must handle
+    SIGIO, which the kernel sends when a lease breaks (its default action kills the process)."""
+    global _leases
+    _leases = {}
+
+
+def stop_leases() -> None:
+    """Give back every lease (the mappings stay) and take no more."""
+    global _leases
+    leases, _leases = _leases or {}, None
+    for fd in leases:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(fd)
+
+
+def broken_leases() -> list[Path]:
+    """The leased files another process is waiting to open for writing or to truncate."""
+    broken = []
+    for fd, path in (_leases or {}).items():
+        with contextlib.suppress(OSError):
+            if fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK:  # a lease being broken reports F_UNLCK
+                broken.append(path)
+    return broken
+
+
+def _lease(fd: int, path: Path) -> bool:
+    """Keep `fd` open with a read lease, if leases are being taken and the kernel grants one (it refuses
+    when the file is open for writing somewhere, when it is not ours, or on some filesystems)."""
+    if _leases is None:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:
+        return False
+    _leases[fd] = path
+    return True
 
 
 @dataclass(frozen=True)

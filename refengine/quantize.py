@@ -16,16 +16,15 @@ Two halves, both following llama.cpp's src/llama-quant.cpp (llama_model_quantize
    chunk of rows at a time (F16 and BF16 rows are widened to float32 first, as
    llama.cpp does), through kernels/quantize.py, byte-identical to ggml's
    quantizers. Memory stays at a few chunk buffers whatever the model's size.
-   The output is written to a temporary file beside it and renamed at the end,
-   so an interrupted run (Ctrl-C) leaves nothing, and the input is never opened
-   for writing.
+   The output is written through refengine.files.atomic_output, so an interrupted
+   run (Ctrl-C, SIGTERM, even SIGKILL) leaves nothing, and the input is never
+   opened for writing.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ from gguf import GGML_QUANT_SIZES, GGUFValueType, Keys
 from gguf import GGMLQuantizationType as T
 
 from refengine.errors import RefengineError
+from refengine.files import atomic_output
 from refengine.gguf import DEFAULT_ALIGNMENT, GGUFFile, Tensor, open_gguf
 from refengine.gguf_write import TensorInfo, pad, write_header
 
@@ -423,23 +423,17 @@ def quantize_file(
         steps = plan(gguf_file, mix)
         metadata, value_types = output_metadata(gguf_file, mix)
         alignment = metadata.get(Keys.General.ALIGNMENT, DEFAULT_ALIGNMENT)
-        fd, partial = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                infos = [TensorInfo(s.tensor.name, s.new_type, s.tensor.shape) for s in steps]
-                write_header(fh, metadata, value_types, infos, alignment)
-                done, total = 0, sum(s.tensor.nbytes for s in steps)
-                for step in steps:
-                    for n_bytes in write_tensor(fh, step):
-                        done += n_bytes
-                        if on_progress is not None:
-                            on_progress(done, total)
-                    pad(fh, alignment)
-                output_bytes = fh.tell()
-            os.replace(partial, output)
-        except BaseException:  # Ctrl-C included: no half-written file is left behind
-            Path(partial).unlink(missing_ok=True)
-            raise
+        with atomic_output(output) as fh:  # Ctrl-C, or any error, leaves no half-written file behind
+            infos = [TensorInfo(s.tensor.name, s.new_type, s.tensor.shape) for s in steps]
+            write_header(fh, metadata, value_types, infos, alignment)
+            done, total = 0, sum(s.tensor.nbytes for s in steps)
+            for step in steps:
+                for n_bytes in write_tensor(fh, step):
+                    done += n_bytes
+                    if on_progress is not None:
+                        on_progress(done, total)
+                pad(fh, alignment)
+            output_bytes = fh.tell()
     return Report(
         input=str(input_path),
         output=str(output),

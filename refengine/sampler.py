@@ -3,10 +3,14 @@
 The order of the filters follows llama.cpp's default sampler chain:
 repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw.
 temperature 0 is greedy (argmax) and ignores the rest.
+
+Logits that are not finite (NaN or infinite: a broken model, or float overflow) are refused with
+NonFiniteLogits rather than sampled: argmax over NaN picks token 0, and softmax over them is NaN.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +20,14 @@ from refengine.errors import RefengineError
 
 class SamplerError(RefengineError):
     pass
+
+
+class NonFiniteLogits(SamplerError):
+    """The model produced NaN or infinite logits. `n_evaluated`: the tokens evaluated so far."""
+
+    def __init__(self, message: str, n_evaluated: int):
+        super().__init__(message)
+        self.n_evaluated = n_evaluated
 
 
 @dataclass(frozen=True)
@@ -29,13 +41,16 @@ class SamplerConfig:
     seed: int | None = None
 
     def __post_init__(self):
+        finite = all(math.isfinite(v) for v in (self.temperature, self.top_p, self.min_p, self.repeat_penalty))
         checks = [
+            (finite, "--temp, --top-p, --min-p and --repeat-penalty must be finite numbers"),
             (self.temperature >= 0, "--temp must be >= 0"),
             (self.top_k >= 0, "--top-k must be >= 0"),
             (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "--min-p must be in [0, 1]"),
             (self.repeat_penalty > 0, "--repeat-penalty must be > 0"),
             (self.repeat_last_n >= 0, "--repeat-last-n must be >= 0"),
+            (self.seed is None or self.seed >= 0, "--seed must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -50,6 +65,7 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
         """One token id from logits (n_vocab,), given the ids generated or prompted so far."""
         c = self.config
+        check_finite(logits, len(history))
         logits = logits.astype(np.float64)  # a copy: the caller's logits stay as the model made them
         if c.repeat_penalty != 1.0 and c.repeat_last_n and history:
             apply_repetition_penalty(logits, history[-c.repeat_last_n :], c.repeat_penalty)
@@ -69,8 +85,28 @@ class Sampler:
         if c.min_p > 0.0:
             keep = probs >= c.min_p * probs[0]
             ids, logits = ids[keep], logits[keep]
-        probs = softmax(logits / c.temperature)
+        probs = softmax(logits, c.temperature)
         return int(ids[self.rng.choice(len(ids), p=probs)])
+
+
+def check_finite(logits: np.ndarray, n_evaluated: int) -> None:
+    """Raise NonFiniteLogits unless every logit is a finite number."""
+    finite = np.isfinite(logits)
+    if not finite.all():
+        bad = logits[~finite]
+        kinds = ", ".join(f"{n} {name}" for name, n in _count_kinds(bad) if n)
+        raise NonFiniteLogits(
+            f"the model's logits are not finite ({kinds} of {logits.size}) after {n_evaluated} tokens",
+            n_evaluated,
+        )
+
+
+def _count_kinds(values: np.ndarray) -> list[tuple[str, int]]:
+    return [
+        ("NaN", int(np.isnan(values).sum())),
+        ("+inf", int(np.isposinf(values).sum())),
+        ("-inf", int(np.isneginf(values).sum())),
+    ]
 
 
 def apply_repetition_penalty(logits: np.ndarray, recent: list[int], penalty: float) -> None:
@@ -80,6 +116,13 @@ def apply_repetition_penalty(logits: np.ndarray, recent: list[int], penalty: flo
     logits[seen] = np.where(values > 0, values / penalty, values * penalty)
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - np.max(x))
+def softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """exp(x / temperature), normalised. The maximum is subtracted before dividing, so a tiny temperature
+    (1e-310) sharpens towards argmax instead of overflowing. A repetition penalty can push logits past
+    float64 (x / 1e-320): if the maximum is infinite, the logits equal to it share the mass."""
+    top = np.max(x)
+    if not np.isfinite(top):
+        e = (x == top).astype(np.float64)
+    else:
+        e = np.exp((x - top) / temperature)
     return e / e.sum()

@@ -37,7 +37,11 @@ class Session:
     def new_cache(self, n_ctx: int) -> KVCache:
         if n_ctx < 1:
             raise RefengineError(f"--ctx must be at least 1, got {n_ctx}")
-        return self.model.new_cache(n_ctx)
+        try:
+            return self.model.new_cache(n_ctx)
+        except (MemoryError, OverflowError, OSError) as e:  # the mapping refused (ENOMEM), or a size past int64
+            reason = getattr(e, "strerror", None) or e
+            raise RefengineError(f"--ctx {n_ctx}: cannot allocate the KV cache: {reason}") from None
 
 
 def rss_anon_bytes() -> int:

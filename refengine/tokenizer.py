@@ -237,7 +237,7 @@ class Vocab:
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any]) -> Vocab:
-        model = metadata.get(Keys.Tokenizer.MODEL)
+        model = field_of(metadata, Keys.Tokenizer.MODEL, "string")
         if model not in KINDS:
             raise TokenizerError(f"unsupported {Keys.Tokenizer.MODEL} {model!r} (supported: 'llama', 'gpt2')")
         kind = KINDS[model]
@@ -247,13 +247,14 @@ class Vocab:
         n = len(texts)
         scores = read_scores(metadata, n)
         attrs = read_attrs(metadata, n)
+        check_byte_tokens(texts, attrs)
         index = {text: i for i, text in enumerate(texts)}
         ids = {key: special_id(metadata, key, DEFAULT_IDS[kind].get(key), n) for key in SPECIAL_ID_KEYS}
         detect_special_ids(ids, index, attrs)
         eog_ids = end_of_generation_ids(ids, index, attrs)
 
-        add_bos = bool(metadata.get(Keys.Tokenizer.ADD_BOS, kind == "spm" or pre.add_bos))
-        add_eos = bool(metadata.get(Keys.Tokenizer.ADD_EOS, False))
+        add_bos = field_of(metadata, Keys.Tokenizer.ADD_BOS, "bool", kind == "spm" or pre.add_bos)
+        add_eos = field_of(metadata, Keys.Tokenizer.ADD_EOS, "bool", False)
         for flag, value, key in (
             (Keys.Tokenizer.ADD_BOS, add_bos, Keys.Tokenizer.BOS_ID),
             (Keys.Tokenizer.ADD_EOS, add_eos, Keys.Tokenizer.EOS_ID),
@@ -272,15 +273,15 @@ class Vocab:
             unk_id=ids[Keys.Tokenizer.UNK_ID],
             add_bos=add_bos,
             add_eos=add_eos,
-            add_space_prefix=bool(metadata.get(Keys.Tokenizer.ADD_PREFIX, kind == "spm")),
+            add_space_prefix=field_of(metadata, Keys.Tokenizer.ADD_PREFIX, "bool", kind == "spm"),
             eog_ids=eog_ids,
             pre=pre,
-            merges=list(metadata.get(Keys.Tokenizer.MERGES) or ()) if kind == "bpe" else [],
+            merges=field_of(metadata, Keys.Tokenizer.MERGES, "strings", []) if kind == "bpe" else [],
         )
 
 
 def bpe_pre_tokenizer(metadata: dict[str, Any]) -> Pre:
-    name = metadata.get(Keys.Tokenizer.PRE) or "default"  # llama.cpp warns and uses "default" when missing
+    name = field_of(metadata, Keys.Tokenizer.PRE, "string") or "default"  # llama.cpp warns and uses "default"
     if name not in PRE_TOKENIZERS:
         known = ", ".join(sorted(PRE_TOKENIZERS))
         raise TokenizerError(f"unsupported {Keys.Tokenizer.PRE} {name!r} (supported: {known})")
@@ -290,8 +291,8 @@ def bpe_pre_tokenizer(metadata: dict[str, Any]) -> Pre:
 
 
 def read_token_texts(metadata: dict[str, Any]) -> list[str]:
-    texts = metadata.get(Keys.Tokenizer.LIST)
-    if not isinstance(texts, list) or not texts:
+    texts = field_of(metadata, Keys.Tokenizer.LIST, "strings")
+    if not texts:
         raise TokenizerError(f"{Keys.Tokenizer.LIST} is missing or empty")
     # llama.cpp renames empty tokens rather than give them a zero-length text.
     texts = [text or f"[EMPTY_{i}]" for i, text in enumerate(texts)]
@@ -304,7 +305,7 @@ def read_token_texts(metadata: dict[str, Any]) -> list[str]:
 
 
 def read_scores(metadata: dict[str, Any], n: int) -> Sequence[float]:
-    scores = metadata.get(Keys.Tokenizer.SCORES)
+    scores = field_of(metadata, Keys.Tokenizer.SCORES, "numbers")
     if scores is None:
         return array.array("f", bytes(4 * n))
     if len(scores) < n:
@@ -315,7 +316,7 @@ def read_scores(metadata: dict[str, Any], n: int) -> Sequence[float]:
 
 
 def read_attrs(metadata: dict[str, Any], n: int) -> list[int]:
-    types = metadata.get(Keys.Tokenizer.TOKEN_TYPE)
+    types = field_of(metadata, Keys.Tokenizer.TOKEN_TYPE, "integers")
     if types is None:
         return [Attr.NORMAL] * n
     if len(types) < n:
@@ -323,12 +324,55 @@ def read_attrs(metadata: dict[str, Any], n: int) -> list[int]:
     return [TOKEN_TYPE_ATTR.get(t, Attr.UNDEFINED) for t in types[:n].tolist()]
 
 
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def check_byte_tokens(texts: list[str], attrs: list[int]) -> None:
+    """Every BYTE-typed token must read <0xXX>, the byte it stands for (llama.cpp's token_to_byte parses it)."""
+    for i, attr in enumerate(attrs):
+        if attr & Attr.BYTE and not BYTE_TOKEN.fullmatch(texts[i]):
+            raise TokenizerError(
+                f"{Keys.Tokenizer.TOKEN_TYPE}: token {i} is a byte token, but its text {texts[i][:40]!r} is not <0xXX>"
+            )
+
+
+# What field_of accepts for each kind of value, and how a message names it.
+FIELD_KINDS = {
+    "string": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "a boolean"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "strings": (lambda v: isinstance(v, list), "an array of strings"),
+    "numbers": (lambda v: isinstance(v, np.ndarray) and v.dtype.kind in "fiu", "an array of numbers"),
+    "integers": (lambda v: isinstance(v, np.ndarray) and v.dtype.kind in "iu", "an array of integers"),
+}
+
+
+def field_of(metadata: dict[str, Any], key: str, kind: str, default: Any = None) -> Any:
+    """metadata[key], which must be of `kind` (a key of FIELD_KINDS), or `default` when absent."""
+    if key not in metadata:
+        return default
+    value = metadata[key]
+    accepts, expected = FIELD_KINDS[kind]
+    if not accepts(value):
+        raise TokenizerError(f"{key} is {describe_value(value)}, expected {expected}")
+    return value
+
+
+def describe_value(value: Any) -> str:
+    """What a metadata value is, for messages: "an array of 3 uint32", "a string", ..."""
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.size} {value.dtype.name}"
+    if isinstance(value, list):
+        return f"an array of {len(value)} strings"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(type(value), "a value")
+
+
 def special_id(metadata: dict[str, Any], key: str, default: int | None, n: int) -> int | None:
     """A special token id from its key; llama.cpp keeps the default for an out-of-range id."""
     if default is not None and default >= n:
         default = None
-    value = metadata.get(key)
-    return value if isinstance(value, int) and 0 <= value < n else default
+    value = field_of(metadata, key, "int")
+    return value if value is not None and 0 <= value < n else default
 
 
 def detect_special_ids(ids: dict[str, int | None], index: dict[str, int], attrs: list[int]) -> None:
@@ -829,7 +873,10 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, gguf_file) -> Tokenizer:
         """From an open GGUFFile (refengine.gguf.open_gguf); reads only its metadata."""
-        return cls(Vocab.from_metadata(gguf_file.metadata))
+        try:
+            return cls(Vocab.from_metadata(gguf_file.metadata))
+        except TokenizerError as e:
+            raise TokenizerError(f"{gguf_file.path}: {e}") from None
 
     @property
     def vocab_size(self) -> int:
@@ -867,7 +914,10 @@ class Tokenizer:
         parse_special=True turns the text of control tokens (<start_of_turn>,
         <|im_start|>) into those tokens; otherwise it is tokenized as plain text.
         """
-        data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+        try:
+            data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as e:  # a surrogate that does not stand for a byte: no UTF-8 for it
+            raise TokenizerError(f"the text holds {text[e.start]!r} at {e.start}, a lone surrogate, not text") from None
         add_bos = self.vocab.add_bos if add_bos is None else add_bos
         add_eos = self.vocab.add_eos if add_eos is None else add_eos
         if add_bos and self.bos_id is None:

@@ -147,7 +147,7 @@ def test_generate_prompt_longer_than_context(capsys, smollm_path):
 
 def test_generate_bad_sampler_setting(capsys, smollm_path):
     code, _, err = run(capsys, "generate", "-m", "smollm2-135m", "--temp", "-1", "hi")
-    assert_one_line_error(code, err, EXIT_ERROR, "--temp")
+    assert_one_line_error(code, err, EXIT_USAGE, "--temp")  # a bad flag value is a usage error, as the README says
 
 
 def test_logits_file(capsys, tmp_path, smollm_path):
@@ -205,7 +205,14 @@ def test_ctrl_c_keeps_the_text_and_exits_130(smollm_path):
     import sys
 
     cmd = [sys.executable, "-m", "refengine.cli", "generate", "-m", "smollm2-135m", "-n", "2000", "-c", "2048"]
-    child = subprocess.Popen([*cmd, "--temp", "0", "Once upon a time"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [*cmd, "--temp", "0", "Once upon a time"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # SIGINT as a terminal's foreground job has it. A non-interactive shell starts background jobs
+        # (`make test &`) with SIGINT ignored, the child inherits that, and a CLI rightly keeps it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     first = child.stdout.read(1)  # generation has started streaming
     child.send_signal(signal.SIGINT)
     rest, err = child.communicate(timeout=120)

@@ -3,6 +3,8 @@ GGUF keys, the weights of one layer, and the embed -> layers -> norm -> head loo
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -13,6 +15,7 @@ from refengine.errors import RefengineError
 from refengine.gguf import GGUFFile, Tensor
 from refengine.nn import N_UBATCH, KVCache, Linear, attention, embed, rms_norm
 from refengine.threads import step_threads
+from refengine.tokenizer import describe_value
 
 
 class ModelError(RefengineError):
@@ -20,33 +23,49 @@ class ModelError(RefengineError):
 
 
 class HParams:
-    """`{arch}.*` keys of one file, each read with a clear error when missing or malformed."""
+    """`{arch}.*` keys of one file, each read with a clear error naming the key when it is missing, of
+    the wrong type, or out of range (so that no size of 0, no NaN and no string reaches the model)."""
 
     def __init__(self, gguf: GGUFFile):
         self.gguf = gguf
         self.arch = gguf.architecture
 
-    def _get(self, key: str, default: Any, kind) -> Any:
+    def fail(self, key: str, problem: str) -> ModelError:
+        return ModelError(f"{self.gguf.path}: {self.arch}.{key} {problem}")
+
+    def _get(self, key: str, default: Any, kinds: tuple[type, ...], expected: str) -> Any:
         full = f"{self.arch}.{key}"
         value = self.gguf.get(full, default)
         if value is None:
             raise ModelError(f"{self.gguf.path}: missing metadata key {full!r}")
-        if isinstance(value, np.ndarray):  # per-layer arrays (e.g. head_count_kv) must be uniform here
+        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":  # per-layer arrays must be uniform here
             if value.size == 0 or (value != value.flat[0]).any():
-                raise ModelError(f"{self.gguf.path}: {full!r} varies per layer, which is not supported")
+                raise self.fail(key, "varies per layer, which is not supported")
             value = value.flat[0].item()
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise ModelError(f"{self.gguf.path}: {full!r} is {value!r}, expected {kind.__name__}")
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise self.fail(key, f"is {describe_value(value)}, expected {expected}")
         return value
 
-    def int(self, key: str, default: int | None = None) -> int:
-        value = self._get(key, default, int)
-        if value < 0:
-            raise ModelError(f"{self.gguf.path}: {self.arch}.{key} is negative ({value})")
+    def int(self, key: str, default: int | None = None, minimum: int = 0) -> int:
+        value = self._get(key, default, (int,), "an integer")
+        if value < minimum:
+            raise self.fail(key, f"is {value}, must be at least {minimum}")
         return value
 
-    def float(self, key: str, default: float | None = None) -> float:
-        return float(self._get(key, default, (int, float)))  # type: ignore[arg-type]
+    def float(self, key: str, default: float | None = None, minimum: float | None = None, above: bool = False) -> float:
+        """A finite number, at least `minimum` (or above it, with above=True)."""
+        value = float(self._get(key, default, (int, float), "a number"))
+        if not math.isfinite(value):
+            raise self.fail(key, f"is {value}, not a finite number")
+        if minimum is not None and (value <= minimum if above else value < minimum):
+            raise self.fail(key, f"is {value}, must be {'above' if above else 'at least'} {minimum}")
+        return value
+
+    def str(self, key: str, default: str | None = None) -> str:
+        return self._get(key, default, (str,), "a string")
+
+    def bool(self, key: str, default: bool | None = None) -> bool:
+        return self._get(key, default, (bool,), "a boolean")
 
 
 @dataclass(frozen=True)
@@ -65,16 +84,21 @@ class DecoderConfig:
     @staticmethod
     def read_keys(hp: HParams) -> dict[str, Any]:
         """The fields above, as keyword arguments for a subclass's constructor."""
-        return dict(
+        token_embd = hp.gguf.tensor("token_embd.weight")
+        keys = dict(
             arch=hp.arch,
-            n_vocab=hp.gguf.tensor("token_embd.weight").shape[0],
-            n_embd=hp.int("embedding_length"),
-            n_layer=hp.int("block_count"),
-            n_head=hp.int("attention.head_count"),
+            n_vocab=token_embd.shape[0],
+            n_embd=hp.int("embedding_length", minimum=1),
+            n_layer=hp.int("block_count", minimum=1),
+            n_head=hp.int("attention.head_count", minimum=1),
             n_ff=hp.int("feed_forward_length"),
             n_ctx_train=hp.int("context_length"),
-            norm_eps=hp.float("attention.layer_norm_rms_epsilon"),
+            norm_eps=hp.float("attention.layer_norm_rms_epsilon", minimum=0.0),
         )
+        if token_embd.shape[-1] != keys["n_embd"]:
+            raise hp.fail("embedding_length", f"is {keys['n_embd']}, but token_embd.weight is {token_embd.shape}")
+        check_layer_count(hp, keys["n_layer"])
+        return keys
 
 
 @dataclass(frozen=True)
@@ -87,9 +111,31 @@ class GQAConfig(DecoderConfig):
     @staticmethod
     def read_keys(hp: HParams) -> dict[str, Any]:
         keys = DecoderConfig.read_keys(hp)
-        keys["n_head_kv"] = hp.int("attention.head_count_kv", keys["n_head"])
-        keys["head_dim"] = hp.int("attention.key_length", keys["n_embd"] // max(keys["n_head"], 1))
+        n_head = keys["n_head"]
+        keys["n_head_kv"] = n_head_kv = hp.int("attention.head_count_kv", n_head, minimum=1)
+        if n_head % n_head_kv:
+            raise hp.fail("attention.head_count_kv", f"({n_head_kv}) does not divide attention.head_count ({n_head})")
+        keys["head_dim"] = hp.int("attention.key_length", keys["n_embd"] // n_head, minimum=1)
+        value_length = hp.int("attention.value_length", keys["head_dim"])
+        if value_length != keys["head_dim"]:
+            raise hp.fail("attention.value_length", f"({value_length}) differs from key_length, which is not supported")
         return keys
+
+
+def check_layer_count(hp: HParams, n_layer: int) -> None:
+    """block_count must match the layers the tensors are for: blk.0 ... blk.{n_layer - 1}, no more."""
+    layers = {int(name.split(".")[1]) for name in hp.gguf.tensors if re.match(r"blk\.\d+\.", name)}
+    extra = sorted(il for il in layers if il >= n_layer)
+    if extra:
+        raise hp.fail("block_count", f"is {n_layer}, but the file has tensors for layer {extra[0]} (blk.{extra[0]}.*)")
+
+
+def read_rope_dims(hp: HParams, head_dim: int) -> int:
+    """rope.dimension_count: an even number of a head's dimensions, from the first."""
+    n_rot = hp.int("rope.dimension_count", head_dim, minimum=2)
+    if n_rot > head_dim or n_rot % 2:
+        raise hp.fail("rope.dimension_count", f"is {n_rot}, must be even and at most the head size {head_dim}")
+    return n_rot
 
 
 def layer_tensors(gguf: GGUFFile, layer: int, names: list[str], optional: set[str] = frozenset()) -> dict:

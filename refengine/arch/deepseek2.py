@@ -60,13 +60,13 @@ def rope_and_scale(hp: HParams, n_rot: int, head_k: int, n_ctx_train: int) -> tu
     """The rope and the attention's kq_scale, from the rope keys as llama.cpp reads them for deepseek2:
     llama_context's yarn_attn_factor, ggml's rope_yarn, then llm_build_deepseek2's kq_scale."""
     arch, path = hp.arch, hp.gguf.path
-    base = hp.float("rope.freq_base", 10000.0)
+    base = hp.float("rope.freq_base", 10000.0, minimum=1.0, above=True)  # YaRN divides by log(base)
     if hp.float("rope.scaling.attn_factor", 1.0) != 1.0:
         raise ModelError(f"{path}: {arch}.rope.scaling.attn_factor other than 1 is not supported")
-    scaling = hp.gguf.get(f"{arch}.rope.scaling.type", "none")
+    scaling = hp.str("rope.scaling.type", "none")
     if scaling not in ("none", "yarn"):
         raise ModelError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported (none or yarn)")
-    factor = hp.float("rope.scaling.factor", 1.0) if scaling == "yarn" else 1.0
+    factor = hp.float("rope.scaling.factor", 1.0, minimum=0.0, above=True) if scaling == "yarn" else 1.0
     if factor <= 1:
         return Rope(n_rot, base, neox=False), 1 / math.sqrt(head_k)
     log_mul = hp.float("rope.scaling.yarn_log_multiplier", 0.0) / YARN_LOG_MUL_SCALE  # mscale_all_dim
@@ -75,7 +75,7 @@ def rope_and_scale(hp: HParams, n_rot: int, head_k: int, n_ctx_train: int) -> tu
     magnitude = 1.0 if log_mul else yarn_mscale(factor, 1.0)
     yarn = YaRN(
         factor=factor,
-        n_ctx_orig=hp.int("rope.scaling.original_context_length", n_ctx_train),
+        n_ctx_orig=hp.int("rope.scaling.original_context_length", n_ctx_train, minimum=1),
         beta_fast=hp.float("rope.scaling.yarn_beta_fast", 32.0),
         beta_slow=hp.float("rope.scaling.yarn_beta_slow", 1.0),
         magnitude=magnitude,
@@ -105,7 +105,7 @@ class Deepseek2Config(DecoderConfig):
         # (older files) key_length and value_length are those sizes.
         mla_split = bool(hp.int("attention.key_length_mla", 0) and hp.int("attention.value_length_mla", 0))
         suffix = "_mla" if mla_split else ""
-        head_k = hp.int(f"attention.key_length{suffix}")
+        head_k = hp.int(f"attention.key_length{suffix}", minimum=1)
         n_rot = hp.int("rope.dimension_count")
         if not 0 < n_rot < head_k or n_rot % 2:
             raise ModelError(
@@ -114,15 +114,19 @@ class Deepseek2Config(DecoderConfig):
             )
         keys = cls.read_keys(hp)  # n_ff: the leading dense layers' feed-forward
         rope, attn_scale = rope_and_scale(hp, n_rot, head_k, keys["n_ctx_train"])
+        n_leading_dense = hp.int("leading_dense_block_count", 0)
+        if n_leading_dense > keys["n_layer"]:
+            problem = f"is {n_leading_dense}, more than block_count ({keys['n_layer']})"
+            raise hp.fail("leading_dense_block_count", problem)
         return cls(
             **keys,
             q_lora_rank=hp.int("attention.q_lora_rank", 0),
-            kv_lora_rank=hp.int("attention.kv_lora_rank"),
+            kv_lora_rank=hp.int("attention.kv_lora_rank", minimum=1),
             qk_nope_dim=head_k - n_rot,
             qk_rope_dim=n_rot,
-            v_head_dim=hp.int(f"attention.value_length{suffix}"),
+            v_head_dim=hp.int(f"attention.value_length{suffix}", minimum=1),
             mla_split=mla_split,
-            n_leading_dense=hp.int("leading_dense_block_count", 0),
+            n_leading_dense=n_leading_dense,
             rope=rope,
             attn_scale=attn_scale,
             moe=MoEConfig.from_gguf(hp, hp.int("expert_feed_forward_length"), routing_keys=True),

@@ -25,6 +25,7 @@ from refengine.arch.common import (
     layer_tensors,
     load_attention,
     norm_weight,
+    read_rope_dims,
     self_attention,
 )
 from refengine.gguf import GGUFFile
@@ -44,14 +45,18 @@ class Gemma3Config(GQAConfig):
     def from_gguf(cls, gguf: GGUFFile) -> Gemma3Config:
         hp = HParams(gguf)
         keys = cls.read_keys(hp)
+        n_rot = read_rope_dims(hp, keys["head_dim"])
+        if n_rot != keys["head_dim"]:
+            raise hp.fail("rope.dimension_count", f"is {n_rot}, but gemma3 rotates the whole head ({keys['head_dim']})")
         scale = 1.0
-        if gguf.get("gemma3.rope.scaling.type") == "linear":
-            scale = hp.float("rope.scaling.factor", 1.0)
+        if hp.str("rope.scaling.type", "none") == "linear":
+            scale = hp.float("rope.scaling.factor", 1.0, minimum=0.0, above=True)
+        base = hp.float("rope.freq_base", 1e6, minimum=0.0, above=True)
         return cls(
             **keys,
-            sliding_window=hp.int("attention.sliding_window"),
-            rope_global=Rope(keys["head_dim"], hp.float("rope.freq_base", 1e6), neox=True, scale=scale),
-            rope_local=Rope(keys["head_dim"], LOCAL_ROPE_BASE, neox=True),
+            sliding_window=hp.int("attention.sliding_window", minimum=1),
+            rope_global=Rope(n_rot, base, neox=True, scale=scale),
+            rope_local=Rope(n_rot, LOCAL_ROPE_BASE, neox=True),
         )
 
     def is_local(self, il: int) -> bool:

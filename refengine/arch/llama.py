@@ -17,10 +17,12 @@ from refengine.arch.common import (
     DecoderModel,
     GQAConfig,
     HParams,
+    ModelError,
     check_shape,
     layer_tensors,
     load_attention,
     norm_weight,
+    read_rope_dims,
     self_attention,
 )
 from refengine.arch.moe import MoE, MoEConfig
@@ -40,14 +42,16 @@ class LlamaConfig(GQAConfig):
     def from_gguf(cls, gguf: GGUFFile) -> LlamaConfig:
         hp = HParams(gguf)
         keys = cls.read_keys(hp)
-        freq_factors = gguf.tensors.get("rope_freqs.weight")  # llama3 rope scaling, precomputed by the converter
+        n_rot = read_rope_dims(hp, keys["head_dim"])
         rope = Rope(
-            n_dims=hp.int("rope.dimension_count", keys["head_dim"]),
-            base=hp.float("rope.freq_base", 10000.0),
+            n_dims=n_rot,
+            base=hp.float("rope.freq_base", 10000.0, minimum=0.0, above=True),
             neox=NEOX_ROPE[hp.arch],
             # linear scaling divides positions by the factor (llama.cpp's freq_scale = 1 / factor)
-            scale=hp.float("rope.scaling.factor", 1.0) if gguf.get(f"{hp.arch}.rope.scaling.type") == "linear" else 1.0,
-            freq_factors=None if freq_factors is None else freq_factors.to_numpy(),
+            scale=hp.float("rope.scaling.factor", 1.0, minimum=0.0, above=True)
+            if hp.str("rope.scaling.type", "none") == "linear"
+            else 1.0,
+            freq_factors=read_freq_factors(gguf, n_rot),
         )
         moe = None
         if hp.arch == "qwen3moe" or hp.int("expert_count", 0):
@@ -55,6 +59,18 @@ class LlamaConfig(GQAConfig):
             n_ff_exp = hp.int("expert_feed_forward_length" if hp.arch == "qwen3moe" else "feed_forward_length")
             moe = MoEConfig.from_gguf(hp, n_ff_exp, routing_keys=False)
         return cls(**keys, rope=rope, moe=moe)
+
+
+def read_freq_factors(gguf: GGUFFile, n_rot: int) -> np.ndarray | None:
+    """rope_freqs.weight, llama3's rope scaling precomputed by the converter: one positive divisor per
+    rotated pair, (n_rot/2,)."""
+    t = gguf.tensors.get("rope_freqs.weight")
+    if t is None:
+        return None
+    factors = check_shape(t, (n_rot // 2,)).to_numpy()
+    if not (np.isfinite(factors) & (factors > 0)).all():
+        raise ModelError(f"{gguf.path}: rope_freqs.weight holds values that are not positive finite numbers")
+    return factors
 
 
 @dataclass

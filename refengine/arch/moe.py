@@ -63,9 +63,9 @@ class MoEConfig:
             if func not in GATING_FUNCS:
                 raise ModelError(f"{path}: {arch}.expert_gating_func is {func}, not one of {GATING_FUNCS}")
             gating = GATING_FUNCS[func]
-            weights_norm = bool(hp.gguf.get(f"{arch}.expert_weights_norm", False))
+            weights_norm = hp.bool("expert_weights_norm", False)
             # Absent or 0 means no scaling: llama.cpp passes scale_w = (expert_weights_scale != 0).
-            weights_scale = hp.float("expert_weights_scale", 0.0) or 1.0
+            weights_scale = hp.float("expert_weights_scale", 0.0, minimum=0.0) or 1.0
             n_shared = hp.int("expert_shared_count")
         config = cls(
             n_expert=n_expert,
