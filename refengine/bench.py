@@ -1,12 +1,14 @@
 """llama-bench-style model figures: prompt processing (ppN) and text generation (tgN) in tokens/s.
 
-As llama-bench does: ppN evaluates N tokens as one batch in an empty context;
-tgN decodes N tokens one at a time from an empty context. Token ids are random
-(the speed does not depend on them); each test runs once untimed to warm up.
+As llama-bench does: ppN evaluates N tokens as a prompt (in micro-batches of n_ubatch), tgN decodes
+N tokens one at a time, each after DEPTH tokens already in the cache (llama-bench's -d; 0 by
+default). Token ids are random (the speed does not depend on them); the depth is filled once, untimed,
+and each test runs once untimed to warm up.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -28,7 +30,8 @@ class BenchRecord:
     n_threads: int
     n_prompt: int
     n_gen: int
-    test: str  # "pp512", "tg128"
+    n_depth: int
+    test: str  # "pp512", "tg128", "pp512 @ d4096"
     avg_ts: float  # tokens per second, mean over repetitions
     stddev_ts: float
     samples_ts: list[float]
@@ -45,33 +48,52 @@ def n_threads() -> int:
     return numba.get_num_threads()
 
 
-def time_prompt(model, n_prompt: int, rng) -> float:
-    tokens = rng.integers(0, model.config.n_vocab, size=n_prompt)
-    cache = model.new_cache(n_prompt)
+class Context:
+    """A KV cache holding `depth` random tokens, rewound to them before each timed run."""
+
+    def __init__(self, model, n_ctx: int, depth: int, rng):
+        self.model, self.depth = model, depth
+        self.cache = model.new_cache(n_ctx)
+        self.filler = rng.integers(0, model.config.n_vocab, size=depth)
+
+    def rewound(self):
+        # A sliding-window ring that moved past the depth cannot be rewound to it: fill it again.
+        if self.cache.keep(self.depth) != self.depth:
+            self.cache.keep(0)
+            prefill(self.model, self.cache, self.filler)
+        return self.cache
+
+
+def time_prompt(context: Context, n_prompt: int, rng) -> float:
+    tokens = rng.integers(0, context.model.config.n_vocab, size=n_prompt)
+    cache = context.rewound()
     start = time.perf_counter()
-    prefill(model, cache, tokens)
+    prefill(context.model, cache, tokens)
     return time.perf_counter() - start
 
 
-def time_generation(model, n_gen: int, rng) -> float:
-    tokens = rng.integers(0, model.config.n_vocab, size=n_gen)
-    cache = model.new_cache(n_gen)
+def time_generation(context: Context, n_gen: int, rng) -> float:
+    tokens = rng.integers(0, context.model.config.n_vocab, size=n_gen)
+    cache = context.rewound()
     start = time.perf_counter()
     for token in tokens:
-        decode_one(model, cache, int(token))
+        decode_one(context.model, cache, int(token))
     return time.perf_counter() - start
 
 
 def bench_model(
-    session, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3, precision: str = "f32"
+    session, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3, precision: str = "f32", depth: int = 0
 ) -> list[BenchRecord]:
     model, gguf = session.model, session.gguf
     rng = np.random.default_rng(0)
+    at = f" @ d{depth}" if depth else ""
     tests = []
     if n_prompt:
-        tests.append((f"pp{n_prompt}", n_prompt, 0, lambda: time_prompt(model, n_prompt, rng)))
+        context = Context(model, depth + n_prompt, depth, rng)
+        tests.append((f"pp{n_prompt}{at}", n_prompt, 0, functools.partial(time_prompt, context, n_prompt, rng)))
     if n_gen:
-        tests.append((f"tg{n_gen}", 0, n_gen, lambda: time_generation(model, n_gen, rng)))
+        context = Context(model, depth + n_gen, depth, rng)
+        tests.append((f"tg{n_gen}{at}", 0, n_gen, functools.partial(time_generation, context, n_gen, rng)))
     from refengine.info import file_type_name
 
     records = []
@@ -87,6 +109,7 @@ def bench_model(
                 n_threads=n_threads(),
                 n_prompt=n_p,
                 n_gen=n_g,
+                n_depth=depth,
                 test=name,
                 avg_ts=statistics.fmean(speeds),
                 stddev_ts=statistics.stdev(speeds) if len(speeds) > 1 else 0.0,

@@ -10,20 +10,21 @@ What the model needs
                   shared experts (ffn_*_shexp), other (norms, exp_probs_b, rope_freqs). They stay
                   file-backed: a read-only shared mapping, so they live in the page cache, never in
                   the process's anonymous memory.
-    KV cache      what our KVCache allocates: every layer x n_ctx positions x n_head_kv x (key_length +
-                  value_length, equal in the architectures we run), in the compute dtype (4 bytes; 8
-                  with --precision f64). gemma3's sliding-window layers get the whole context too, as
-                  our cache gives them (llama.cpp would keep only the window). With MLA (a
-                  `{arch}.attention.kv_lora_rank` key, e.g. deepseek2) the compressed cache llama.cpp
+    KV cache      what our KVCache allocates: every layer x n_head_kv x (key_length + value_length) per
+                  position it keeps, in the compute dtype (4 bytes; 8 with --precision f64). A full-
+                  attention layer keeps n_ctx positions; a sliding-window layer (gemma3's five local
+                  layers in six) a ring of window + n_ubatch, as llama.cpp's iSWA cache does. With MLA
+                  (a `{arch}.attention.kv_lora_rank` key, e.g. deepseek2) the compressed cache llama.cpp
                   keeps: n_layer x n_ctx x (kv_lora_rank + rope.dimension_count).
-    activations   the largest transient of one forward pass over n_batch tokens attending to n_ctx
-                  positions. n_batch is the whole context by default, because our prefill evaluates
-                  the whole prompt as one batch. What is alive at the peak of a layer: the residual
-                  stream and its norm (3 x n_batch x n_embd), q/k/v and their rotated copies, then the
-                  larger of three score arrays (n_head x n_batch x n_ctx: scores, masked, softmax) and
-                  three FFN-width arrays (gate, its activation, the gated product); plus the attention
-                  mask, one dequantized weight tile (nn.TILE_FLOATS) and one row of logits. The tests
-                  check this against tracemalloc's peak over a real forward pass.
+    activations   the largest transient of one forward step of n_batch tokens: n_batch is the
+                  micro-batch (nn.N_UBATCH, 512, as llama.cpp's n_ubatch) or the prompt if shorter,
+                  whatever the context. What is alive at the peak of a layer: the residual stream and its
+                  norm (3 x n_batch x n_embd), q/k/v and their rotated copies, then the larger of the
+                  attention's working set (its grouped queries, running output and the product of one key
+                  block, and one block of scores: at most nn.ATTENTION_TILE_FLOATS, or the smallest key
+                  block for every query row) and three FFN-width arrays (gate, its activation, the gated
+                  product); plus one dequantized weight tile (nn.TILE_FLOATS) and one row of logits. The
+                  tests check this against tracemalloc's peak over a real forward pass.
     runtime       the interpreter, numpy, numba and the tokenizer's vocabulary: measured 96 MiB + about
                   256 bytes per token (RssAnon of `refengine generate` on both bundled models), rounded up.
     address space what RLIMIT_AS counts: the whole mapping of every split, the anonymous memory, and
@@ -89,9 +90,16 @@ VERDICTS = ("fits", "pages_from_disk", "does_not_fit")
 GROUPS = ("embeddings", "attention", "dense_ffn", "routed_experts", "shared_experts", "other")
 
 MIB, GIB = 1 << 20, 1 << 30
-# The float32 tile nn.Linear decodes weights into (nn.TILE_FLOATS), kept here so that planning, which
-# reads only headers, does not load numba with refengine.nn; a test holds the two equal.
+# What refengine.nn allocates (its TILE_FLOATS, N_UBATCH, ATTENTION_TILE_FLOATS, MIN_KEY_BLOCK), kept
+# here so that planning, which reads only headers, does not load numba with refengine.nn; a test
+# holds each pair equal.
 TILE_FLOATS = 1 << 21
+N_UBATCH = 512
+ATTENTION_TILE_FLOATS = 1 << 22
+MIN_KEY_BLOCK = 64
+# Architectures whose layers alternate sliding-window and full attention: every PATTERN-th layer is
+# full (refengine.arch.gemma3.SLIDING_WINDOW_PATTERN; llama.cpp's set_swa_pattern).
+SLIDING_WINDOW_PATTERN = {"gemma3": 6}
 RUNTIME_BASE = 128 * MIB  # interpreter, numpy, numba: measured 96 MiB
 RUNTIME_PER_TOKEN = 256  # the tokenizer's vocabulary as Python strings and tables, per token
 ADDRESS_SPACE_BASE = 512 * MIB  # libraries and interpreter reservations: measured ~360 MiB
@@ -99,6 +107,7 @@ ADDRESS_SPACE_PER_THREAD = 72 * MIB  # a glibc malloc arena (64 MiB) and a stack
 # Bounds on the shard table a corrupt header could ask for: llama.cpp allows 512 experts a layer,
 # DeepSeek-R1 has 14,848 in all.
 MAX_EXPERTS = 1 << 16
+MAX_LAYERS = 1 << 16
 MAX_EXPERT_UNITS = 1 << 22
 PAGING = "will be read from disk again as they are used, and speed will be bound by the disk"
 
@@ -120,8 +129,9 @@ class ModelShape:
     n_embd: int
     n_vocab: int
     n_head: int  # the most of any layer
-    kv_heads: int  # n_head_kv summed over layers (layers may differ)
+    kv_heads: tuple[int, ...]  # n_head_kv of each layer (layers may differ)
     n_head_kv: int  # the most of any layer
+    windows: tuple[int, ...]  # each layer's sliding window (0: full attention)
     key_length: int  # per head, as attention computes it (MLA: the decompressed head, key_length_mla)
     value_length: int
     kv_lora_rank: int  # MLA's compressed width; 0 without MLA
@@ -140,7 +150,11 @@ class ModelShape:
         n_embd = keys.int("embedding_length")
         n_head, _ = keys.layers("attention.head_count", n_layer)
         head_count = gguf.get(f"{keys.arch}.attention.head_count")
-        n_head_kv, kv_heads = keys.layers("attention.head_count_kv", n_layer, default=head_count)
+        kv_heads = keys.per_layer("attention.head_count_kv", n_layer, default=head_count)
+        n_head_kv = max(kv_heads, default=0)
+        pattern = SLIDING_WINDOW_PATTERN.get(keys.arch)
+        window = keys.int("attention.sliding_window", 0) if pattern else 0
+        windows = tuple(window if (il + 1) % pattern else 0 for il in range(n_layer)) if pattern else (0,) * n_layer
         head_dim = n_embd // max(n_head, 1)
         key_length = keys.int("attention.key_length", head_dim)
         value_length = keys.int("attention.value_length", key_length)
@@ -160,6 +174,7 @@ class ModelShape:
             n_head=n_head,
             kv_heads=kv_heads,
             n_head_kv=n_head_kv,
+            windows=windows,
             key_length=key_length,
             value_length=value_length,
             kv_lora_rank=kv_lora_rank,
@@ -206,10 +221,20 @@ class _Keys:
         if not isinstance(value, np.ndarray):
             one = self._check(full, value)
             return one, one * n_layer
+        values = self.per_layer(key, n_layer, default)
+        return max(values, default=0), sum(values)
+
+    def per_layer(self, key: str, n_layer: int, default=None) -> tuple[int, ...]:
+        """Each layer's value of a key that holds one value or one per layer. A scalar is kept as one
+        value repeated lazily only up to MAX_LAYERS (n_layer comes from the file)."""
+        full, value = self._value(key, default)
+        if not isinstance(value, np.ndarray):
+            if n_layer > MAX_LAYERS:
+                raise PlanError(f"{self.gguf.path}: {self.arch}.block_count is {n_layer}, more than {MAX_LAYERS}")
+            return (self._check(full, value),) * n_layer
         if value.size != n_layer:
             raise PlanError(f"{self.gguf.path}: {full!r} has {value.size} entries for {n_layer} layers")
-        values = [self._check(full, v) for v in value.tolist()]
-        return max(values, default=0), sum(values)
+        return tuple(self._check(full, v) for v in value.tolist())
 
 
 def weight_group(name: str) -> str:
@@ -284,21 +309,31 @@ def assign_experts(units: dict[tuple[int, int], int], node_ids: list[int]) -> di
 def kv_cache_bytes(shape: ModelShape, n_ctx: int, itemsize: int) -> int:
     if shape.kv_lora_rank:  # MLA: one compressed latent and the shared rope key per position and layer
         return shape.n_layer * n_ctx * (shape.kv_lora_rank + shape.n_rot) * itemsize
-    return n_ctx * shape.kv_heads * (shape.key_length + shape.value_length) * itemsize
+    per_position = (shape.key_length + shape.value_length) * itemsize
+    # a sliding-window layer keeps a ring of window + N_UBATCH positions (nn.cache_slots)
+    slots = [min(n_ctx, window + N_UBATCH) if window else n_ctx for window in shape.windows]
+    return sum(n_kv * n * per_position for n_kv, n in zip(shape.kv_heads, slots, strict=True))
 
 
 def activation_bytes(shape: ModelShape, n_batch: int, n_kv: int, itemsize: int) -> int:
-    """The peak transient of one forward pass of n_batch tokens over n_kv positions (see the module doc)."""
-    kv_heads = shape.n_head if shape.kv_lora_rank else shape.n_head_kv  # MLA decompresses a k and v per head
+    """The peak transient of one forward step of n_batch tokens over n_kv positions (see the module doc)."""
     residual = 3 * n_batch * shape.n_embd
-    projections = 2 * n_batch * (shape.n_head * shape.key_length + kv_heads * (shape.key_length + shape.value_length))
-    scores = 3 * shape.n_head * n_batch * n_kv
+    if shape.kv_lora_rank:  # MLA attends in latent space: per head a query and an output of kv_lora_rank
+        k_width, v_width = shape.kv_lora_rank + shape.n_rot, shape.kv_lora_rank
+        projections = 2 * n_batch * shape.n_head * (shape.key_length + 2 * k_width + shape.value_length)
+    else:
+        k_width, v_width = shape.key_length, shape.value_length
+        projections = 2 * n_batch * (shape.n_head + shape.n_head_kv) * (shape.key_length + shape.value_length)
+    rows = shape.n_head * n_batch  # query rows of the tiled attention (nn.attention_tiled)
+    block = min(n_kv, max(ATTENTION_TILE_FLOATS // rows, MIN_KEY_BLOCK))  # keys per block
+    mask = 2 * n_batch * block  # the block's visibility and its additive bias
+    # grouped queries; the running output, one block's product and the result; one block's scores
+    attention = rows * k_width + 3 * rows * v_width + rows * block + mask
     ffn_width = max(shape.n_ff, shape.n_expert_used * shape.n_ff_exp + shape.n_expert_shared * shape.n_ff_shexp)
     ffn = 3 * n_batch * ffn_width
-    mask = n_batch * n_kv  # bool
     tile = TILE_FLOATS * 4 + (TILE_FLOATS * itemsize if itemsize != 4 else 0)  # float32, and its cast
     logits = shape.n_vocab * itemsize
-    return (residual + projections + max(scores, ffn)) * itemsize + mask + tile + logits
+    return (residual + projections + max(attention, ffn)) * itemsize + tile + logits
 
 
 @dataclass(frozen=True)
@@ -307,10 +342,11 @@ class Sizer:
 
     shape: ModelShape
     itemsize: int
-    n_batch: int | None  # None: the whole context is one batch
+    n_batch: int | None  # the longest prompt, when known (None: any)
 
     def batch(self, n_ctx: int) -> int:
-        return n_ctx if self.n_batch is None else min(self.n_batch, n_ctx)
+        """The tokens of one forward step: a micro-batch, or the whole prompt if it is shorter."""
+        return min(N_UBATCH, n_ctx, self.n_batch or n_ctx)
 
     def kv_cache(self, n_ctx: int) -> int:
         return kv_cache_bytes(self.shape, n_ctx, self.itemsize)
@@ -640,7 +676,7 @@ def judge(
     if room is None:
         return "fits", ["the memory size is unknown (no proc/meminfo): nothing was checked"], []
     anon = needs.anon
-    buffers = f"the KV cache at --ctx {n_ctx} and the buffers need {size(anon)}"
+    buffers = f"the buffers need {size(anon)} ({_buffers(needs, n_ctx)})"
     if anon > room.bytes:
         return "does_not_fit", [f"{room.clause}; {buffers}"], _anon_fixes(sizer, n_ctx, anon, room.bytes, room)
     if system.overcommit_memory == 2 and system.commit_limit is not None and system.committed_as is not None:
@@ -654,12 +690,15 @@ def judge(
     if need > room.bytes:
         # File pages are dropped under pressure rather than killed, but a model that cannot be
         # resident is read from disk on every token: hundreds of times slower, so it does not fit.
+        fixes = _weight_fixes(system, room, need)
         if weights > room.bytes:
             what = f"the weights need {size(weights)}"
         else:
-            what = f"the weights ({size(weights)}) and buffers ({size(anon)}) need {size(need)}"
+            what = f"the weights ({size(weights)}) and buffers ({_buffers(needs, n_ctx)}) need {size(need)}"
+            largest = sizer.largest_ctx(n_ctx, room.bytes - weights)  # the context whose buffers fit beside them
+            fixes = ([f"lower --ctx to {largest} or less"] if largest else []) + fixes
         reason = f"{room.clause}; {what}"
-        return "does_not_fit", [reason], _weight_fixes(system, room, need)
+        return "does_not_fit", [reason], fixes
     if numa == "shard":
         for share in shares:
             if share.total > share.available:
@@ -675,10 +714,18 @@ def judge(
         )
         return "pages_from_disk", [reason], ["free page cache first (sync; echo 1 > /proc/sys/vm/drop_caches)"]
     reason = (
-        f"the weights ({size(needs.weights_total)}) and buffers ({size(anon)}) "
+        f"the weights ({size(needs.weights_total)}) and buffers ({_buffers(needs, n_ctx)}) "
         f"fit in the {size(room.bytes)} available to this process on {room.where}"
     )
     return "fits", [reason], []
+
+
+def _buffers(needs: Needs, n_ctx: int) -> str:
+    """The anonymous buffers by what they hold: the KV cache is what grows with the context."""
+    return (
+        f"KV cache at --ctx {n_ctx} {size(needs.kv_cache)}, activations {size(needs.activations)}, "
+        f"runtime {size(needs.runtime)}"
+    )
 
 
 def _anon_fixes(sizer: Sizer, n_ctx: int, anon: int, room_bytes: int, room: Room | None) -> list[str]:
@@ -709,8 +756,8 @@ def _weight_fixes(system: SystemInfo, room: Room, need: int) -> list[str]:
 
 def _notes(system: SystemInfo, numa: str, n_batch: int, itemsize: int) -> list[str]:
     notes = [
-        f"activations are sized for a prompt of {n_batch} tokens evaluated as one batch "
-        f"(as refengine's prefill does), in float{8 * itemsize}"
+        f"activations are sized for one step of {n_batch} tokens (prompts are evaluated in micro-batches "
+        f"of {N_UBATCH}), in float{8 * itemsize}"
     ]
     if system.hugepages_bytes:
         notes.append(

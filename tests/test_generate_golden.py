@@ -82,3 +82,30 @@ def test_generation_memory_is_the_kv_cache_and_activations_plus_100_mib(request,
     budget = needs.kv_cache + needs.activations + (100 << 20)
     print(f"{model}: peak RssAnon {peak >> 20} MiB, budget {budget >> 20} MiB")
     assert 0 < peak <= budget
+
+
+def test_long_prompt_memory_is_the_kv_cache_and_one_micro_batch_plus_100_mib(gemma_path):
+    """A 5,000-token prompt at --ctx 8192: the true peak of anonymous memory over the whole run (sampled
+    through prefill, not only when text is printed) is the KV cache as the plan sizes it (the sliding-
+    window layers keep their ring only), one micro-batch's activations and 100 MiB. Before prompts were
+    micro-batched, this run peaked at about 1.6 GB."""
+    from refengine.gguf import open_gguf
+    from refengine.plan import plan
+    from refengine.system import read_system
+    from refengine.tokenizer import Tokenizer
+
+    n_ctx = 8192
+    prompt = " ".join(f"item {i}," for i in range(860))
+    n_prompt = len(Tokenizer.from_gguf(open_gguf(gemma_path)).encode(prompt))
+    assert 5000 <= n_prompt <= 5600
+    cmd = [sys.executable, "-m", "refengine.cli", "generate", "-m", "gemma3-270m", "-c", str(n_ctx), "--temp", "0"]
+    run = subprocess.run([*cmd, "-n", "4", "--json", prompt], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    peak = json.loads(run.stdout)["peak_rss_anon"]
+    needs = plan(open_gguf(gemma_path), read_system(), n_ctx, n_batch=n_prompt).needs
+    budget = needs.kv_cache + needs.activations + (100 << 20)
+    print(
+        f"{n_prompt} tokens: peak RssAnon {peak >> 20} MiB, budget {budget >> 20} MiB "
+        f"(KV cache {needs.kv_cache >> 20}, activations {needs.activations >> 20})"
+    )
+    assert 0 < peak <= budget

@@ -31,7 +31,7 @@ import refengine.nn
 import refengine.plan
 from refengine.cli import EXIT_DOES_NOT_FIT, EXIT_ERROR, EXIT_USAGE, main
 from refengine.gguf import open_gguf
-from refengine.plan import GROUPS, assign_experts, expert_units, plan, render, weight_group
+from refengine.plan import GROUPS, assign_experts, expert_units, plan, render, size, weight_group
 from refengine.system import SystemReadError, read_system
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sysroot"
@@ -228,13 +228,37 @@ def test_both_nodes_allowed_fits(deepseek_r1):
 def test_buffers_that_cannot_fit_on_the_bound_node_do_not_fit(deepseek_r1):
     gguf = open_gguf(deepseek_r1[0])
     system = machine("two_nodes_bind1")
-    p = plan(gguf, system, n_ctx=32768)  # 128 heads x 32768^2 attention scores
+    p = plan(gguf, system, n_ctx=2_000_000)  # 61 layers x 2M positions x 576 floats: 262 GiB of MLA cache
     assert p.verdict == "does_not_fit"
     assert "numactl -m 1 confines this process to node 1" in p.message()
     largest = int(p.actions[0].removeprefix("lower --ctx to ").removesuffix(" or less"))
     # At the largest context the buffers fit and only the weights are too big for node 1.
     assert "the weights need" in plan(gguf, system, n_ctx=largest).message()
-    assert "the KV cache at --ctx" in plan(gguf, system, n_ctx=largest + 1).message()
+    assert f"the buffers need 251 GiB (KV cache at --ctx {largest + 1}" in plan(gguf, system, n_ctx=largest + 1).message()
+
+
+@pytest.mark.parametrize("n_ctx", [32768, 131072])
+def test_long_contexts_are_sized_by_the_micro_batch_and_the_mla_cache(deepseek_r1, tmp_path, n_ctx):
+    """Prompts run in micro-batches, so activations do not grow with the context (they were 1.67 TB at
+    32768 when a prompt was one batch); what grows is the MLA cache, 61 layers x (512 + 64) floats per
+    position: 4.6 GB at 32k, 18.4 GB at 128k in float32. The verdict turns on it and names it."""
+    gguf = open_gguf(deepseek_r1[0])
+    p = plan(gguf, machine("two_nodes"), n_ctx=n_ctx)
+    assert p.n_batch == 512
+    assert p.needs.activations <= 4 * GIB
+    assert p.needs.kv_cache == 61 * n_ctx * (512 + 64) * 4
+    assert p.verdict == "fits", p.message()
+    assert f"KV cache at --ctx {n_ctx} {size(p.needs.kv_cache)}" in p.message()
+    # A cgroup limit between the weights with every buffer but the cache, and the weights with the cache.
+    root = shutil.copytree(FIXTURES / "cgroup_v2", tmp_path / "root")
+    limit = p.needs.weights_total + p.needs.anon - p.needs.kv_cache // 2
+    (root / "sys/fs/cgroup/system.slice/refengine.service/memory.max").write_text(f"{limit}\n")
+    (root / "sys/fs/cgroup/system.slice/memory.max").write_text("max\n")
+    tight = plan(gguf, read_system(root), n_ctx=n_ctx)
+    assert tight.verdict == "does_not_fit", tight.message()
+    assert f"KV cache at --ctx {n_ctx} {size(p.needs.kv_cache)}" in tight.message()
+    smaller = int(re.search(r"lower --ctx to (\d+)", tight.message()).group(1))
+    assert n_ctx // 2 <= smaller < n_ctx and plan(gguf, read_system(root), n_ctx=smaller).verdict == "fits"
 
 
 def test_fitting_only_by_evicting_page_cache_pages_from_disk(deepseek_r1, tmp_path):
@@ -419,13 +443,14 @@ def test_kv_cache_is_what_our_cache_allocates(gemma_path, smollm_path, itemsize,
         assert plan(gguf, machine("two_nodes"), n_ctx=1000, itemsize=itemsize).needs.kv_cache == cache.nbytes
 
 
-def test_activations_bound_a_real_forward_pass(smollm_path):
-    """tracemalloc's peak over a prefill of 64 tokens, against the estimate (numpy reports to tracemalloc)."""
+@pytest.mark.parametrize("n_tok", [64, 1100])
+def test_activations_bound_a_real_forward_pass(smollm_path, n_tok):
+    """tracemalloc's peak over a prefill of n_tok tokens, against the estimate (numpy reports to tracemalloc).
+    1,100 tokens are three micro-batches: the estimate is one micro-batch's, whatever the prompt."""
     from refengine.arch import load_model
 
     gguf = open_gguf(smollm_path)
     model = load_model(gguf)
-    n_tok = 64
     cache = model.new_cache(n_tok)
     tokens = (np.arange(n_tok) * 7 + 5) % model.config.n_vocab
     model.forward(tokens[:2], cache, all_logits=False)  # compile and warm up outside the measurement
@@ -441,7 +466,17 @@ def test_activations_bound_a_real_forward_pass(smollm_path):
     # The estimate counts a whole weight tile; smollm's matrices are smaller than one.
     tile_bytes = refengine.plan.TILE_FLOATS * 4
     assert peak <= estimate <= 2 * peak + tile_bytes, (peak, estimate)
-    assert refengine.plan.TILE_FLOATS == refengine.nn.TILE_FLOATS  # the weight tile in the estimate
+
+
+def test_plan_sizes_what_nn_allocates():
+    """The plan copies nn's sizes so that it can run without numba; each copy equals its original."""
+    import refengine.nn
+
+    for name in ("TILE_FLOATS", "N_UBATCH", "ATTENTION_TILE_FLOATS", "MIN_KEY_BLOCK"):
+        assert getattr(refengine.plan, name) == getattr(refengine.nn, name), name
+    from refengine.arch.gemma3 import SLIDING_WINDOW_PATTERN
+
+    assert refengine.plan.SLIDING_WINDOW_PATTERN == {"gemma3": SLIDING_WINDOW_PATTERN}
 
 
 # --- The command line -----------------------------------------------------------------------------

@@ -238,22 +238,25 @@ class DecoderModel:
                 batch = tokens[start : start + self.n_ubatch]
                 last = start + len(batch) == n_tok
                 with step_threads(len(batch)):
-                    out = self.step(batch, cache, all_logits or last)
+                    out = self.step(batch, cache, "all" if all_logits else "last" if last else None)
                 if out is not None:
-                    logits.append(out if all_logits else out[-1:])
+                    logits.append(out)
         finally:
             self.observer = None
         return logits[0] if len(logits) == 1 else np.concatenate(logits)
 
-    def step(self, tokens: np.ndarray, cache: KVCache, want_logits: bool) -> np.ndarray | None:
-        """One micro-batch at positions cache.n_past..: its logits (n_tok, n_vocab) if wanted."""
+    def step(self, tokens: np.ndarray, cache: KVCache, logits: str | None) -> np.ndarray | None:
+        """One micro-batch at positions cache.n_past..: the logits of "all" its positions (n_tok, n_vocab),
+        of the "last" (1, n_vocab), or None."""
         positions = np.arange(cache.n_past, cache.n_past + len(tokens))
         x = self.emit("inp_embd", self.embed(tokens))  # (n_tok, n_embd)
         for il in range(self.config.n_layer):
             x = self.emit("l_out", self.layer(il, x, positions, cache), il)
         cache.n_past += len(tokens)
-        if not want_logits:
+        if logits is None:
             return None
+        if logits == "last":
+            x = x[-1:]
         x = self.emit("result_norm", rms_norm(x, self.output_norm, self.config.norm_eps))
         return self.emit("result_output", self.output(x))  # (n_tok, n_vocab)
 
