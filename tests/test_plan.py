@@ -234,7 +234,8 @@ def test_buffers_that_cannot_fit_on_the_bound_node_do_not_fit(deepseek_r1):
     largest = int(p.actions[0].removeprefix("lower --ctx to ").removesuffix(" or less"))
     # At the largest context the buffers fit and only the weights are too big for node 1.
     assert "the weights need" in plan(gguf, system, n_ctx=largest).message()
-    assert f"the buffers need 251 GiB (KV cache at --ctx {largest + 1}" in plan(gguf, system, n_ctx=largest + 1).message()
+    too_long = plan(gguf, system, n_ctx=largest + 1).message()
+    assert f"the buffers need 251 GiB (KV cache at --ctx {largest + 1}" in too_long
 
 
 @pytest.mark.parametrize("n_ctx", [32768, 131072])
