@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import model_path
 from trace_oracle import (
     GOLDEN_PATH,
     MAX_SUM_REL,
@@ -194,7 +195,7 @@ def test_trace_matches_eval_callback_golden(tiny_model, case):
     model = refengine.load(tiny_model(entry["arch"]))
     ids = ids_of(model)
     assert ids == entry["tokens"]
-    result = compare_eval_callback(model.trace(ids), golden_nodes(case), MAX_SUM_REL)
+    result = compare_eval_callback(model.trace(ids), golden_nodes(case), MAX_SUM_REL["default"])
     print(result.render())
     assert result.first_divergence is None, result.render()
     assert len(result.diffs) >= entry["min_matched"]
@@ -202,15 +203,18 @@ def test_trace_matches_eval_callback_golden(tiny_model, case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["smollm2-135m", "gemma3-270m"])
-def test_real_model_trace_matches_eval_callback_golden(case, real_model_path):
+def test_real_model_trace_matches_eval_callback_golden(case):
+    """Our trace of the quantized file against llama-eval-callback on gguf-py's F32 copy of it."""
+    model_path(case)  # skips when the model is not installed
     if case not in golden():
         pytest.skip(f"{GOLDEN_PATH.name} has no {case} (scripts/make_golden_trace.py)")
     entry = golden()[case]
     model = refengine.load(case)
     ids = ids_of(model)
     assert ids == entry["tokens"]
-    result = compare_eval_callback(model.trace(ids), golden_nodes(case), MAX_SUM_REL)
-    print(result.render())
+    result = compare_eval_callback(model.trace(ids), golden_nodes(case), MAX_SUM_REL.get(case, MAX_SUM_REL["default"]))
+    worst = max(result.diffs, key=lambda d: d.rel)
+    print(f"{case}: {len(result.diffs)} tensors, largest sum rel. diff {worst.rel:.2e} ({worst.name})")
     assert result.first_divergence is None, result.render()
     assert len(result.diffs) >= entry["min_matched"]
 
@@ -220,7 +224,7 @@ def test_eval_callback_log_that_disagrees_is_named(tiny_model):
     model = refengine.load(tiny_model(golden()["deepseek2"]["arch"]))
     nodes = golden_nodes("deepseek2")
     nodes["attn_norm-1"].sum *= 1.01
-    result = compare_eval_callback(model.trace(ids_of(model)), nodes, MAX_SUM_REL)
+    result = compare_eval_callback(model.trace(ids_of(model)), nodes, MAX_SUM_REL["default"])
     assert result.first_divergence is not None and result.first_divergence.name == "attn_norm-1"
 
 
@@ -232,7 +236,7 @@ def test_live_tiny_trace_matches_eval_callback(tiny_model, arch):
     path = tiny_model(arch)
     model = refengine.load(path)
     nodes = parse_eval_callback(run_tool("llama-eval-callback", *eval_callback_args(path)))
-    result = compare_eval_callback(model.trace(ids_of(model)), nodes, MAX_SUM_REL)
+    result = compare_eval_callback(model.trace(ids_of(model)), nodes, MAX_SUM_REL["default"])
     print(result.render())
     assert result.first_divergence is None, result.render()
 

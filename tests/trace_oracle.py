@@ -11,10 +11,12 @@ from refengine.compare import CallbackTensor
 
 GOLDEN_PATH = Path(__file__).parent / "golden" / "eval_callback.json"
 PROMPT = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg"
-# A printed sum against ours (refengine.compare.sum_rel_diff): the bar. Measured on the tiny
-# llama model: 1e-7 to 1e-6 with an F32 KV cache and flash attention off; llama.cpp's default F16
-# cache alone moves kqv_out by 4e-4.
-MAX_SUM_REL = 1e-3
+# A printed sum against ours (refengine.compare.sum_rel_diff): the bar, 1e-3. Measured: 1e-7 to
+# 1e-6 on the tiny llama model with an F32 KV cache and flash attention off (llama.cpp's default F16
+# cache alone moves kqv_out by 4e-4). gemma3 gets more room: ggml's CPU GELU rounds its input to F16
+# and reads the result from an F16 table (GGML_GELU_FP16 in ggml-cpu/vec.h), which moves each FFN's
+# output by ~1e-4 and, over 18 layers, some attention outputs of gemma3-270m by up to 1.5e-3.
+MAX_SUM_REL = {"default": 1e-3, "gemma3-270m": 3e-3}
 
 
 def eval_callback_args(model_path) -> list[str]:
