@@ -293,3 +293,19 @@ def test_compare_files_refuses_a_log_against_logits(tmp_path):
     )
     with pytest.raises(CompareError, match="cannot compare"):
         compare_files(tmp_path / "l.npy", log)
+
+
+@pytest.mark.slow
+def test_gemma3_q4_k_m_trace_equals_its_f32_copy():
+    """The issue's bar: our Q4_K_M trace against our trace of gguf-py's F32 copy, NMSE below 1e-6 everywhere."""
+    from refengine.testing.f32copy import f32_copy
+
+    model_path("gemma3-270m")
+    quantized = refengine.load("gemma3-270m")
+    copy = refengine.load(f32_copy("gemma3-270m"))
+    ids = ids_of(quantized)
+    result = compare_traces(quantized.trace(ids), copy.trace(ids), threshold=1e-6)
+    worst = max(result.diffs, key=lambda d: d.nmse)
+    print(f"gemma3-270m Q4_K_M vs F32 copy: {len(result.diffs)} tensors, largest NMSE {worst.nmse:.2e} ({worst.name})")
+    assert result.first_divergence is None, result.render()
+    assert next(d for d in result.diffs if d.name == "result_output").top1 == 1.0
