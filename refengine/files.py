@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
@@ -40,11 +41,19 @@ def partial_name(target: Path) -> str:
 
 
 def _partial_owner(name: str, target_name: str) -> int | None:
-    """The pid in a partial file's name for `target_name`, or None if the name is not one of ours."""
-    prefix = f".{target_name}."
-    if not (name.startswith(prefix) and name.endswith(PARTIAL_SUFFIX)):
+    """The pid in a partial file's name for `target_name` (`.NAME.PID.RANDOM.partial`, or `NAME.PID.partial`
+    as refengine's model cache once named them), or None if the name is not one of these."""
+    if not name.endswith(PARTIAL_SUFFIX):
         return None
-    pid, _, _token = name[len(prefix) : -len(PARTIAL_SUFFIX)].partition(".")
+    stem = name[: -len(PARTIAL_SUFFIX)]
+    if stem.startswith(f".{target_name}."):
+        pid, _, token = stem[len(target_name) + 2 :].partition(".")
+        if not re.fullmatch(r"[0-9a-f]{8}", token):
+            return None
+    elif stem.startswith(f"{target_name}."):
+        pid = stem[len(target_name) + 1 :]
+    else:
+        return None
     return int(pid) if pid.isdigit() else None
 
 
@@ -106,6 +115,18 @@ def _describe(e: OSError) -> str:
     return e.strerror or str(e)
 
 
+def _write_failure(fh: BinaryIO, e: OSError) -> str:
+    """Why a write failed. numpy reports a short write without errno ("131072 requested and 16352
+    written"); one more byte then fails with the reason itself (no space left, file too large)."""
+    if e.errno is not None:
+        return _describe(e)
+    try:
+        os.write(fh.fileno(), b"\0")
+    except OSError as probe:
+        return f"{_describe(probe)} ({e})"
+    return str(e)
+
+
 def _create(folder: Path, target: Path, mode: int) -> tuple[int, Path | None]:
     """An open file descriptor for the new content, and its name (None: unnamed, O_TMPFILE)."""
     if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
@@ -154,6 +175,10 @@ def atomic_output(target: str | os.PathLike, replace: bool = True) -> Iterator[B
     folder = target.parent
     if not folder.is_dir():
         raise OutputError(f"{target}: folder {folder} does not exist")
+    with contextlib.suppress(OSError):
+        if not stat.S_ISREG(target.lstat().st_mode) and not target.is_symlink():
+            # a rename would replace the device, FIFO or folder itself, not write into it
+            raise OutputError(f"{target}: not a regular file; refusing to replace it")
     remove_stale_partials(folder, target.name)
     try:
         fd, named = _create(folder, target, new_file_mode(target))
@@ -167,7 +192,7 @@ def atomic_output(target: str | os.PathLike, replace: bool = True) -> Iterator[B
             except OSError as e:
                 if e.filename is not None:  # about some other file the caller opened: theirs to report
                     raise
-                raise OutputError(f"{target}: cannot write: {_describe(e)}") from None
+                raise OutputError(f"{target}: cannot write: {_write_failure(fh, e)}") from None
             try:
                 _publish(fh.fileno(), named, target, replace)
             except FileExistsError:

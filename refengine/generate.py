@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from refengine.nn import KVCache
-from refengine.sampler import Sampler
+from refengine.nonfinite import locate
+from refengine.sampler import NonFiniteLogits, Sampler
 
 
 @dataclass
@@ -115,6 +116,8 @@ def generate(
         timings.generation_s = time.perf_counter() - start
     except KeyboardInterrupt:
         result.finish_reason = "interrupted"
+    except NonFiniteLogits as e:  # name the layer that produced them (refengine.nonfinite)
+        raise locate(e, model, history) from None
     held += decoder.flush() if result.finish_reason != "stop" else ""
     if held and on_text:
         on_text(held)

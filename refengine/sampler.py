@@ -113,7 +113,8 @@ def apply_repetition_penalty(logits: np.ndarray, recent: list[int], penalty: flo
     """As llama.cpp (and the CTRL paper): divide positive logits by the penalty, multiply negative ones."""
     seen = np.unique(np.asarray(recent, dtype=np.int64))
     values = logits[seen]
-    logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+    with np.errstate(over="ignore"):  # a tiny penalty may push a logit to inf: softmax takes care of it
+        logits[seen] = np.where(values > 0, values / penalty, values * penalty)
 
 
 def softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -124,5 +125,6 @@ def softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     if not np.isfinite(top):
         e = (x == top).astype(np.float64)
     else:
-        e = np.exp((x - top) / temperature)
+        with np.errstate(over="ignore"):  # (x - top) / 1e-310 is -inf for all but the top: exp gives 0
+            e = np.exp((x - top) / temperature)
     return e / e.sum()
