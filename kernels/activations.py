@@ -14,21 +14,34 @@ ctypes, byte for byte, on random and extreme inputs.
 Each quantizer writes ggml's block layout (`blocks`, raw bytes, what ggml's vec_dot reads)
 and beside it what our dot products want ready to use:
 
-    Q8_0, 34 bytes: | d: f16 | qs: int8 x 32 |                 scales (n,) f32 = d, sums (n,) int32 = sum qs
+    Q8_0, 34 bytes: | d: f16 | qs: int8 x 32 |                 scales (n,) f32 = d, sums (n, 8) int32:
+                                                               sums[k] = qs[4k] + .. + qs[4k + 3]
     Q8_1, 36 bytes: | d: f16 | s: f16 = f16(d * sum qs) | qs |  scales (n,) f32 = d, sums (n,) f32 = s
     Q8_K, 292 bytes: | d: f32 | qs: int8 x 256 | bsums: int16 x 16 (sums of 16 qs) |
                                                                scales (n,) f32 = d, sums (n, 16) int32 = bsums
 
 Q8_0's integer sums are not part of ggml's block: Q4_0 and Q5_0 take them to subtract
-their quants' offset (8, 16) once per block instead of widening every quant to a signed
-byte (sum (q - 8) y = sum q y - 8 sum y, exactly, in integers).
+their quants' offset (8, 16) from each 4-byte lane of a dot product instead of making every
+quant a signed byte (sum (q - 8) y = sum q y - 8 sum y, exactly, in integers), which leaves
+the lanes equal to those of ggml's sign-trick products.
 """
 
 import numpy as np
 
 from ._jit import f16_to_f32, kernel
 from .quantize import f32_bits, fp32_to_fp16, nearest_int
-from .simd import HAS_F16C, f32_to_f16_bits
+from .simd import (
+    HAS_F16C,
+    amax32,
+    amax32_x86,
+    dot_bytes,
+    f32_to_f16_bits,
+    load_bytes,
+    ones_bytes,
+    store_half_sums,
+    store_lanes,
+    zero_lanes,
+)
 
 f32 = np.float32
 
@@ -66,26 +79,14 @@ def packs_to_int8(i):
 
 @kernel
 def amax_x86(x, b):
-    """max |x[b, :32]| as quantize_row_q8_0's AVX code reduces it: four vectors of 8 folded with
-    maxps lane by lane, then the 8 lanes folded 8 -> 4 -> 2 -> 1, each maxps(a, b) in its order."""
-    lanes = np.empty(8, dtype=np.float32)
-    for lane in range(8):
-        m = abs(x[b, lane])
-        for k in range(1, 4):
-            m = maxps(m, abs(x[b, 8 * k + lane]))
-        lanes[lane] = m
-    four0 = maxps(lanes[4], lanes[0])  # _mm_max_ps(high half, low half)
-    four1 = maxps(lanes[5], lanes[1])
-    four2 = maxps(lanes[6], lanes[2])
-    four3 = maxps(lanes[7], lanes[3])
-    two0 = maxps(four0, four2)  # _mm_max_ps(max4, _mm_movehl_ps(max4, max4))
-    two1 = maxps(four1, four3)
-    return maxps(two0, two1)  # _mm_max_ss(max4, _mm_movehdup_ps(max4))
+    """max |x[b, :32]| as quantize_row_q8_0's AVX code reduces it (simd.amax32_x86)."""
+    return amax32_x86(x, b)
 
 
 @kernel
-def quantize_q8_0(x, blocks, scales, sums):  # (n, 32) f32 -> (n, 34) u8, (n,) f32, (n,) int32
+def quantize_q8_0(x, blocks, scales, sums):  # (n, 32) f32 -> (n, 34) u8, (n,) f32, (n, 8) int32
     """quantize_row_q8_0, AVX branch (arch/x86/quants.c)."""
+    qs = blocks[:, 2:].view(np.int8)
     for b in range(x.shape[0]):
         amax = amax_x86(x, b)
         h = cpu_fp32_to_fp16(amax / f32(127.0))
@@ -93,18 +94,17 @@ def quantize_q8_0(x, blocks, scales, sums):  # (n, 32) f32 -> (n, 34) u8, (n,) f
         blocks[b, 1] = h >> 8
         scales[b] = f16_to_f32(blocks[b, 0], blocks[b, 1])
         inverse = f32(127.0) / amax if amax != f32(0.0) else f32(0.0)
-        total = 0
         for l in range(x.shape[1]):
-            q = packs_to_int8(cvtps_epi32(np.rint(x[b, l] * inverse)))
-            blocks[b, 2 + l] = q & 0xFF
-            total += q
-        sums[b] = total
+            qs[b, l] = packs_to_int8(cvtps_epi32(np.rint(x[b, l] * inverse)))
+        # sum of each 4 quants: their dot product with ones, as the matvec's lanes add them
+        store_lanes(sums, b, 0, dot_bytes(zero_lanes(), ones_bytes(), load_bytes(blocks, b, 2)))
 
 
 @kernel
 def quantize_q8_1(x, blocks, scales, sums):  # (n, 32) f32 -> (n, 36) u8, (n,) f32, (n,) f32
     """quantize_row_q8_1, AVX2 branch: as Q8_0, plus s = f16(d * the int32 sum of the quants)
     taken before they are saturated to int8 (hsum_i32_8 of the cvtps2dq results, wrapping)."""
+    qs = blocks[:, 4:].view(np.int8)
     for b in range(x.shape[0]):
         amax = amax_x86(x, b)
         d = amax / f32(127.0)
@@ -115,13 +115,26 @@ def quantize_q8_1(x, blocks, scales, sums):  # (n, 32) f32 -> (n, 36) u8, (n,) f
         inverse = f32(127.0) / amax if amax != f32(0.0) else f32(0.0)
         total = np.int32(0)
         for l in range(x.shape[1]):
-            i = cvtps_epi32(np.rint(x[b, l] * inverse))
-            total = np.int32(total + np.int32(i))  # int32 adds wrap, as vpaddd does
-            blocks[b, 4 + l] = packs_to_int8(i) & 0xFF
+            i = np.int32(cvtps_epi32(np.rint(x[b, l] * inverse)))
+            total = np.int32(total + i)  # int32 adds wrap, as vpaddd does (numba would widen to int64)
+            qs[b, l] = packs_to_int8(i)
         s = cpu_fp32_to_fp16(d * f32(total))
         blocks[b, 2] = s & 0xFF
         blocks[b, 3] = s >> 8
         sums[b] = f16_to_f32(blocks[b, 2], blocks[b, 3])
+
+
+@kernel
+def first_of_largest_magnitude(x, b):
+    """(max |x[b, :]|, the first x[b, l] of that magnitude): what quantize_row_q8_K_ref's loop
+    `if (ax > amax) { amax = ax; max = x[j]; }` ends with (a NaN never passes the test)."""
+    amax = f32(0.0)
+    for j in range(0, x.shape[1], 32):
+        amax = max(amax, amax32(x, b, j))
+    for l in range(x.shape[1]):
+        if abs(x[b, l]) == amax:
+            return amax, x[b, l]
+    return amax, f32(0.0)
 
 
 @kernel
@@ -130,14 +143,9 @@ def quantize_q8_k(x, blocks, scales, sums):  # (n, 256) f32 -> (n, 292) u8, (n,)
     quants by nearest_int, capped at 127, d = 1 / iscale as float32, and bsums of each 16.
     An all-zero block (amax == 0) is d = 0 and zero quants; ggml leaves its bsums unwritten,
     we write zeros (they are multiplied by d = 0 either way)."""
+    qs = blocks[:, 4:260].view(np.int8)
     for b in range(x.shape[0]):
-        amax = f32(0.0)
-        max_value = f32(0.0)
-        for l in range(x.shape[1]):
-            a = abs(x[b, l])
-            if a > amax:
-                amax = a
-                max_value = x[b, l]
+        amax, max_value = first_of_largest_magnitude(x, b)
         if amax == f32(0.0):
             blocks[b, :] = 0
             scales[b] = f32(0.0)
@@ -145,15 +153,12 @@ def quantize_q8_k(x, blocks, scales, sums):  # (n, 256) f32 -> (n, 292) u8, (n,)
             continue
         iscale = f32(-127.0) / max_value
         for l in range(x.shape[1]):
-            q = min(127, nearest_int(iscale * x[b, l]))
-            blocks[b, 4 + l] = q & 0xFF
+            qs[b, l] = min(127, nearest_int(iscale * x[b, l]))
+        for j in range(0, x.shape[1], 32):  # sums of 16: dot products with ones, added half by half
+            store_half_sums(sums, b, j // 16, dot_bytes(zero_lanes(), ones_bytes(), load_bytes(blocks, b, 4 + j)))
         for k in range(sums.shape[1]):
-            total = 0
-            for l in range(16 * k, 16 * k + 16):
-                total += np.int8(blocks[b, 4 + l])
-            sums[b, k] = total
-            blocks[b, 260 + 2 * k] = total & 0xFF
-            blocks[b, 261 + 2 * k] = (total >> 8) & 0xFF
+            blocks[b, 260 + 2 * k] = sums[b, k] & 0xFF
+            blocks[b, 261 + 2 * k] = (sums[b, k] >> 8) & 0xFF
         d = f32(1.0) / iscale
         scales[b] = d
         bits = f32_bits(d)

@@ -41,25 +41,39 @@ from .activations import (
     quantize_q8_k,
 )
 from .gemv import half_to_f32, matvec_bf16, matvec_f16, matvec_f32, prefetch_block
-from .kquants import q3_k_scale, scale_min_k4
 from .quantize import f32_bits
 from .simd import (
     HAS_F16C,
+    add_floats,
     add_lanes,
+    and_lanes,
     bit_bytes,
     bits_to_bytes,
     dot_bytes,
+    dot_bytes_scaled,
     dot_signed_bytes,
+    fma_lanes,
     high_nibbles,
+    k4_mins,
+    k4_scales,
+    lane,
     load_bytes,
+    load_lanes,
     load_nibbles,
+    load_u16,
+    load_u32,
     low_nibbles,
     mask_bytes,
+    mul_lanes,
     or_bytes,
-    scale_halves,
+    q3k_scales,
+    shift_lanes_right,
     shift_left,
     shift_right,
+    sum_floats,
     sum_lanes,
+    widen_bytes,
+    zero_floats,
     zero_lanes,
 )
 
@@ -71,30 +85,19 @@ def half_at(rows, r, j):
     """The little-endian f16 at rows[r, j : j + 2], as float32 (GGML_CPU_FP16_TO_FP32): one vcvtph2ps
     with F16C; without it _jit.f16_to_f32's bit manipulation (LLVM would call a runtime function)."""
     if HAS_F16C:
-        return half_to_f32(np.uint16(rows[r, j]) | (np.uint16(rows[r, j + 1]) << np.uint16(8)))
+        return half_to_f32(load_u16(rows, r, j))
     return f16_to_f32(rows[r, j], rows[r, j + 1])
-
-
-@kernel
-def u32_at(rows, r, j):
-    """The little-endian uint32 at rows[r, j : j + 4]."""
-    return (
-        np.uint32(rows[r, j])
-        | (np.uint32(rows[r, j + 1]) << np.uint32(8))
-        | (np.uint32(rows[r, j + 2]) << np.uint32(16))
-        | (np.uint32(rows[r, j + 3]) << np.uint32(24))
-    )
 
 
 # ---------------------------------------------------------------- activations
 
 
 @kernel
-def activations_q8_0(x):  # (n,) f32 -> (n / 32, 34) u8, (n / 32,) f32, (n / 32,) int32
+def activations_q8_0(x):  # (n,) f32 -> (n / 32, 34) u8, (n / 32,) f32, (n / 32, 8) int32
     n_blocks = x.shape[0] // 32
     blocks = np.empty((n_blocks, Q8_0_BYTES), dtype=np.uint8)
     scales = np.empty(n_blocks, dtype=np.float32)
-    sums = np.empty(n_blocks, dtype=np.int32)
+    sums = np.empty((n_blocks, 8), dtype=np.int32)
     quantize_q8_0(x.reshape((n_blocks, 32)), blocks, scales, sums)
     return blocks, scales, sums
 
@@ -120,79 +123,161 @@ def activations_q8_k(x):  # (n,) f32 -> (n / 256, 292) u8, (n / 256,) f32, (n / 
 
 
 # ---------------------------------------------------------------- legacy 32-value blocks, by Q8_0 / Q8_1
-# Activation block b: qs at a[b, 2:34] (Q8_0) or a[b, 4:36] (Q8_1).
+# Activation block b: qs at a[b, 2:34] (Q8_0) or a[b, 4:36] (Q8_1). As in ggml, a block's 8 integer lane
+# sums are converted to float and accumulated lane by lane, times the block's d_w * d_x, into 8 float
+# sums added up at the end (hsum_float_8): a horizontal integer sum per block would cost more than the
+# block's dot product. A row's blocks are taken four at a time into four accumulators: with one, every
+# block waits for the previous one's fused multiply-add (4 cycles of latency), which bounds ggml's loop.
 
 
-# Q8_0, 34 bytes: | d: f16 | qs: int8 x 32 |   y = sum_b (d_b d_x) * sum_l q_l y_l, as ggml_vec_dot_q8_0_q8_0
+@kernel
+def q8_0_block(acc, rows, r, b, a, a_scales):
+    """acc + (d_w d_x) * lanes of sum q y, Q8_0 block b: | d: f16 | qs: int8 x 32 |, by ggml's sign trick."""
+    dot = dot_signed_bytes(zero_lanes(), load_bytes(rows, r, 34 * b + 2), load_bytes(a, b, 2))
+    return fma_lanes(acc, dot, half_at(rows, r, 34 * b) * a_scales[b])
+
+
+@kernel
+def q4_0_block(acc, rows, r, b, a, a_scales, offsets):
+    """acc + (d_w d_x) * lanes of sum (q - 8) y, Q4_0 block b: | d: f16 | qs: 16 B, value l the low nibble
+    of qs[l], value l + 16 the high one |. The offset comes off each lane, sum (q - 8) y = sum q y - 8 sum y,
+    by starting the dot product's lanes at offsets[b] = -8 * (the activation lane sums)."""
+    dot = dot_bytes(load_lanes(offsets, b, 0), load_nibbles(rows, r, 18 * b + 2), load_bytes(a, b, 2))
+    return fma_lanes(acc, dot, half_at(rows, r, 18 * b) * a_scales[b])
+
+
+@kernel
+def q5_0_block(acc, rows, r, b, a, a_scales, offsets):
+    """acc + (d_w d_x) * lanes of sum (q - 16) y, Q5_0 block b: | d: f16 | qh: u32, bit l the fifth bit of
+    value l | qs: 16 B, the low four bits as Q4_0 |; offsets[b] = -16 * (the activation lane sums)."""
+    q = or_bytes(load_nibbles(rows, r, 22 * b + 6), bits_to_bytes(load_u32(rows, r, 22 * b + 2), 16))
+    dot = dot_bytes(load_lanes(offsets, b, 0), q, load_bytes(a, b, 2))
+    return fma_lanes(acc, dot, half_at(rows, r, 22 * b) * a_scales[b])
+
+
+@kernel
+def q4_1_block(acc, rows, r, b, a, a_scales):
+    """acc + (d_w d_x) * lanes of sum q y, Q4_1 block b: | d: f16 | m: f16 | qs: 16 B, as Q4_0 |, q unsigned."""
+    dot = dot_bytes(zero_lanes(), load_nibbles(rows, r, 20 * b + 4), load_bytes(a, b, 4))
+    return fma_lanes(acc, dot, half_at(rows, r, 20 * b) * a_scales[b])
+
+
+@kernel
+def q5_1_block(acc, rows, r, b, a, a_scales):
+    """acc + (d_w d_x) * lanes of sum q y, Q5_1 block b: | d: f16 | m: f16 | qh: u32 | qs: 16 B |, the
+    5-bit q of Q5_0 unsigned."""
+    q = or_bytes(load_nibbles(rows, r, 24 * b + 8), bits_to_bytes(load_u32(rows, r, 24 * b + 4), 16))
+    return fma_lanes(acc, dot_bytes(zero_lanes(), q, load_bytes(a, b, 4)), half_at(rows, r, 24 * b) * a_scales[b])
+
+
+@kernel
+def sum_of_four(acc0, acc1, acc2, acc3):
+    return sum_floats(add_floats(add_floats(acc0, acc1), add_floats(acc2, acc3)))
+
+
+# Q8_0, 34 bytes: y = sum_b (d_b d_x) * sum_l q_l y_l, as ggml_vec_dot_q8_0_q8_0
 @kernel(parallel=True, reassociate=True)
 def matvec_q8_0(rows, x, out):  # (n_out, n_blocks * 34) uint8, (n_blocks * 32,) float32 -> (n_out,)
     a, a_scales, _ = activations_q8_0(x)
+    n_blocks = a.shape[0]
     for r in prange(rows.shape[0]):
-        acc = f32(0)
-        for b in range(a.shape[0]):
-            prefetch_block(rows, r, 34 * b, 34)
-            dot = dot_signed_bytes(zero_lanes(), load_bytes(rows, r, 34 * b + 2), load_bytes(a, b, 2))
-            acc += (half_at(rows, r, 34 * b) * a_scales[b]) * f32(sum_lanes(dot))
-        out[r] = acc
+        acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+        for b in range(0, n_blocks - 3, 4):
+            prefetch_block(rows, r, 34 * b, 4 * 34)
+            acc0 = q8_0_block(acc0, rows, r, b, a, a_scales)
+            acc1 = q8_0_block(acc1, rows, r, b + 1, a, a_scales)
+            acc2 = q8_0_block(acc2, rows, r, b + 2, a, a_scales)
+            acc3 = q8_0_block(acc3, rows, r, b + 3, a, a_scales)
+        for b in range(n_blocks - n_blocks % 4, n_blocks):
+            acc0 = q8_0_block(acc0, rows, r, b, a, a_scales)
+        out[r] = sum_of_four(acc0, acc1, acc2, acc3)
 
 
-# Q4_0, 18 bytes: | d: f16 | qs: 16 B, value l low nibble of qs[l], value l + 16 high |   q - 8
+# Q4_0, 18 bytes, as ggml_vec_dot_q4_0_q8_0
 @kernel(parallel=True, reassociate=True)
 def matvec_q4_0(rows, x, out):  # (n_out, n_blocks * 18) uint8, (n_blocks * 32,) float32 -> (n_out,)
     a, a_scales, a_sums = activations_q8_0(x)
+    offsets = a_sums * np.int32(-8)  # (n_blocks, 8) int32
+    n_blocks = a.shape[0]
     for r in prange(rows.shape[0]):
-        acc = f32(0)
-        for b in range(a.shape[0]):
-            prefetch_block(rows, r, 18 * b, 18)
-            dot = dot_bytes(zero_lanes(), load_nibbles(rows, r, 18 * b + 2), load_bytes(a, b, 2))
-            isum = sum_lanes(dot) - 8 * a_sums[b]
-            acc += (half_at(rows, r, 18 * b) * a_scales[b]) * f32(isum)
-        out[r] = acc
+        acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+        for b in range(0, n_blocks - 3, 4):
+            prefetch_block(rows, r, 18 * b, 4 * 18)
+            acc0 = q4_0_block(acc0, rows, r, b, a, a_scales, offsets)
+            acc1 = q4_0_block(acc1, rows, r, b + 1, a, a_scales, offsets)
+            acc2 = q4_0_block(acc2, rows, r, b + 2, a, a_scales, offsets)
+            acc3 = q4_0_block(acc3, rows, r, b + 3, a, a_scales, offsets)
+        for b in range(n_blocks - n_blocks % 4, n_blocks):
+            acc0 = q4_0_block(acc0, rows, r, b, a, a_scales, offsets)
+        out[r] = sum_of_four(acc0, acc1, acc2, acc3)
 
 
-# Q4_1, 20 bytes: | d: f16 | m: f16 | qs: 16 B |   y = sum_b (d_b d_x) * sum q y + m_b * s_x, as ggml_vec_dot_q4_1_q8_1
-@kernel(parallel=True, reassociate=True)
-def matvec_q4_1(rows, x, out):  # (n_out, n_blocks * 20) uint8, (n_blocks * 32,) float32 -> (n_out,)
-    a, a_scales, a_sums = activations_q8_1(x)
-    for r in prange(rows.shape[0]):
-        acc = f32(0)
-        mins = f32(0)
-        for b in range(a.shape[0]):
-            prefetch_block(rows, r, 20 * b, 20)
-            dot = dot_bytes(zero_lanes(), load_nibbles(rows, r, 20 * b + 4), load_bytes(a, b, 4))
-            acc += (half_at(rows, r, 20 * b) * a_scales[b]) * f32(sum_lanes(dot))
-            mins += half_at(rows, r, 20 * b + 2) * a_sums[b]
-        out[r] = acc + mins
-
-
-# Q5_0, 22 bytes: | d: f16 | qh: u32, bit l = 5th bit of value l | qs: 16 B, low 4 bits |   q - 16
+# Q5_0, 22 bytes, as ggml_vec_dot_q5_0_q8_0
 @kernel(parallel=True, reassociate=True)
 def matvec_q5_0(rows, x, out):  # (n_out, n_blocks * 22) uint8, (n_blocks * 32,) float32 -> (n_out,)
     a, a_scales, a_sums = activations_q8_0(x)
+    offsets = a_sums * np.int32(-16)
+    n_blocks = a.shape[0]
     for r in prange(rows.shape[0]):
-        acc = f32(0)
-        for b in range(a.shape[0]):
-            prefetch_block(rows, r, 22 * b, 22)
-            q = or_bytes(load_nibbles(rows, r, 22 * b + 6), bits_to_bytes(u32_at(rows, r, 22 * b + 2), 16))
-            isum = sum_lanes(dot_bytes(zero_lanes(), q, load_bytes(a, b, 2))) - 16 * a_sums[b]
-            acc += (half_at(rows, r, 22 * b) * a_scales[b]) * f32(isum)
-        out[r] = acc
+        acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+        for b in range(0, n_blocks - 3, 4):
+            prefetch_block(rows, r, 22 * b, 4 * 22)
+            acc0 = q5_0_block(acc0, rows, r, b, a, a_scales, offsets)
+            acc1 = q5_0_block(acc1, rows, r, b + 1, a, a_scales, offsets)
+            acc2 = q5_0_block(acc2, rows, r, b + 2, a, a_scales, offsets)
+            acc3 = q5_0_block(acc3, rows, r, b + 3, a, a_scales, offsets)
+        for b in range(n_blocks - n_blocks % 4, n_blocks):
+            acc0 = q5_0_block(acc0, rows, r, b, a, a_scales, offsets)
+        out[r] = sum_of_four(acc0, acc1, acc2, acc3)
 
 
-# Q5_1, 24 bytes: | d: f16 | m: f16 | qh: u32 | qs: 16 B |   5-bit q as Q5_0, unsigned; min as Q4_1
+# Q4_1, 20 bytes: y = sum_b (d_b d_x) * sum q y + m_b * s_x, as ggml_vec_dot_q4_1_q8_1, whose summs
+# (the m s terms) are added after the lanes, as here.
+@kernel(parallel=True, reassociate=True)
+def matvec_q4_1(rows, x, out):  # (n_out, n_blocks * 20) uint8, (n_blocks * 32,) float32 -> (n_out,)
+    a, a_scales, a_sums = activations_q8_1(x)
+    n_blocks = a.shape[0]
+    for r in prange(rows.shape[0]):
+        acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+        m0 = m1 = m2 = m3 = f32(0)
+        for b in range(0, n_blocks - 3, 4):
+            prefetch_block(rows, r, 20 * b, 4 * 20)
+            acc0 = q4_1_block(acc0, rows, r, b, a, a_scales)
+            acc1 = q4_1_block(acc1, rows, r, b + 1, a, a_scales)
+            acc2 = q4_1_block(acc2, rows, r, b + 2, a, a_scales)
+            acc3 = q4_1_block(acc3, rows, r, b + 3, a, a_scales)
+            m0 += half_at(rows, r, 20 * b + 2) * a_sums[b]
+            m1 += half_at(rows, r, 20 * b + 22) * a_sums[b + 1]
+            m2 += half_at(rows, r, 20 * b + 42) * a_sums[b + 2]
+            m3 += half_at(rows, r, 20 * b + 62) * a_sums[b + 3]
+        for b in range(n_blocks - n_blocks % 4, n_blocks):
+            acc0 = q4_1_block(acc0, rows, r, b, a, a_scales)
+            m0 += half_at(rows, r, 20 * b + 2) * a_sums[b]
+        out[r] = sum_of_four(acc0, acc1, acc2, acc3) + ((m0 + m1) + (m2 + m3))
+
+
+# Q5_1, 24 bytes: as Q4_1, as ggml_vec_dot_q5_1_q8_1
 @kernel(parallel=True, reassociate=True)
 def matvec_q5_1(rows, x, out):  # (n_out, n_blocks * 24) uint8, (n_blocks * 32,) float32 -> (n_out,)
     a, a_scales, a_sums = activations_q8_1(x)
+    n_blocks = a.shape[0]
     for r in prange(rows.shape[0]):
-        acc = f32(0)
-        mins = f32(0)
-        for b in range(a.shape[0]):
-            prefetch_block(rows, r, 24 * b, 24)
-            q = or_bytes(load_nibbles(rows, r, 24 * b + 8), bits_to_bytes(u32_at(rows, r, 24 * b + 4), 16))
-            isum = sum_lanes(dot_bytes(zero_lanes(), q, load_bytes(a, b, 4)))
-            acc += (half_at(rows, r, 24 * b) * a_scales[b]) * f32(isum)
-            mins += half_at(rows, r, 24 * b + 2) * a_sums[b]
-        out[r] = acc + mins
+        acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+        m0 = m1 = m2 = m3 = f32(0)
+        for b in range(0, n_blocks - 3, 4):
+            prefetch_block(rows, r, 24 * b, 4 * 24)
+            acc0 = q5_1_block(acc0, rows, r, b, a, a_scales)
+            acc1 = q5_1_block(acc1, rows, r, b + 1, a, a_scales)
+            acc2 = q5_1_block(acc2, rows, r, b + 2, a, a_scales)
+            acc3 = q5_1_block(acc3, rows, r, b + 3, a, a_scales)
+            m0 += half_at(rows, r, 24 * b + 2) * a_sums[b]
+            m1 += half_at(rows, r, 24 * b + 26) * a_sums[b + 1]
+            m2 += half_at(rows, r, 24 * b + 50) * a_sums[b + 2]
+            m3 += half_at(rows, r, 24 * b + 74) * a_sums[b + 3]
+        for b in range(n_blocks - n_blocks % 4, n_blocks):
+            acc0 = q5_1_block(acc0, rows, r, b, a, a_scales)
+            m0 += half_at(rows, r, 24 * b + 2) * a_sums[b]
+        out[r] = sum_of_four(acc0, acc1, acc2, acc3) + ((m0 + m1) + (m2 + m3))
 
 
 # ---------------------------------------------------------------- k-quants, 256-value super-blocks, by Q8_K
@@ -200,6 +285,18 @@ def matvec_q5_1(rows, x, out):  # (n_out, n_blocks * 24) uint8, (n_blocks * 32,)
 # (sum of the quants of values 16k .. 16k + 15). In ggml_vec_dot_q*_K_q8_K a super-block adds
 #   d_x * d_w * isum  +  (-d_x * dmin_w) * msum,
 # isum = sum_k sc_k * (sum over sub-block k of q y), msum = sum_k m_k * (sum of y over sub-block k).
+# The sub-block scales and mins are decoded eight at a time into vector lanes (simd.k4_scales, ...),
+# and a sub-block's 8 lane sums are multiplied by its scale before the lanes are added up, once
+# per super-block.
+
+
+@kernel
+def pair_sums(sums):  # (n, 16) int32 -> (n, 8) int32: sums over 32 values, for the 32-value sub-blocks
+    pairs = np.empty((sums.shape[0], 8), dtype=np.int32)
+    for b in range(sums.shape[0]):
+        for k in range(8):
+            pairs[b, k] = sums[b, 2 * k] + sums[b, 2 * k + 1]
+    return pairs
 
 
 # Q4_K, 144 bytes: | d: f16 | dmin: f16 | scales: 12 B (8 x 6-bit scale, 8 x 6-bit min) | qs: 128 B |
@@ -207,28 +304,25 @@ def matvec_q5_1(rows, x, out):  # (n_out, n_blocks * 24) uint8, (n_blocks * 32,)
 @kernel(parallel=True, reassociate=True)
 def matvec_q4_k(rows, x, out):  # (n_out, n_blocks * 144) uint8, (n_blocks * 256,) float32 -> (n_out,)
     a, a_scales, a_sums = activations_q8_k(x)
-    blocks = rows.reshape((rows.shape[0], a.shape[0], 144))
+    sums32 = pair_sums(a_sums)
     for r in prange(rows.shape[0]):
-        row = blocks[r]
-        acc = f32(0)
-        acc_mins = f32(0)
+        acc, acc_mins = zero_floats(), zero_floats()
         for b in range(a.shape[0]):
-            prefetch_block(rows, r, 144 * b, 144)
-            lanes = zero_lanes()
-            msum = 0
+            base = 144 * b
+            prefetch_block(rows, r, base, 144)
+            scales = k4_scales(rows, r, base + 4)
+            lanes_low, lanes_high = zero_lanes(), zero_lanes()  # two chains of dependent adds, not one
             for c in range(4):
-                packed = load_bytes(rows, r, 144 * b + 16 + 32 * c)
-                low = dot_bytes(zero_lanes(), low_nibbles(packed), load_bytes(a, b, 4 + 64 * c))
-                high = dot_bytes(zero_lanes(), high_nibbles(packed), load_bytes(a, b, 36 + 64 * c))
-                scale_low, min_low = scale_min_k4(row, b, 2 * c)
-                scale_high, min_high = scale_min_k4(row, b, 2 * c + 1)
-                lanes = add_lanes(lanes, scale_halves(low, scale_low, scale_low))
-                lanes = add_lanes(lanes, scale_halves(high, scale_high, scale_high))
-                msum += np.int32(min_low) * (a_sums[b, 4 * c] + a_sums[b, 4 * c + 1])
-                msum += np.int32(min_high) * (a_sums[b, 4 * c + 2] + a_sums[b, 4 * c + 3])
-            acc += (a_scales[b] * half_at(rows, r, 144 * b)) * f32(sum_lanes(lanes))
-            acc_mins += (-a_scales[b] * half_at(rows, r, 144 * b + 2)) * f32(msum)
-        out[r] = acc + acc_mins
+                packed = load_bytes(rows, r, base + 16 + 32 * c)
+                low, high = lane(scales, 2 * c), lane(scales, 2 * c + 1)
+                lanes_low = dot_bytes_scaled(lanes_low, low_nibbles(packed), load_bytes(a, b, 4 + 64 * c), low, low)
+                y = load_bytes(a, b, 36 + 64 * c)
+                lanes_high = dot_bytes_scaled(lanes_high, high_nibbles(packed), y, high, high)
+            lanes = add_lanes(lanes_low, lanes_high)
+            mins = mul_lanes(k4_mins(rows, r, base + 4), load_lanes(sums32, b, 0))
+            acc = fma_lanes(acc, lanes, a_scales[b] * half_at(rows, r, base))
+            acc_mins = fma_lanes(acc_mins, mins, -a_scales[b] * half_at(rows, r, base + 2))
+        out[r] = sum_floats(acc) + sum_floats(acc_mins)
 
 
 # Q5_K, 176 bytes: | d: f16 | dmin: f16 | scales: 12 B (as Q4_K) | qh: 32 B | qs: 128 B |
@@ -236,31 +330,27 @@ def matvec_q4_k(rows, x, out):  # (n_out, n_blocks * 144) uint8, (n_blocks * 256
 @kernel(parallel=True, reassociate=True)
 def matvec_q5_k(rows, x, out):  # (n_out, n_blocks * 176) uint8, (n_blocks * 256,) float32 -> (n_out,)
     a, a_scales, a_sums = activations_q8_k(x)
-    blocks = rows.reshape((rows.shape[0], a.shape[0], 176))
+    sums32 = pair_sums(a_sums)
     for r in prange(rows.shape[0]):
-        row = blocks[r]
-        acc = f32(0)
-        acc_mins = f32(0)
+        acc, acc_mins = zero_floats(), zero_floats()
         for b in range(a.shape[0]):
-            prefetch_block(rows, r, 176 * b, 176)
-            high_bits = load_bytes(rows, r, 176 * b + 16)
-            lanes = zero_lanes()
-            msum = 0
+            base = 176 * b
+            prefetch_block(rows, r, base, 176)
+            scales = k4_scales(rows, r, base + 4)
+            high_bits = load_bytes(rows, r, base + 16)
+            lanes_low, lanes_high = zero_lanes(), zero_lanes()
             for c in range(4):
-                packed = load_bytes(rows, r, 176 * b + 48 + 32 * c)
+                packed = load_bytes(rows, r, base + 48 + 32 * c)
                 q_low = or_bytes(low_nibbles(packed), bit_bytes(high_bits, 1 << (2 * c), 16))
                 q_high = or_bytes(high_nibbles(packed), bit_bytes(high_bits, 2 << (2 * c), 16))
-                low = dot_bytes(zero_lanes(), q_low, load_bytes(a, b, 4 + 64 * c))
-                high = dot_bytes(zero_lanes(), q_high, load_bytes(a, b, 36 + 64 * c))
-                scale_low, min_low = scale_min_k4(row, b, 2 * c)
-                scale_high, min_high = scale_min_k4(row, b, 2 * c + 1)
-                lanes = add_lanes(lanes, scale_halves(low, scale_low, scale_low))
-                lanes = add_lanes(lanes, scale_halves(high, scale_high, scale_high))
-                msum += np.int32(min_low) * (a_sums[b, 4 * c] + a_sums[b, 4 * c + 1])
-                msum += np.int32(min_high) * (a_sums[b, 4 * c + 2] + a_sums[b, 4 * c + 3])
-            acc += (a_scales[b] * half_at(rows, r, 176 * b)) * f32(sum_lanes(lanes))
-            acc_mins += (-a_scales[b] * half_at(rows, r, 176 * b + 2)) * f32(msum)
-        out[r] = acc + acc_mins
+                low, high = lane(scales, 2 * c), lane(scales, 2 * c + 1)
+                lanes_low = dot_bytes_scaled(lanes_low, q_low, load_bytes(a, b, 4 + 64 * c), low, low)
+                lanes_high = dot_bytes_scaled(lanes_high, q_high, load_bytes(a, b, 36 + 64 * c), high, high)
+            lanes = add_lanes(lanes_low, lanes_high)
+            mins = mul_lanes(k4_mins(rows, r, base + 4), load_lanes(sums32, b, 0))
+            acc = fma_lanes(acc, lanes, a_scales[b] * half_at(rows, r, base))
+            acc_mins = fma_lanes(acc_mins, mins, -a_scales[b] * half_at(rows, r, base + 2))
+        out[r] = sum_floats(acc) + sum_floats(acc_mins)
 
 
 # Q6_K, 210 bytes: | ql: 128 B (low 4 bits) | qh: 64 B (high 2 bits) | scales: int8 x 16 | d: f16 |
@@ -270,14 +360,20 @@ def matvec_q5_k(rows, x, out):  # (n_out, n_blocks * 176) uint8, (n_blocks * 256
 @kernel(parallel=True, reassociate=True)
 def matvec_q6_k(rows, x, out):  # (n_out, n_blocks * 210) uint8, (n_blocks * 256,) float32 -> (n_out,)
     a, a_scales, a_sums = activations_q8_k(x)
+    signed_rows = rows.view(np.int8)
     for r in prange(rows.shape[0]):
         acc = f32(0)
         for b in range(a.shape[0]):
             base = 210 * b
             prefetch_block(rows, r, base, 210)
-            lanes = zero_lanes()
-            offsets = 0
+            scales_low = widen_bytes(signed_rows, r, base + 192)  # sub-blocks 0-7
+            scales_high = widen_bytes(signed_rows, r, base + 200)  # 8-15
+            offsets = add_lanes(
+                mul_lanes(scales_low, load_lanes(a_sums, b, 0)), mul_lanes(scales_high, load_lanes(a_sums, b, 8))
+            )
+            lanes0, lanes1, lanes2, lanes3 = zero_lanes(), zero_lanes(), zero_lanes(), zero_lanes()
             for h in range(2):
+                scales = scales_low if h == 0 else scales_high
                 low = load_bytes(rows, r, base + 64 * h)
                 high = load_bytes(rows, r, base + 64 * h + 32)
                 bits = load_bytes(rows, r, base + 128 + 32 * h)
@@ -286,18 +382,12 @@ def matvec_q6_k(rows, x, out):  # (n_out, n_blocks * 210) uint8, (n_blocks * 256
                 q2 = or_bytes(high_nibbles(low), mask_bytes(bits, 0x30))
                 q3 = or_bytes(high_nibbles(high), mask_bytes(shift_right(bits, 2), 0x30))
                 y = 4 + 128 * h
-                k = base + 192 + 8 * h  # scale of sub-block 8h
-                d0 = dot_bytes(zero_lanes(), q0, load_bytes(a, b, y))
-                d1 = dot_bytes(zero_lanes(), q1, load_bytes(a, b, y + 32))
-                d2 = dot_bytes(zero_lanes(), q2, load_bytes(a, b, y + 64))
-                d3 = dot_bytes(zero_lanes(), q3, load_bytes(a, b, y + 96))
-                lanes = add_lanes(lanes, scale_halves(d0, np.int8(rows[r, k]), np.int8(rows[r, k + 1])))
-                lanes = add_lanes(lanes, scale_halves(d1, np.int8(rows[r, k + 2]), np.int8(rows[r, k + 3])))
-                lanes = add_lanes(lanes, scale_halves(d2, np.int8(rows[r, k + 4]), np.int8(rows[r, k + 5])))
-                lanes = add_lanes(lanes, scale_halves(d3, np.int8(rows[r, k + 6]), np.int8(rows[r, k + 7])))
-            for k in range(16):
-                offsets += np.int32(np.int8(rows[r, base + 192 + k])) * a_sums[b, k]
-            isum = sum_lanes(lanes) - 32 * offsets
+                lanes0 = dot_bytes_scaled(lanes0, q0, load_bytes(a, b, y), lane(scales, 0), lane(scales, 1))
+                lanes1 = dot_bytes_scaled(lanes1, q1, load_bytes(a, b, y + 32), lane(scales, 2), lane(scales, 3))
+                lanes2 = dot_bytes_scaled(lanes2, q2, load_bytes(a, b, y + 64), lane(scales, 4), lane(scales, 5))
+                lanes3 = dot_bytes_scaled(lanes3, q3, load_bytes(a, b, y + 96), lane(scales, 6), lane(scales, 7))
+            lanes = add_lanes(add_lanes(lanes0, lanes1), add_lanes(lanes2, lanes3))
+            isum = sum_lanes(lanes) - 32 * sum_lanes(offsets)
             acc += (a_scales[b] * half_at(rows, r, base + 208)) * f32(isum)
         out[r] = acc
 
@@ -308,26 +398,33 @@ def matvec_q6_k(rows, x, out):  # (n_out, n_blocks * 210) uint8, (n_blocks * 256
 @kernel(parallel=True, reassociate=True)
 def matvec_q3_k(rows, x, out):  # (n_out, n_blocks * 110) uint8, (n_blocks * 256,) float32 -> (n_out,)
     a, a_scales, a_sums = activations_q8_k(x)
-    blocks = rows.reshape((rows.shape[0], a.shape[0], 110))
     for r in prange(rows.shape[0]):
-        row = blocks[r]
         acc = f32(0)
         for b in range(a.shape[0]):
             base = 110 * b
             prefetch_block(rows, r, base, 110)
             hmask = load_bytes(rows, r, base)
-            lanes = zero_lanes()
-            for h in range(2):
+            scales_low = q3k_scales(rows, r, base + 96, 0)  # sub-blocks 0-7
+            scales_high = q3k_scales(rows, r, base + 96, 1)  # 8-15
+            offsets = add_lanes(
+                mul_lanes(scales_low, load_lanes(a_sums, b, 0)), mul_lanes(scales_high, load_lanes(a_sums, b, 8))
+            )
+            lanes0, lanes1, lanes2, lanes3 = zero_lanes(), zero_lanes(), zero_lanes(), zero_lanes()
+            for h in range(2):  # the runs j = 0..3 written out, so that every shift is a constant
+                scales = scales_low if h == 0 else scales_high
                 packed = load_bytes(rows, r, base + 32 + 32 * h)
-                for j in range(4):
-                    q = or_bytes(mask_bytes(shift_right(packed, 2 * j), 3), bit_bytes(hmask, 1 << (4 * h + j), 4))
-                    dot = dot_bytes(zero_lanes(), q, load_bytes(a, b, 4 + 128 * h + 32 * j))
-                    k = 8 * h + 2 * j
-                    lanes = add_lanes(lanes, scale_halves(dot, q3_k_scale(row, b, k), q3_k_scale(row, b, k + 1)))
-            offsets = 0
-            for k in range(16):
-                offsets += np.int32(q3_k_scale(row, b, k)) * a_sums[b, k]
-            isum = sum_lanes(lanes) - 4 * offsets
+                bit = 1 << (4 * h)
+                y = 4 + 128 * h
+                q0 = or_bytes(mask_bytes(packed, 3), bit_bytes(hmask, bit, 4))
+                q1 = or_bytes(mask_bytes(shift_right(packed, 2), 3), bit_bytes(hmask, bit << 1, 4))
+                q2 = or_bytes(mask_bytes(shift_right(packed, 4), 3), bit_bytes(hmask, bit << 2, 4))
+                q3 = or_bytes(shift_right(packed, 6), bit_bytes(hmask, bit << 3, 4))
+                lanes0 = dot_bytes_scaled(lanes0, q0, load_bytes(a, b, y), lane(scales, 0), lane(scales, 1))
+                lanes1 = dot_bytes_scaled(lanes1, q1, load_bytes(a, b, y + 32), lane(scales, 2), lane(scales, 3))
+                lanes2 = dot_bytes_scaled(lanes2, q2, load_bytes(a, b, y + 64), lane(scales, 4), lane(scales, 5))
+                lanes3 = dot_bytes_scaled(lanes3, q3, load_bytes(a, b, y + 96), lane(scales, 6), lane(scales, 7))
+            lanes = add_lanes(add_lanes(lanes0, lanes1), add_lanes(lanes2, lanes3))
+            isum = sum_lanes(lanes) - 4 * sum_lanes(offsets)
             acc += (a_scales[b] * half_at(rows, r, base + 108)) * f32(isum)
         out[r] = acc
 
@@ -338,24 +435,31 @@ def matvec_q3_k(rows, x, out):  # (n_out, n_blocks * 110) uint8, (n_blocks * 256
 def matvec_q2_k(rows, x, out):  # (n_out, n_blocks * 84) uint8, (n_blocks * 256,) float32 -> (n_out,)
     a, a_scales, a_sums = activations_q8_k(x)
     for r in prange(rows.shape[0]):
-        acc = f32(0)
+        acc = zero_floats()
         for b in range(a.shape[0]):
             base = 84 * b
             prefetch_block(rows, r, base, 84)
-            lanes = zero_lanes()
-            for h in range(2):
+            packed_low = widen_bytes(rows, r, base)  # scale | min << 4 of sub-blocks 0-7
+            packed_high = widen_bytes(rows, r, base + 8)  # 8-15
+            mins = add_lanes(
+                mul_lanes(shift_lanes_right(packed_low, 4), load_lanes(a_sums, b, 0)),
+                mul_lanes(shift_lanes_right(packed_high, 4), load_lanes(a_sums, b, 8)),
+            )
+            lanes0, lanes1, lanes2, lanes3 = zero_lanes(), zero_lanes(), zero_lanes(), zero_lanes()
+            for h in range(2):  # the runs j = 0..3 written out, so that every shift is a constant
+                scales = and_lanes(packed_low if h == 0 else packed_high, 15)
                 packed = load_bytes(rows, r, base + 16 + 32 * h)
-                for j in range(4):
-                    q = mask_bytes(shift_right(packed, 2 * j), 3)
-                    dot = dot_bytes(zero_lanes(), q, load_bytes(a, b, 4 + 128 * h + 32 * j))
-                    k = base + 8 * h + 2 * j
-                    lanes = add_lanes(lanes, scale_halves(dot, rows[r, k] & 0xF, rows[r, k + 1] & 0xF))
-            msum = 0
-            for k in range(16):
-                msum += np.int32(rows[r, base + k] >> 4) * a_sums[b, k]
-            acc += (-a_scales[b] * half_at(rows, r, base + 82)) * f32(msum)
-            acc += (a_scales[b] * half_at(rows, r, base + 80)) * f32(sum_lanes(lanes))
-        out[r] = acc
+                y = 4 + 128 * h
+                q0, q1 = mask_bytes(packed, 3), mask_bytes(shift_right(packed, 2), 3)
+                q2, q3 = mask_bytes(shift_right(packed, 4), 3), shift_right(packed, 6)
+                lanes0 = dot_bytes_scaled(lanes0, q0, load_bytes(a, b, y), lane(scales, 0), lane(scales, 1))
+                lanes1 = dot_bytes_scaled(lanes1, q1, load_bytes(a, b, y + 32), lane(scales, 2), lane(scales, 3))
+                lanes2 = dot_bytes_scaled(lanes2, q2, load_bytes(a, b, y + 64), lane(scales, 4), lane(scales, 5))
+                lanes3 = dot_bytes_scaled(lanes3, q3, load_bytes(a, b, y + 96), lane(scales, 6), lane(scales, 7))
+            lanes = add_lanes(add_lanes(lanes0, lanes1), add_lanes(lanes2, lanes3))
+            acc = fma_lanes(acc, mins, -a_scales[b] * half_at(rows, r, base + 82))
+            acc = fma_lanes(acc, lanes, a_scales[b] * half_at(rows, r, base + 80))
+        out[r] = sum_floats(acc)
 
 
 # ---------------------------------------------------------------- float weights

@@ -15,7 +15,9 @@ from ._jit import kernel, prange
 
 
 @kernel(parallel=True)
-def _sum_u64(words):  # (n,) uint64 -> uint64, wrapping on overflow
+def sum_words(words):  # (n,) uint64 -> uint64, wrapping on overflow
+    """The probe: every word read once. refengine.benchkernels calls it on the same bytes a kernel
+    streams, in chunks of one call's input, to measure the ceiling the way the kernel is measured."""
     total = np.uint64(0)
     for i in prange(words.shape[0]):
         total += words[i]
@@ -32,11 +34,11 @@ def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     # Written, not just allocated: untouched pages all map to the kernel's one
     # zero page, which would be read from cache at an impossible speed.
     words = np.ones(n_words, dtype=np.uint64)
-    _sum_u64(words[:1024])  # compile (or load from cache) outside the timing
+    sum_words(words[:1024])  # compile (or load from cache) outside the timing
     best = float("inf")
     for _ in range(max(repeats, 1)):
         start = time.perf_counter()
-        total = _sum_u64(words)
+        total = sum_words(words)
         best = min(best, time.perf_counter() - start)
     if total != n_words:  # cheap guard that the loop really read every word
         raise RuntimeError(f"read probe summed {total}, expected {n_words}")

@@ -8,6 +8,7 @@ an @intrinsic that writes the LLVM IR itself:
 
     Bytes32   <32 x i8>   32 quants or activations (signed or not: the operation says)
     Int32x8   <8 x i32>   8 partial sums; lane k holds the sum over bytes 4k .. 4k+3
+    Float32x8 <8 x float> 8 float sums, as ggml's __m256 accumulators
 
 The one that matters, `dot_bytes(acc, u, s)`, adds the products of unsigned bytes `u` and
 signed bytes `s` to `acc`, four products a lane. It compiles to
@@ -74,6 +75,7 @@ _V32I8 = ir.VectorType(_I8, 32)
 _V16I8 = ir.VectorType(_I8, 16)
 _V16I16 = ir.VectorType(_I16, 16)
 _V8I32 = ir.VectorType(_I32, 8)
+_V8F32 = ir.VectorType(ir.FloatType(), 8)
 
 
 class Bytes32Type(types.Type):
@@ -86,8 +88,14 @@ class Int32x8Type(types.Type):
         super().__init__(name="Int32x8")
 
 
+class Float32x8Type(types.Type):
+    def __init__(self):
+        super().__init__(name="Float32x8")
+
+
 Bytes32 = Bytes32Type()
 Int32x8 = Int32x8Type()
+Float32x8 = Float32x8Type()
 
 
 @register_model(Bytes32Type)
@@ -100,6 +108,12 @@ class _Bytes32Model(models.PrimitiveModel):
 class _Int32x8Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, _V8I32)
+
+
+@register_model(Float32x8Type)
+class _Float32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V8F32)
 
 
 def _splat(value: ir.Value | ir.Constant, vector_type: ir.VectorType, builder: ir.IRBuilder):
@@ -184,7 +198,46 @@ def load_nibbles(typingctx, arr, i, j):
     return Bytes32(arr, i, j), codegen
 
 
+@intrinsic
+def load_u16(typingctx, arr, i, j):
+    """The little-endian uint16 at arr[i, j : j + 2] of a 2-D byte array: one load, where numba's
+    indexing would read two bytes, each with its negative-index check."""
+    if not (_is_byte_matrix(arr) and _are_integers(i, j)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.load(
+            _element_pointer(context, builder, signature.args[0], args[0], args[1:], signature.args[1:], _I16), align=1
+        )
+
+    return types.uint16(arr, i, j), codegen
+
+
+@intrinsic
+def load_u32(typingctx, arr, i, j):
+    """The little-endian uint32 at arr[i, j : j + 4] of a 2-D byte array, in one load."""
+    if not (_is_byte_matrix(arr) and _are_integers(i, j)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.load(
+            _element_pointer(context, builder, signature.args[0], args[0], args[1:], signature.args[1:], _I32), align=1
+        )
+
+    return types.uint32(arr, i, j), codegen
+
+
 # ---------------------------------------------------------------- byte arithmetic
+
+
+@intrinsic
+def ones_bytes(typingctx):
+    """32 bytes of 1: dot_bytes(acc, ones_bytes(), s) adds up s four bytes a lane."""
+
+    def codegen(context, builder, signature, args):
+        return _const_vector(_V32I8, [1] * 32)
+
+    return Bytes32(), codegen
 
 
 @intrinsic
@@ -353,6 +406,37 @@ def dot_signed_bytes(typingctx, acc, a, b):
     return Int32x8(acc, a, b), codegen
 
 
+@intrinsic
+def dot_bytes_scaled(typingctx, acc, u, s, low, high):
+    """acc + (u . s) * scale in 8 lanes, scale = `low` for bytes 0-15 (lanes 0-3) and `high` for bytes
+    16-31 (lanes 4-7): the products of a sub-block's quants and activations, times its integer scale
+    (one 32-value sub-block: low == high; two of 16 values: their two scales). ggml's
+    _mm256_madd_epi16(scale, _mm256_maddubs_epi16(q, y)); with VNNI the multiply by the scale and the
+    add are one vpdpwssd. Exact while u * s pairs fit an int16 (as dot_bytes) and the lanes an int32."""
+    if not (acc is Int32x8 and u is Bytes32 and s is Bytes32 and _are_integers(low, high)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        acc_value, u_value, s_value = args[:3]
+        scales = [_as_i32(builder, a, t) for a, t in zip(args[3:], signature.args[3:], strict=True)]
+        if SIMD_LEVEL == "generic":
+            pair = builder.insert_element(ir.Constant(ir.VectorType(_I32, 2), None), scales[0], _I32(0))
+            pair = builder.insert_element(pair, scales[1], _I32(1))
+            lanes = _dot_unsigned_signed(builder, ir.Constant(_V8I32, None), u_value, s_value)
+            return builder.add(acc_value, builder.mul(lanes, _pick(builder, pair, [0] * 4 + [1] * 4)))
+        pair = builder.insert_element(
+            ir.Constant(ir.VectorType(_I16, 2), None), builder.trunc(scales[0], _I16), _I32(0)
+        )
+        pair = builder.insert_element(pair, builder.trunc(scales[1], _I16), _I32(1))
+        scale16 = _pick(builder, pair, [0] * 8 + [1] * 8)
+        pairs = _intrinsic_call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [u_value, s_value])
+        if SIMD_LEVEL in ("avx512vnni", "avxvnni"):
+            return _intrinsic_call(builder, "llvm.x86.avx512.vpdpwssd.256", _V8I32, [acc_value, pairs, scale16])
+        return builder.add(acc_value, _intrinsic_call(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [pairs, scale16]))
+
+    return Int32x8(acc, u, s, low, high), codegen
+
+
 # ---------------------------------------------------------------- 32-bit lanes
 
 
@@ -377,25 +461,260 @@ def add_lanes(typingctx, a, b):
     return Int32x8(a, b), codegen
 
 
+def _as_i32(builder, value, value_type):
+    """An integer argument as i32 (sign-extended or truncated)."""
+    if value_type.bitwidth > 32:
+        return builder.trunc(value, _I32)
+    if value_type.bitwidth < 32:
+        return builder.sext(value, _I32) if value_type.signed else builder.zext(value, _I32)
+    return value
+
+
+def _is_int32_matrix(arr) -> bool:
+    return isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C" and arr.dtype == types.int32
+
+
 @intrinsic
-def scale_halves(typingctx, v, low, high):
-    """Lanes 0-3 (bytes 0-15 of a dot) times `low`, lanes 4-7 (bytes 16-31) times `high`: the
-    integer scales of two 16-value sub-blocks, or of one 32-value sub-block when low == high."""
-    if not (v is Int32x8 and _are_integers(low, high)):
+def load_lanes(typingctx, arr, i, j):
+    """The 8 int32 arr[i, j : j + 8] of a 2-D C-contiguous int32 array."""
+    if not (_is_int32_matrix(arr) and _are_integers(i, j)):
         return None
 
     def codegen(context, builder, signature, args):
-        values = []
-        for a, t in zip(args[1:], signature.args[1:], strict=True):
-            values.append(
-                builder.trunc(a, _I32) if t.bitwidth > 32 else (builder.sext(a, _I32) if t.bitwidth < 32 else a)
-            )
-        pair = builder.insert_element(ir.Constant(ir.VectorType(_I32, 2), None), values[0], _I32(0))
-        pair = builder.insert_element(pair, values[1], _I32(1))
-        scales = builder.shuffle_vector(pair, pair, _const_vector(ir.VectorType(_I32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
-        return builder.mul(args[0], scales)
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1:], signature.args[1:], _V8I32)
+        return builder.load(pointer, align=4)
 
-    return Int32x8(v, low, high), codegen
+    return Int32x8(arr, i, j), codegen
+
+
+@intrinsic
+def widen_bytes(typingctx, arr, i, j):
+    """The 8 bytes arr[i, j : j + 8] of a 2-D byte array, as int32 lanes: sign-extended if the
+    array is int8, zero-extended if uint8."""
+    if not (_is_byte_matrix(arr) and _are_integers(i, j)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v8i8 = ir.VectorType(_I8, 8)
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1:], signature.args[1:], v8i8)
+        loaded = builder.load(pointer, align=1)
+        return builder.sext(loaded, _V8I32) if signature.args[0].dtype.signed else builder.zext(loaded, _V8I32)
+
+    return Int32x8(arr, i, j), codegen
+
+
+@intrinsic
+def store_lanes(typingctx, arr, i, j, v):
+    """arr[i, j : j + 8] = v, for a 2-D C-contiguous int32 array."""
+    if not (_is_int32_matrix(arr) and _are_integers(i, j) and v is Int32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1:3], signature.args[1:3], _V8I32)
+        builder.store(args[3], pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, i, j, v), codegen
+
+
+@intrinsic
+def mul_lanes(typingctx, a, b):
+    if not (a is Int32x8 and b is Int32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.mul(args[0], args[1])
+
+    return Int32x8(a, b), codegen
+
+
+@intrinsic
+def and_lanes(typingctx, v, mask):
+    if not (v is Int32x8 and isinstance(mask, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.and_(args[0], _splat(_as_i32(builder, args[1], signature.args[1]), _V8I32, builder))
+
+    return Int32x8(v, mask), codegen
+
+
+@intrinsic
+def shift_lanes_right(typingctx, v, n):
+    """Each lane shifted right (logical) by n bits."""
+    if not (v is Int32x8 and isinstance(n, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.lshr(args[0], _splat(_as_i32(builder, args[1], signature.args[1]), _V8I32, builder))
+
+    return Int32x8(v, n), codegen
+
+
+@intrinsic
+def lane(typingctx, v, k):
+    """Lane k of v, as an int32 (k is constant once LLVM has unrolled the caller's loop)."""
+    if not (v is Int32x8 and isinstance(k, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.extract_element(args[0], _as_i32(builder, args[1], signature.args[1]))
+
+    return types.int32(v, k), codegen
+
+
+def _k4_bytes(context, builder, signature, args):
+    """The 16 bytes at arr[i, j] (12 used) of a Q4_K / Q5_K block's packed scales, as <16 x i8>."""
+    pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1:], signature.args[1:], _V16I8)
+    return builder.load(pointer, align=1)
+
+
+def _pick(builder, v, indices):
+    return builder.shuffle_vector(v, v, _const_vector(ir.VectorType(_I32, len(indices)), indices))
+
+
+def _bytes8(values):
+    return _const_vector(ir.VectorType(_I8, 8), values)
+
+
+@intrinsic
+def k4_scales(typingctx, arr, i, j):
+    """The 8 six-bit sub-block scales of a Q4_K / Q5_K block whose 12 scale bytes are arr[i, j : j + 12]
+    (reads 16 bytes), as ggml's get_scale_min_k4: scale k < 4 is s[k] & 63, scale k >= 4 is
+    (s[k + 4] & 15) | (s[k - 4] >> 6) << 4."""
+    if not (_is_byte_matrix(arr) and _are_integers(i, j)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        s = _k4_bytes(context, builder, signature, args)
+        low = builder.and_(_pick(builder, s, [0, 1, 2, 3, 8, 9, 10, 11]), _bytes8([63] * 4 + [15] * 4))
+        top = builder.shl(builder.lshr(_pick(builder, s, [0, 1, 2, 3, 0, 1, 2, 3]), _bytes8([6] * 8)), _bytes8([4] * 8))
+        top = builder.and_(top, _bytes8([0] * 4 + [0x30] * 4))
+        return builder.zext(builder.or_(low, top), _V8I32)
+
+    return Int32x8(arr, i, j), codegen
+
+
+@intrinsic
+def k4_mins(typingctx, arr, i, j):
+    """The 8 six-bit sub-block mins of a Q4_K / Q5_K block (scale bytes at arr[i, j : j + 12]):
+    min k < 4 is s[k + 4] & 63, min k >= 4 is (s[k + 4] >> 4) | (s[k] >> 6) << 4."""
+    if not (_is_byte_matrix(arr) and _are_integers(i, j)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        s = _k4_bytes(context, builder, signature, args)
+        low = builder.lshr(_pick(builder, s, [4, 5, 6, 7, 8, 9, 10, 11]), _bytes8([0] * 4 + [4] * 4))
+        low = builder.and_(low, _bytes8([63] * 4 + [15] * 4))
+        top = builder.shl(builder.lshr(_pick(builder, s, [4, 5, 6, 7, 4, 5, 6, 7]), _bytes8([6] * 8)), _bytes8([4] * 8))
+        top = builder.and_(top, _bytes8([0] * 4 + [0x30] * 4))
+        return builder.zext(builder.or_(low, top), _V8I32)
+
+    return Int32x8(arr, i, j), codegen
+
+
+@intrinsic
+def q3k_scales(typingctx, arr, i, j, half):
+    """Scales 8 half .. 8 half + 7 of a Q3_K block whose 12 scale bytes are arr[i, j : j + 12], as
+    signed int32 (six bits, stored +32): scale k has the low nibble (s[k % 8] >> 4 (k // 8)) and the
+    top two bits (s[8 + k % 4] >> 2 (k // 4)), as ggml's kmask shuffle. Reads arr[i, j - 2 : j + 14],
+    all inside the 110-byte block (the 12 bytes end 2 bytes before it does)."""
+    if not (_is_byte_matrix(arr) and _are_integers(i, j, half)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v16i8 = _V16I8
+        start = builder.sub(_as_i32(builder, args[2], signature.args[2]), _I32(2))
+        pointer = _element_pointer(
+            context, builder, signature.args[0], args[0], [args[1], start], [signature.args[1], types.int32], v16i8
+        )
+        s = builder.load(pointer, align=1)  # s[t] is byte t + 2
+        h = builder.trunc(_as_i32(builder, args[3], signature.args[3]), _I8)
+        four_h = builder.shl(h, _I8(2))
+        low = builder.lshr(_pick(builder, s, [2, 3, 4, 5, 6, 7, 8, 9]), _splat(four_h, ir.VectorType(_I8, 8), builder))
+        low = builder.and_(low, _bytes8([15] * 8))
+        shifts = builder.add(_splat(four_h, ir.VectorType(_I8, 8), builder), _bytes8([0] * 4 + [2] * 4))
+        top = builder.and_(builder.lshr(_pick(builder, s, [10, 11, 12, 13, 10, 11, 12, 13]), shifts), _bytes8([3] * 8))
+        value = builder.zext(builder.or_(low, builder.shl(top, _bytes8([4] * 8))), _V8I32)
+        return builder.sub(value, _const_vector(_V8I32, [32] * 8))
+
+    return Int32x8(arr, i, j, half), codegen
+
+
+@intrinsic
+def sub_lanes(typingctx, a, b):
+    if not (a is Int32x8 and b is Int32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.sub(args[0], args[1])
+
+    return Int32x8(a, b), codegen
+
+
+@intrinsic
+def shift_lanes_left(typingctx, v, n):
+    if not (v is Int32x8 and isinstance(n, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.shl(args[0], _splat(_as_i32(builder, args[1], signature.args[1]), _V8I32, builder))
+
+    return Int32x8(v, n), codegen
+
+
+# ---------------------------------------------------------------- float lanes
+
+
+@intrinsic
+def zero_floats(typingctx):
+    """A Float32x8 of +0.0."""
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(_V8F32, None)
+
+    return Float32x8(), codegen
+
+
+@intrinsic
+def fma_lanes(typingctx, acc, v, d):
+    """acc + float(v) * d, lane by lane, the multiply and add fused where the CPU has FMA:
+    ggml's acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(v), acc)."""
+    if not (acc is Float32x8 and v is Int32x8 and isinstance(d, types.Float) and d.bitwidth == 32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        products = builder.fmul(builder.sitofp(args[1], _V8F32), _splat(args[2], _V8F32, builder), flags=["contract"])
+        return builder.fadd(products, args[0], flags=["contract"])
+
+    return Float32x8(acc, v, d), codegen
+
+
+@intrinsic
+def add_floats(typingctx, a, b):
+    if not (a is Float32x8 and b is Float32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1])
+
+    return Float32x8(a, b), codegen
+
+
+@intrinsic
+def sum_floats(typingctx, v):
+    """The 8 lanes added as ggml's hsum_float_8: high half + low half, then lanes (0 + 2) + (1 + 3)."""
+    if v is not Float32x8:
+        return None
+
+    def codegen(context, builder, signature, args):
+        v4 = ir.VectorType(ir.FloatType(), 4)
+        halves = builder.fadd(_pick(builder, args[0], [4, 5, 6, 7]), _pick(builder, args[0], [0, 1, 2, 3]))
+        pairs = builder.fadd(_pick(builder, halves, [0, 1]), _pick(builder, halves, [2, 3]))
+        assert halves.type == v4
+        return builder.fadd(builder.extract_element(pairs, _I32(0)), builder.extract_element(pairs, _I32(1)))
+
+    return types.float32(v), codegen
 
 
 @intrinsic
@@ -411,6 +730,80 @@ def sum_lanes(typingctx, v):
 
 
 # ---------------------------------------------------------------- scalar conversions
+
+
+@intrinsic
+def amax32_x86(typingctx, x, b):
+    """max |x[b, 0:32]| of a 2-D C-contiguous float32 array, reduced as quantize_row_q8_0's AVX code
+    does: maxAbs = max(|v0|, |v1|, |v2|, |v3|) over its four 8-float vectors, then 8 -> 4 -> 2 -> 1
+    lanes, every max being x86's maxps(a, b) = a > b ? a : b (so b where either is NaN)."""
+    if not (
+        isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C" and x.dtype == types.float32
+    ) or not isinstance(b, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        def maxps(first, second):
+            return builder.select(builder.fcmp_ordered(">", first, second), first, second)
+
+        vectors = []
+        for k in range(4):
+            index = [args[1], ir.Constant(ir.IntType(64), 8 * k)]
+            pointer = _element_pointer(
+                context, builder, signature.args[0], args[0], index, [signature.args[1], types.int64], _V8F32
+            )
+            loaded = builder.load(pointer, align=4)
+            vectors.append(_intrinsic_call(builder, "llvm.fabs.v8f32", _V8F32, [loaded]))
+        m = vectors[0]
+        for v in vectors[1:]:
+            m = maxps(m, v)
+        four = maxps(_pick(builder, m, [4, 5, 6, 7]), _pick(builder, m, [0, 1, 2, 3]))
+        two = maxps(_pick(builder, four, [0, 1]), _pick(builder, four, [2, 3]))
+        return maxps(builder.extract_element(two, _I32(0)), builder.extract_element(two, _I32(1)))
+
+    return types.float32(x, b), codegen
+
+
+@intrinsic
+def amax32(typingctx, x, b, j):
+    """max |x[b, j : j + 32]| of a 2-D C-contiguous float32 array, starting from 0 and taking each
+    value only if it is larger (a NaN never is): quantize_row_q8_K_ref's `if (ax > amax)`."""
+    if not (
+        isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C" and x.dtype == types.float32
+    ) or not _are_integers(b, j):
+        return None
+
+    def codegen(context, builder, signature, args):
+        m = ir.Constant(_V8F32, None)
+        start = _as_i32(builder, args[2], signature.args[2])
+        for k in range(4):
+            index = [args[1], builder.add(start, _I32(8 * k))]
+            pointer = _element_pointer(
+                context, builder, signature.args[0], args[0], index, [signature.args[1], types.int32], _V8F32
+            )
+            magnitude = _intrinsic_call(builder, "llvm.fabs.v8f32", _V8F32, [builder.load(pointer, align=4)])
+            m = builder.select(builder.fcmp_ordered(">", magnitude, m), magnitude, m)
+        return _intrinsic_call(builder, "llvm.vector.reduce.fmax.v8f32", ir.FloatType(), [m])
+
+    return types.float32(x, b, j), codegen
+
+
+@intrinsic
+def store_half_sums(typingctx, arr, i, j, v):
+    """arr[i, j] = v's lanes 0-3 added, arr[i, j + 1] = lanes 4-7 (the sums over bytes 0-15 and 16-31
+    of a dot product), for a 2-D C-contiguous int32 array."""
+    if not (_is_int32_matrix(arr) and _are_integers(i, j) and v is Int32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v2i32 = ir.VectorType(_I32, 2)
+        pairs = builder.add(_pick(builder, args[3], [0, 4, 1, 5]), _pick(builder, args[3], [2, 6, 3, 7]))
+        halves = builder.add(_pick(builder, pairs, [0, 1]), _pick(builder, pairs, [2, 3]))
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1:3], signature.args[1:3], v2i32)
+        builder.store(halves, pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, i, j, v), codegen
 
 
 @intrinsic

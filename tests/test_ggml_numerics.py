@@ -94,9 +94,9 @@ def test_activation_scales_and_sums_match_the_blocks():
     assert np.array_equal(scales, blocks[:, :4].copy().view(np.float32)[:, 0])
     assert np.array_equal(sums, blocks[:, 260:].copy().view(np.int16).astype(np.int32))
     assert np.array_equal(sums, blocks[:, 4:260].view(np.int8).reshape(-1, 16, 16).sum(axis=2))
-    blocks, scales, sums = quantize_activations(T.Q4_0, x)  # Q8_0: d f16, qs; sums are ours
+    blocks, scales, sums = quantize_activations(T.Q4_0, x)  # Q8_0: d f16, qs; sums of 4 are ours
     assert np.array_equal(scales, blocks[:, :2].copy().view(np.float16)[:, 0].astype(np.float32))
-    assert np.array_equal(sums, blocks[:, 2:].view(np.int8).sum(axis=1))
+    assert np.array_equal(sums, blocks[:, 2:].view(np.int8).reshape(-1, 8, 4).sum(axis=2))
     blocks, scales, sums = quantize_activations(T.Q4_1, x)  # Q8_1: d f16, s f16, qs
     assert np.array_equal(sums, blocks[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float32))
 
