@@ -816,10 +816,14 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every expected failure into one line on stderr."""
+    import numpy as np
+
     from refengine.signals import guard
 
     prog = "refengine"
-    with guard() as signals:
+    # numpy's floating-point warnings would add lines to stderr: a result that is not finite is
+    # reported on its own, in one line (refengine.sampler.NonFiniteLogits)
+    with guard() as signals, np.errstate(all="ignore"):
         try:
             cli.main(args=argv, prog_name=prog, standalone_mode=False)
         except click.exceptions.Exit as e:  # --help, --version

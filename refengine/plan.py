@@ -149,6 +149,8 @@ class ModelShape:
         n_layer = keys.int("block_count")
         n_embd = keys.int("embedding_length")
         n_head, _ = keys.layers("attention.head_count", n_layer)
+        if n_head < 1:  # activation_bytes divides by it
+            raise PlanError(f"{gguf.path}: {keys.arch}.attention.head_count is {n_head}, must be at least 1")
         head_count = gguf.get(f"{keys.arch}.attention.head_count")
         kv_heads = keys.per_layer("attention.head_count_kv", n_layer, default=head_count)
         n_head_kv = max(kv_heads, default=0)

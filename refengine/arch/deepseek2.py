@@ -76,8 +76,8 @@ def rope_and_scale(hp: HParams, n_rot: int, head_k: int, n_ctx_train: int) -> tu
     yarn = YaRN(
         factor=factor,
         n_ctx_orig=hp.int("rope.scaling.original_context_length", n_ctx_train, minimum=1),
-        beta_fast=hp.float("rope.scaling.yarn_beta_fast", 32.0),
-        beta_slow=hp.float("rope.scaling.yarn_beta_slow", 1.0),
+        beta_fast=hp.float("rope.scaling.yarn_beta_fast", 32.0, minimum=0.0, above=True),
+        beta_slow=hp.float("rope.scaling.yarn_beta_slow", 1.0, minimum=0.0, above=True),
         magnitude=magnitude,
     )
     # The temperature is applied to the scores, once for q and once for k (HF: softmax_scale * mscale**2).
