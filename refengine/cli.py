@@ -187,7 +187,10 @@ PRECISION_BYTES = {"f32": 4, "f64": 8}
 def _node_list(ctx, param, text: str | None):
     from refengine.system import parse_ids
 
-    return None if text is None else sorted(parse_ids(Path("--numa-nodes"), text))
+    try:
+        return None if text is None else sorted(parse_ids(Path("--numa-nodes"), text))
+    except RefengineError as e:  # a bad flag value: a usage error, exit status 2
+        raise click.BadParameter(str(e).removeprefix("--numa-nodes: ")) from None
 
 
 def numa_options(command):

@@ -460,6 +460,7 @@ def test_prompt_with_invalid_utf8(capsys, tiny):
         (["--repeat-penalty", "0"], "--repeat-penalty"),
         (["-c", str(10**12)], "--ctx"),
         (["-n", "-1"], "--n-predict"),
+        (["--numa-nodes", "x-y"], "--numa-nodes"),
     ],
 )
 def test_bad_flag_values_are_usage_errors(capsys, tiny, options, needle):
