@@ -68,7 +68,7 @@ ARCH_TEMPLATES = {
 # Bounds on rendering. A real template renders in milliseconds, and only ever builds strings about as
 # long as the conversation it is given; SIZE_BUDGET grows with the messages for that reason.
 RENDER_SECONDS = 2.0
-RENDER_MEMORY = 512 << 20  # address space that rendering may add to the process
+RENDER_MEMORY = 256 << 20  # address space that rendering may add to the process
 MAX_TEMPLATE_CHARS = 1 << 20  # the largest templates in use (tool-calling ones) are about 30 KB
 MAX_RANGE = 100_000  # jinja2's own sandbox limit
 MAX_INT_BITS = 4096  # integers a template computes with * or **
@@ -293,7 +293,10 @@ def _bounds(origin: str, budget: int) -> Iterator[None]:
     budget_token = _budget.set(budget)
     deadline_token = _deadline.set(time.monotonic() + RENDER_SECONDS)
     try:
-        with _alarm(RENDER_SECONDS), _address_space_limit(RENDER_MEMORY):
+        if threading.current_thread() is threading.main_thread():
+            with _alarm(RENDER_SECONDS), _address_space_limit(RENDER_MEMORY):
+                yield
+        else:  # signals and a process-wide limit are the main thread's: the checks at each operation remain
             yield
     except ChatTemplateError as e:
         message = str(e)
@@ -315,15 +318,12 @@ def _bounds(origin: str, budget: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _alarm(seconds: float) -> Iterator[None]:
-    """Raise _OutOfTime into the main thread after `seconds`, even in a loop that calls nothing
-    (the checks at calls and operators cover other threads)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    """Raise _OutOfTime into the (main) thread after `seconds`, even in a loop that calls nothing."""
 
     def out_of_time(signum, frame):
         raise _OutOfTime
 
+    start = time.monotonic()
     previous = signal.signal(signal.SIGALRM, out_of_time)
     previous_timer = signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -331,14 +331,16 @@ def _alarm(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
-        if previous_timer[0]:  # someone else's alarm was pending: give it back what remains
-            signal.setitimer(signal.ITIMER_REAL, max(previous_timer[0] - seconds, 1e-3), previous_timer[1])
+        if previous_timer[0]:  # someone else's alarm was pending: give it back what remains of it
+            remaining = max(previous_timer[0] - (time.monotonic() - start), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, remaining, previous_timer[1])
 
 
 @contextlib.contextmanager
 def _address_space_limit(extra: int) -> Iterator[None]:
     """Lower RLIMIT_AS to the address space in use plus `extra` for the length of the block, so an
-    allocation beyond it is a MemoryError rather than the whole machine's memory."""
+    allocation beyond it is a MemoryError rather than the whole machine's memory. (Process-wide: only
+    for a render on the main thread, while no other thread of ours is allocating.)"""
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     in_use = _address_space()
     if in_use is None:

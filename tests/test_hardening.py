@@ -245,7 +245,7 @@ def test_unbounded_template_is_refused_in_time_and_memory(name):
     start = time.monotonic()
     with pytest.raises(ChatTemplateError, match="test template") as info:
         render_bounded(UNBOUNDED_TEMPLATES[name])
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 10  # the bound; a busy machine slows the big copies
     assert len(str(info.value).splitlines()) == 1 or name == "raise_exception, two lines"
 
 
