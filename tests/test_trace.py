@@ -309,3 +309,30 @@ def test_gemma3_q4_k_m_trace_equals_its_f32_copy():
     print(f"gemma3-270m Q4_K_M vs F32 copy: {len(result.diffs)} tensors, largest NMSE {worst.nmse:.2e} ({worst.name})")
     assert result.first_divergence is None, result.render()
     assert next(d for d in result.diffs if d.name == "result_output").top1 == 1.0
+
+
+def test_eval_callback_parser_keeps_each_names_last_print():
+    head = "common_debug_cb_eval: {:>24} = (f32) {:>10}({}) = {{{}}}"
+    log = "\n".join(
+        [
+            head.format("Qcur-0", "MUL_MAT", "blk.0.attn_q.weight{4, 4, 1, 1}, x{4, 3, 1, 1}}", "4, 3, 1, 1"),
+            "    sum = 1.5",
+            head.format("Qcur-0", "ROPE", "Qcur-0{2, 2, 3, 1}, inp_pos{3, 1, 1, 1}}", "2, 2, 3, 1"),
+            "        [ values ]",
+            "    sum = -2.250000",
+            head.format("Kcur-0 (view)", "VIEW", "Kcur-0{2, 1, 3, 1}, }", "2, 3, 1, 1"),
+            "    sum = 9.0",
+            head.format("l_out-0", "ADD", "ffn_out-0{4, 1, 1, 1}, ffn_inp-0{4, 1, 1, 1}}", "4, 1, 1, 1"),
+            "    sum = 3.0",
+        ]
+    )
+    nodes = parse_eval_callback(log)
+    assert list(nodes) == ["Qcur-0", "l_out-0"]
+    assert nodes["Qcur-0"].op == "ROPE" and nodes["Qcur-0"].ne == (2, 2, 3, 1) and nodes["Qcur-0"].sum == -2.25
+    # l_out covers one position (llama.cpp keeps only the output rows in the last layer): our last row
+    trace = Trace(
+        np.arange(3), {"Qcur-0": np.full((3, 2, 2), -0.1875), "l_out-0": np.array([[9.0] * 4, [0.0] * 4, [0.75] * 4])}
+    )
+    result = compare_eval_callback(trace, nodes)
+    assert [(d.name, d.n_positions) for d in result.diffs] == [("Qcur-0", 3), ("l_out-0", 1)]
+    assert result.first_divergence is None and result.diffs[0].ours == pytest.approx(-2.25)
