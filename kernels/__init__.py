@@ -17,7 +17,8 @@ Layout of this package:
               vpmaddubsw + vpmaddwd), chosen at import for the CPU numba compiles for
   activations.py  float32 -> Q8_0, Q8_1, Q8_K as ggml-cpu quantizes activations, bit for bit
   gemv_ggml.py  y = W @ x in llama.cpp's CPU arithmetic (numerics="ggml"): x quantized, integer
-              dot products as ggml_vec_dot_*; same signature as gemv.py's kernels.
+              dot products as ggml_vec_dot_*; same signature as gemv.py's kernels, and a batch
+              version (`bound_matmul`) that reads each row once for all the tokens.
 
 Every dequantize kernel has the same signature,
     kernel(blocks, out, *tables)
@@ -49,7 +50,7 @@ from refengine.errors import RefengineError
 
 from . import attention, floats, legacy
 from .gemv import MATVEC_KERNELS
-from .gemv_ggml import ACTIVATION_KERNELS, GGML_MATVEC_KERNELS, VEC_DOT_TYPES
+from .gemv_ggml import ACTIVATION_KERNELS, GGML_MATMUL_KERNELS, GGML_MATVEC_KERNELS, VEC_DOT_TYPES
 from .quantize import QUANTIZE_KERNELS
 
 _KERNEL_MODULES = [floats, legacy]
@@ -249,6 +250,18 @@ def _matvec_kernel(ggml_type, rows: np.ndarray, numerics: str = "exact") -> tupl
     return kernel, rows.shape[1] // type_size * block_size
 
 
+def bound_matmul(ggml_type, rows: np.ndarray) -> Callable[[np.ndarray, np.ndarray], None]:
+    """Y = X @ W.T in numerics="ggml" for one weight and a batch of tokens: call it as f(x, out), x a
+    C-contiguous (n_tok, n_in) float32 array and out (n_tok, n_out) float32, each token's activations
+    quantized as for `matvec` and every row read once for all the tokens (gemv_ggml.py). What ggml's
+    mul_mat computes for a batch, in the same integers; the exact numerics' batches are BLAS on
+    dequantized tiles (nn.Linear) instead."""
+    if ggml_type not in GGML_MATMUL_KERNELS:
+        raise KernelError(f"no ggml matmul kernel for ggml type {_type_name(ggml_type)}")
+    _matvec_kernel(ggml_type, rows, "ggml")  # the same checks of the rows
+    return functools.partial(GGML_MATMUL_KERNELS[ggml_type], rows)
+
+
 def _type_name(ggml_type) -> str:
     return GGMLQuantizationType(ggml_type).name
 
@@ -263,7 +276,8 @@ def quantize_activations(ggml_type, x: np.ndarray) -> tuple[np.ndarray, np.ndarr
     block_size = 256 if vec_dot_type == GGMLQuantizationType.Q8_K else 32
     if x.dtype != _FLOAT32 or x.ndim != 1 or x.size % block_size:
         raise KernelError(f"x must be float32 (n,) with n a multiple of {block_size}, got {x.dtype} {x.shape}")
-    return ACTIVATION_KERNELS[vec_dot_type](np.ascontiguousarray(x))
+    blocks, scales, sums = ACTIVATION_KERNELS[vec_dot_type](np.ascontiguousarray(x).reshape(1, -1))
+    return blocks[0], scales[0], sums[0]
 
 
 # Keys per thread's range below which attend_one_token does not split the keys further.

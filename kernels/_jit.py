@@ -31,7 +31,7 @@ _FLAGS = dict(
 _REASSOCIATE_FLAGS = {"reassoc", "contract", "nsz"}
 
 
-def kernel(fn=None, *, parallel=False, reassociate=False):
+def kernel(fn=None, *, parallel=False, reassociate=False, inline=False):
     """Compile `fn` as a refengine kernel.
 
     parallel=True enables `prange`, which kernels use only over independent
@@ -42,11 +42,16 @@ def kernel(fn=None, *, parallel=False, reassociate=False):
     vectorised in a different order from the source's and are no longer
     bit-reproducible against a sequential reference (they stay within float32
     rounding of it). Dequantization kernels keep the exact default.
+
+    inline=True inlines `fn` into its callers in numba's own IR, where it takes
+    the caller's flags: for a helper called once per row of a parallel loop,
+    whose call (a dozen array structs passed by value) LLVM judges too big to
+    inline and which then costs as much as a short row's work (gemv_ggml.py).
     """
     flags = dict(_FLAGS, fastmath=_REASSOCIATE_FLAGS) if reassociate else _FLAGS
 
     def wrap(f):
-        return njit(parallel=parallel, **flags)(f)
+        return njit(parallel=parallel, inline="always" if inline else "never", **flags)(f)
 
     return wrap(fn) if fn is not None else wrap
 

@@ -34,7 +34,14 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as T
-from refengine.kernels import KernelError, bound_matvec, matvec, quantize_activations, quantize_rows
+from refengine.kernels import (
+    KernelError,
+    bound_matmul,
+    bound_matvec,
+    matvec,
+    quantize_activations,
+    quantize_rows,
+)
 from refengine.kernels.gemv_ggml import GGML_MATVEC_KERNELS
 from refengine.kernels.simd import SIMD_LEVEL, simd_level
 
@@ -290,12 +297,65 @@ def test_bound_matvec_is_matvec():
     assert not np.array_equal(out, matvec(T.Q4_K, rows, x))  # the exact numerics are another computation
 
 
+@pytest.mark.parametrize("weight_type", [T.F32, T.F16, *QUANT_TYPES], ids=lambda t: t.name)
+def test_a_batch_is_each_token_alone(weight_type):
+    """bound_matmul runs the same row code for each token as matvec, and is checked against ggml too."""
+    rng = np.random.RandomState(17)
+    n_in = 512
+    w = rng.standard_normal((24, n_in)).astype(np.float32)
+    if weight_type == T.F32:
+        rows = w.view(np.uint8)
+    elif weight_type == T.F16:
+        rows = w.astype(np.float16).view(np.uint8)
+    else:
+        rows = quantize_rows(weight_type, w)
+    x = (rng.standard_normal((5, n_in)) * np.array([[1], [1e-3], [30], [1], [0]])).astype(np.float32)
+    out = np.full((5, 24), np.nan, dtype=np.float32)
+    bound_matmul(weight_type, rows)(x, out)
+    for t in range(5):
+        single = matvec(weight_type, rows, x[t], numerics="ggml")
+        # The same integers; LLVM may order the float sums differently in the two kernels.
+        assert np.allclose(out[t], single, rtol=1e-6, atol=1e-6 * np.abs(single).max()), t
+        if weight_type in QUANT_TYPES:
+            assert_within_reassociation(weight_type, rows, x[t], out[t], f"token {t} of a batch")
+
+
+FIRST_CALLS = {  # each leaves 64 in out[0, 0]: 64 products of ones
+    "matvec F16": "bound_matvec(T.F16, ones(np.float16), 'ggml')(np.ones(64, np.float32), out[0])",
+    "matmul F32": "bound_matmul(T.F32, ones(np.float32))(np.ones((2, 64), np.float32), out)",
+    "matmul BF16": "bound_matmul(T.BF16, np.full((4, 64), 0x3F80, np.uint16).view(np.uint8))(x, out)",
+}
+
+
+@pytest.mark.parametrize("call", list(FIRST_CALLS))
+def test_a_float_kernel_may_be_the_first_parallel_code_to_run(call):
+    """numba starts its worker threads when Python first calls a parallel kernel; a non-parallel kernel
+    calling a parallel one before that crashed the process. A fresh process, this kernel first."""
+    script = "\n".join(
+        [
+            "import numpy as np",
+            "from gguf import GGMLQuantizationType as T",
+            "from refengine.kernels import bound_matmul, bound_matvec",
+            "out, x = np.zeros((2, 4), np.float32), np.ones((2, 64), np.float32)",
+            "ones = lambda dtype: np.ones((4, 64), dtype).view(np.uint8)",
+            FIRST_CALLS[call],
+            "assert out[0, 0] == 64, out",
+        ]
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_unknown_numerics_and_types_are_refused():
     rows = np.zeros((1, 144), dtype=np.uint8)
     with pytest.raises(KernelError, match="numerics must be one of exact, ggml"):
         matvec(T.Q4_K, rows, np.zeros(256, dtype=np.float32), numerics="fast")
     with pytest.raises(KernelError, match="no ggml matvec kernel for ggml type IQ2_XS"):
         bound_matvec(T.IQ2_XS, np.zeros((1, 74), dtype=np.uint8), numerics="ggml")
+    with pytest.raises(KernelError, match="no ggml matmul kernel for ggml type IQ2_XS"):
+        bound_matmul(T.IQ2_XS, np.zeros((1, 74), dtype=np.uint8))
+    with pytest.raises(KernelError, match="not whole blocks"):
+        bound_matmul(T.Q4_K, np.zeros((1, 100), dtype=np.uint8))
 
 
 # ---------------------------------------------------------------- the SIMD level chosen at import
