@@ -93,7 +93,9 @@ def gemma_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir()
     monkeypatch.setenv("REFENGINE_CACHE", str(cache))
-    return cache
+    yield cache
+    for path in cache.iterdir():  # 253 MB each: not kept with pytest's last three temporary folders
+        path.unlink()
 
 
 def test_assembly_does_not_write_through_a_planted_symlink(gemma_cache, tmp_path):
