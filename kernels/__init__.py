@@ -242,7 +242,8 @@ def _matvec_kernel(ggml_type, rows: np.ndarray, numerics: str = "exact") -> tupl
         kernel, block_size, type_size = _MATVEC[numerics][ggml_type]
     except KeyError:
         name = getattr(ggml_type, "name", str(ggml_type))
-        raise KernelError(f"no {numerics} matvec kernel for ggml type {name}") from None
+        kind = "matvec" if numerics == "exact" else f"{numerics} matvec"
+        raise KernelError(f"no {kind} kernel for ggml type {name}") from None
     if rows.dtype != _UINT8 or rows.ndim != 2 or not rows.flags.c_contiguous:
         raise KernelError(f"rows must be C-contiguous 2-D uint8, got {rows.dtype} with shape {rows.shape}")
     if rows.shape[1] % type_size:
