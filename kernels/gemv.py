@@ -8,9 +8,10 @@ float32 result. Quant blocks are decoded in registers as they stream past and
 W is never materialised. Rows are independent, so they are split over threads
 with prange.
 
-Arithmetic. llama.cpp rounds x to 8 bits for its integer dot products; we keep
-x in float32, decode every weight exactly and accumulate in float32, so the only
-error is float32 rounding of the products and sums. Per block, the scales that
+Arithmetic. llama.cpp rounds x to 8 bits for its integer dot products (gemv_ggml.py
+does the same, for numerics="ggml"); these kernels keep x in float32, decode every
+weight exactly and accumulate in float32, so the only error is float32 rounding of
+the products and sums. Per block, the scales that
 are constant over a run of quants are factored out of its inner sum (exact in
 real arithmetic), as ggml's ggml_vec_dot_*_q8_* do:
   * A float scale d multiplies a whole block's (or super-block's) sum:
