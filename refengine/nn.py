@@ -249,11 +249,14 @@ class KVCache:
         self.n_past = 0  # positions [0, n_past) hold valid entries
 
     @classmethod
-    def for_heads(cls, n_ctx, n_kv_head, head_dim_k, head_dim_v, dtype, windows: list[int]) -> KVCache:
-        """Separate keys and values for each layer; windows[il] is layer il's sliding window (0: none)."""
+    def for_heads(
+        cls, n_ctx, n_kv_head, head_dim_k, head_dim_v, dtype, windows: list[int], n_ubatch: int = N_UBATCH
+    ) -> KVCache:
+        """Separate keys and values for each layer; windows[il] is layer il's sliding window (0: none),
+        kept for micro-batches of up to n_ubatch tokens."""
         layers = []
         for window in windows:
-            n_slots = cache_slots(n_ctx, window)
+            n_slots = cache_slots(n_ctx, window, n_ubatch)
             k = lazy_zeros((n_kv_head, n_slots, head_dim_k), dtype)  # (n_kv_head, n_slots, head_dim_k)
             v = lazy_zeros((n_kv_head, n_slots, head_dim_v), dtype)  # (n_kv_head, n_slots, head_dim_v)
             layers.append(LayerCache(k, v, window))
@@ -270,6 +273,13 @@ class KVCache:
                 n = 0
         self.n_past = n
         return n
+
+    @property
+    def max_batch(self) -> int:
+        """The most positions one step may append: a sliding-window ring must still hold the window
+        before the step's first position once the step is written."""
+        rings = [layer.n_slots - layer.window for layer in self.layers if layer.n_slots < self.n_ctx]
+        return min(rings, default=self.n_ctx)
 
     @property
     def nbytes(self) -> int:

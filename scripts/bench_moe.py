@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dequant import OtherProcesses, cpu_model  # noqa: E402
 
-from refengine.bench import time_generation  # noqa: E402
+from refengine.bench import Context, time_generation  # noqa: E402
 from refengine.session import Session  # noqa: E402
 from refengine.testing import moe_spec, write_tiny_model  # noqa: E402
 
@@ -67,8 +67,9 @@ def model_file(n_expert: int, folder: Path) -> Path:
 def refengine_tok_s(path: Path, n_tokens: int, runs: int) -> list[float]:
     model = Session.load(str(path)).model
     rng = np.random.default_rng(0)
-    time_generation(model, n_tokens, rng)  # warm-up: kernels load, pages fault in, experts are built
-    return [n_tokens / time_generation(model, n_tokens, rng) for _ in range(runs)]
+    context = Context(model, n_tokens, 0, rng)
+    time_generation(context, n_tokens, rng)  # warm-up: kernels load, pages fault in, experts are built
+    return [n_tokens / time_generation(context, n_tokens, rng) for _ in range(runs)]
 
 
 def llama_cpp_tok_s(path: Path, n_tokens: int, runs: int) -> list[float]:

@@ -203,7 +203,7 @@ class DecoderModel:
     def new_cache(self, n_ctx: int) -> KVCache:
         c = self.config
         windows = [self.sliding_window(il) for il in range(c.n_layer)]
-        return KVCache.for_heads(n_ctx, c.n_head_kv, c.head_dim, c.head_dim, self.dtype, windows)
+        return KVCache.for_heads(n_ctx, c.n_head_kv, c.head_dim, c.head_dim, self.dtype, windows, self.n_ubatch)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         return embed(self.token_embd, tokens, self.dtype)  # (n_tok, n_embd)
@@ -234,8 +234,9 @@ class DecoderModel:
         logits = []
         self.observer = observer
         try:
-            for start in range(0, n_tok, self.n_ubatch):
-                batch = tokens[start : start + self.n_ubatch]
+            n_step = min(self.n_ubatch, cache.max_batch)
+            for start in range(0, n_tok, n_step):
+                batch = tokens[start : start + n_step]
                 last = start + len(batch) == n_tok
                 with step_threads(len(batch)):
                     out = self.step(batch, cache, "all" if all_logits else "last" if last else None)
