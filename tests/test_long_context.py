@@ -7,9 +7,9 @@ plain softmax over a materialised (heads, n_tok, n_kv) score array.
 
 import numpy as np
 import pytest
+from refengine.kernels import attend_one_token
 
 import refengine.nn
-from refengine.kernels import attend_one_token
 from refengine.nn import KVCache, LayerCache, attention, lazy_zeros
 from refengine.session import Session
 
