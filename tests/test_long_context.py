@@ -236,3 +236,25 @@ def test_every_architecture_through_micro_batches_matches_transformers(tiny_mode
     print(f"{arch}: max |d log-softmax| {diff:.1e}")
     assert diff <= 1e-4
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+def test_softmax_exp_is_within_one_ulp_and_keeps_zero_and_nan():
+    """The float32 exp of the decode kernel (Cephes' polynomial, so that it vectorises) against float64."""
+    import numba
+    from refengine.kernels.attention import softmax_exp
+
+    @numba.njit
+    def exps(x, out):
+        for i in range(x.size):
+            out[i] = softmax_exp(x[i])
+
+    x = np.concatenate([-np.linspace(0, 87, 500001, dtype=np.float32), np.float32([-88, -1e30, -np.inf, np.nan])])
+    out = np.empty_like(x)
+    exps(x, out)
+    reference = np.exp(x[:-4].astype(np.float64))
+    ulps = np.abs(out[:-4] - reference) / np.spacing(reference.astype(np.float32))
+    assert ulps.max() <= 1.01
+    assert out[-4] < 1e-37 and out[-3] == 0 and out[-2] == 0 and np.isnan(out[-1])
+    out64 = np.empty(3)
+    exps(np.array([-1.5, -np.inf, 0.0]), out64)
+    assert (out64 == np.exp([-1.5, -np.inf, 0.0])).all()  # float64 keeps libm's exp
