@@ -60,7 +60,8 @@ bench: install
 	$(PY) scripts/bench_dequant.py
 	$(PY) scripts/bench_matvec.py
 	$(PY) scripts/bench_quantize.py
-	$(PY) scripts/bench_vs_llamacpp.py
+	bash scripts/build_llama_tools.sh > /dev/null   # llama-bench, the anchor (built once into ~/.cache)
+	$(PY) scripts/bench_vs_llamacpp.py -p 512,4096 -n 128 -d 0,4096,16384 --startup
 	$(PY) scripts/bench_moe.py
 
 lint: install
