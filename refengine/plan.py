@@ -33,11 +33,13 @@ What the model needs
 What this process may use ("room")
     The nodes it may allocate on: the cpuset's (Mems_allowed_list), narrowed by a bind memory policy
     (numactl -m). On each, what is free plus what the kernel can reclaim (file page cache, reclaimable
-    slab), never more than MemAvailable, and never more than the cgroup limit: cgroup v1 and v2 both
-    charge page cache to the cgroup, so the weights count against memory.max / limit_in_bytes. Swap is
+    slab), never more than MemAvailable, and never more than the cgroup's room: cgroup v1 and v2 both
+    charge page cache to the cgroup, so the weights count against memory.max, memory.high (v2) and
+    limit_in_bytes (v1). Of what the cgroup already holds (memory.current, usage_in_bytes), its file pages
+    (memory.stat's active_file + inactive_file) are reclaimed within the limit, ours and those of whatever
+    ran before alike; only the rest, anonymous memory above all, is taken from the limit. Swap is
     not counted (anonymous memory in swap would make every token wait on the disk). Pages of the file
     that are already cached on another node stay there and are used there; the plan assumes a cold cache.
-    Other processes of the same cgroup are not subtracted from its limit.
 
 Verdict
     fits             weights + anonymous memory fit in what is free now: after the first pass, nothing
@@ -65,8 +67,10 @@ Placement per node (--numa), for the verdict and for the placement code to come
                  one node, balanced by bytes (largest first onto the least loaded node); everything else,
                  the KV cache and activations included, is interleaved over the allowed nodes. Its
                  placement is strict, so each node's share must fit on that node.
-    Only shard's per-node shares are checked node by node; the kernel moves the others' overflow to
-    another allowed node.
+    split        every routed expert is cut by rows over the nodes with CPUs (refengine.partition), so each
+                 node holds an even share of every expert; the rest as under shard, and as strict.
+    Only shard's and split's per-node shares are checked node by node; the kernel moves the others'
+    overflow to another allowed node.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ from refengine.errors import RefengineError
 from refengine.gguf import SPLIT_PATTERN, GGUFError, GGUFFile, open_gguf
 from refengine.system import Node, SystemInfo, format_ids
 
-NUMA_MODES = ("off", "distribute", "shard")
+NUMA_MODES = ("off", "distribute", "shard", "split")
 VERDICTS = ("fits", "pages_from_disk", "does_not_fit")
 GROUPS = ("embeddings", "attention", "dense_ffn", "routed_experts", "shared_experts", "other")
 
@@ -515,8 +519,8 @@ def plan(
         runtime=sizer.runtime,
         address_space=gguf_file.file_size + sizer.anon(n_ctx) + threads_reserve,
     )
-    units = expert_units(gguf_file) if numa == "shard" else {}
-    shares = place(system, numa, needs, units)
+    units = expert_units(gguf_file) if numa in ("shard", "split") else {}
+    shares = place(system, numa, needs, units, gguf_file)
     room = measure_room(system)
     verdict, reasons, actions = judge(needs, sizer, n_ctx, system, numa, shares, room)
     return Plan(
@@ -559,8 +563,11 @@ def _files_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(f"{match['prefix']}-*-of-{match['count']}.gguf"))
 
 
-def place(system: SystemInfo, numa: str, needs: Needs, units: dict[tuple[int, int], int]) -> tuple[NodeShare, ...]:
-    """Each allowed node's share of the weights and buffers under `numa` (see the module doc)."""
+def place(
+    system: SystemInfo, numa: str, needs: Needs, units: dict[tuple[int, int], int], gguf_file: GGUFFile | None = None
+) -> tuple[NodeShare, ...]:
+    """Each allowed node's share of the weights and buffers under `numa` (see the module doc). units: the
+    routed experts' bytes (expert_units) for shard and split; split also reads the experts' rows from gguf_file."""
     nodes = system.allowed_nodes()
     if not nodes:
         return ()
@@ -574,7 +581,16 @@ def place(system: SystemInfo, numa: str, needs: Needs, units: dict[tuple[int, in
     b[home] += needs.runtime
     every = {n.id: 1 for n in nodes}
     policy = system.policy
-    if numa == "shard":
+    if numa == "split" and gguf_file is not None:
+        from refengine.partition import ExpertPartition  # imports this module
+
+        held = ExpertPartition.by_rows(gguf_file, tuple(n.id for n in workers)).worker_bytes()
+        for node, nbytes in held.items():
+            w[node] += nbytes
+            experts[node] = len(units)  # its rows of every expert
+        _spread(w, weights - sum(held.values()), every)
+        _spread(b, buffers, every)
+    elif numa == "shard":
         for key, node in assign_experts(units, [n.id for n in workers]).items():
             w[node] += units[key]
             experts[node] += 1
@@ -625,9 +641,13 @@ def measure_room(system: SystemInfo) -> Room | None:
         clause = f"this machine has {size(system.mem_available)} available (MemAvailable)"
         candidates.append(Room(system.mem_available, "machine", "this machine", clause, free=system.mem_free))
     if system.cgroup is not None:
+        # The cgroup's file pages (ours and whatever ran before) are reclaimed within its limit; what else
+        # it holds is taken (system.CgroupLimit).
         c = system.cgroup
         clause = f"the cgroup memory limit is {size(c.limit)} ({c.file}), page cache included"
-        candidates.append(Room(c.limit, "cgroup", "the cgroup", clause))
+        if c.taken:
+            clause += f", of which {size(c.taken)} is taken by memory other than reclaimable file pages"
+        candidates.append(Room(c.room, "cgroup", "the cgroup", clause))
     return min(candidates, key=lambda r: r.bytes, default=None)
 
 
@@ -701,11 +721,12 @@ def judge(
             fixes = ([f"lower --ctx to {largest} or less"] if largest else []) + fixes
         reason = f"{room.clause}; {what}"
         return "does_not_fit", [reason], fixes
-    if numa == "shard":
+    if numa in ("shard", "split"):
         for share in shares:
             if share.total > share.available:
+                held = f"{share.experts} experts" if numa == "shard" else "its rows of every expert"
                 reason = (
-                    f"with --numa shard node {share.node} holds {size(share.total)} ({share.experts} experts and "
+                    f"with --numa {numa} node {share.node} holds {size(share.total)} ({held} and "
                     f"its share of the rest) but has {size(share.available)} available, so its experts {PAGING}"
                 )
                 return "pages_from_disk", [reason], ["use --numa distribute, which lets the kernel put pages elsewhere"]
@@ -768,8 +789,8 @@ def _notes(system: SystemInfo, numa: str, n_batch: int, itemsize: int) -> list[s
         )
     if system.numa_balancing:
         effect = (
-            "which undoes --numa shard's placement: sysctl kernel.numa_balancing=0 turns it off"
-            if numa == "shard"
+            f"which undoes --numa {numa}'s placement: sysctl kernel.numa_balancing=0 turns it off"
+            if numa in ("shard", "split")
             else "so pages may move between nodes during the run"
         )
         notes.append(
@@ -830,6 +851,9 @@ def render(p: Plan) -> str:
         avail = size(node.available)
         lines.append(f"  {'':<18}{node.id:>4}{size(node.total):>10}{size(node.free):>10}{avail:>11}  {cpus}{mark}")
     cgroup = "none" if s.cgroup is None else f"{size(s.cgroup.limit)} (v{s.cgroup.version}, {s.cgroup.file})"
+    if s.cgroup is not None and s.cgroup.usage is not None:
+        reclaimable = size(s.cgroup.file_pages) if s.cgroup.file_pages is not None else "unknown"
+        cgroup += f", {size(s.cgroup.usage)} used: {reclaimable} file pages, {size(s.cgroup.taken)} taken"
     lines += [
         f"  {'Mems_allowed':<18}{_or_unknown(s.mems_allowed)}, memory policy {s.policy}",
         f"  {'Cpus_allowed':<18}{_or_unknown(s.cpus_allowed)}",
@@ -840,11 +864,11 @@ def render(p: Plan) -> str:
         "",
         f"placement (--numa {p.numa})",
         f"  {'node':>4}{'weights':>12}{'buffers':>12}{'total':>12}{'available':>12}"
-        + ("  experts" if p.numa == "shard" else ""),
+        + ("  experts" if p.numa in ("shard", "split") else ""),
     ]
     for share in p.nodes:
         row = [share.weights, share.buffers, share.total, share.available]
-        experts = f"{share.experts:>9}" if p.numa == "shard" else ""
+        experts = f"{share.experts:>9}" if p.numa in ("shard", "split") else ""
         lines.append(f"  {share.node:>4}" + "".join(f"{size(b):>12}" for b in row) + experts)
     lines += ["", f"verdict: {p.verdict}", f"  {p.message()}"]
     lines += [f"  note: {note}" for note in p.notes]

@@ -13,8 +13,11 @@ the root at a folder that mirrors the real paths:
     proc/sys/vm/overcommit_memory        2 is strict: anonymous memory must fit under CommitLimit
     sys/devices/system/node/nodeN/       meminfo (MemTotal, MemFree, file LRU, slab) and cpulist
     sys/devices/system/cpu/online        the CPUs, when the kernel has no NUMA folders
-    sys/fs/cgroup[/unified]/PATH/memory.max            cgroup v2 limit, at PATH and each ancestor
-    sys/fs/cgroup/memory/PATH/memory.limit_in_bytes    cgroup v1 limit, likewise
+    sys/fs/cgroup[/unified]/PATH/        cgroup v2, at PATH and each ancestor: the limits memory.max and
+      memory.{max,high,current,stat}     memory.high, the usage memory.current, and memory.stat's file pages
+                                         (active_file, inactive_file), which the kernel reclaims within them
+    sys/fs/cgroup/memory/PATH/           cgroup v1, likewise: memory.limit_in_bytes, memory.usage_in_bytes and
+      memory.{limit_in_bytes,...}        memory.stat (total_active_file, total_inactive_file)
 
 `numactl -m` sets the memory policy; it does not change Mems_allowed_list, which is the cpuset's
 (docker --cpuset-mems, systemd AllowedMemoryNodes=). Both bound where pages may go, so both are read.
@@ -39,6 +42,10 @@ MAX_ID = 1 << 16  # beyond any CPU or node number the kernel allows (NR_CPUS is 
 CGROUP_V1_UNLIMITED = 1 << 62
 CGROUP_V2_MOUNTS = ("sys/fs/cgroup", "sys/fs/cgroup/unified")  # unified mode, then hybrid mode
 CGROUP_V1_MOUNT = "sys/fs/cgroup/memory"
+# The file pages on a cgroup's LRU lists, which reclaim drops (shmem, though counted in v2's "file", is not
+# among them: it lives on the anonymous lists). v1's total_ fields include the descendants, as its usage does.
+CGROUP_V2_FILE_PAGES = (("active_file", "inactive_file"),)
+CGROUP_V1_FILE_PAGES = (("total_active_file", "total_inactive_file"), ("active_file", "inactive_file"))
 
 _FIELD = re.compile(r"^(?:Node \d+ )?([^:]+):\s*(.*?)\s*$")  # "Node 0 MemFree:  123 kB" or "MemFree: 123 kB"
 _AMOUNT = re.compile(r"^(\d+)( kB)?$")
@@ -80,11 +87,31 @@ class MemoryPolicy:
 
 @dataclass(frozen=True)
 class CgroupLimit:
-    """The tightest cgroup memory limit over this process's cgroup and its ancestors."""
+    """The tightest cgroup memory limit over this process's cgroup and its ancestors: the one that leaves the
+    least room once what is taken in it is counted.
+
+    Both versions charge the page cache to the cgroup that brought a page in, so the usage (memory.current,
+    memory.usage_in_bytes) counts the file pages of whatever ran in the cgroup before, and ours. The kernel
+    reclaims clean file pages when the cgroup reaches its limit instead of killing anything, so only the rest
+    of the usage, mostly anonymous memory, is taken (tools that read the usage as taken refuse models that
+    would run: ollama issues #15704, #15961)."""
 
     version: int  # 1 or 2
     file: str  # the file that sets it, as the user would look for it
-    limit: int  # bytes; v1 and v2 both charge the page cache against it
+    limit: int  # bytes
+    usage: int | None = None  # bytes charged to the cgroup now (None: unknown)
+    file_pages: int | None = None  # of the usage, file pages on the LRU lists: reclaimable (None: unknown)
+
+    @property
+    def taken(self) -> int:
+        """Bytes of the usage the kernel cannot reclaim: anonymous memory, shmem, kernel memory."""
+        if self.usage is None:
+            return 0
+        return max(0, self.usage - (self.file_pages or 0))
+
+    @property
+    def room(self) -> int:
+        return max(0, self.limit - self.taken)
 
 
 @dataclass(frozen=True)
@@ -163,7 +190,14 @@ class SystemInfo:
             "memory_policy": str(self.policy),
             "cgroup": None
             if self.cgroup is None
-            else {"version": self.cgroup.version, "file": self.cgroup.file, "limit": self.cgroup.limit},
+            else {
+                "version": self.cgroup.version,
+                "file": self.cgroup.file,
+                "limit": self.cgroup.limit,
+                "usage": self.cgroup.usage,
+                "file_pages": self.cgroup.file_pages,
+                "taken": self.cgroup.taken,
+            },
             "rlimit_as": self.rlimit_as,
             "numa_balancing": self.numa_balancing,
         }
@@ -371,14 +405,38 @@ def _read_cgroup_limit(root: Path) -> CgroupLimit | None:
     limits = []
     for mount in CGROUP_V2_MOUNTS:
         for folder in _self_and_ancestors(root / mount, v2_path):
-            limit = _cgroup_value(folder / "memory.max", unlimited="max")
-            if limit is not None:
-                limits.append(CgroupLimit(2, _shown_path(root, folder / "memory.max"), limit))
+            for name in ("memory.max", "memory.high"):  # high throttles the cgroup: as binding as max for us
+                limit = _cgroup_value(folder / name, unlimited="max")
+                if limit is not None:
+                    usage = _cgroup_value(folder / "memory.current", unlimited=None)
+                    file_pages = _file_pages(folder / "memory.stat", CGROUP_V2_FILE_PAGES)
+                    limits.append(CgroupLimit(2, _shown_path(root, folder / name), limit, usage, file_pages))
     for folder in _self_and_ancestors(root / CGROUP_V1_MOUNT, v1_path):
         limit = _cgroup_value(folder / "memory.limit_in_bytes", unlimited=None)
         if limit is not None and limit < CGROUP_V1_UNLIMITED:
-            limits.append(CgroupLimit(1, _shown_path(root, folder / "memory.limit_in_bytes"), limit))
-    return min(limits, key=lambda c: c.limit, default=None)
+            usage = _cgroup_value(folder / "memory.usage_in_bytes", unlimited=None)
+            file_pages = _file_pages(folder / "memory.stat", CGROUP_V1_FILE_PAGES)
+            limits.append(CgroupLimit(1, _shown_path(root, folder / "memory.limit_in_bytes"), limit, usage, file_pages))
+    return min(limits, key=lambda c: (c.room, c.limit), default=None)
+
+
+def _file_pages(path: Path, keys: tuple[tuple[str, ...], ...]) -> int | None:
+    """The reclaimable file pages of a cgroup's memory.stat: the first of `keys` whose fields are all there."""
+    text = _read(path)
+    if text is None:
+        return None
+    stat = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or not fields[1].isdigit():
+            raise SystemReadError(f"{path}: line {number}: {line.strip()[:80]!r} is not 'name bytes'")
+        stat[fields[0]] = int(fields[1])
+    for names in keys:
+        if all(name in stat for name in names):
+            return sum(stat[name] for name in names)
+    return None
 
 
 def _self_and_ancestors(mount: Path, cgroup_path: str) -> list[Path]:
