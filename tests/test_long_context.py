@@ -258,3 +258,38 @@ def test_softmax_exp_is_within_one_ulp_and_keeps_zero_and_nan():
     out64 = np.empty(3)
     exps(np.array([-1.5, -np.inf, 0.0]), out64)
     assert (out64 == np.exp([-1.5, -np.inf, 0.0])).all()  # float64 keeps libm's exp
+
+
+@pytest.mark.oracle
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gemma3-270m", "smollm2-135m"])
+def test_a_long_prompt_equals_llama_cpp_on_the_f32_copy(request, model):
+    """3,000 tokens of real text, micro-batched and tiled here, against llama.cpp on gguf-py's F32
+    dequantization of the same file (llama-cpp-python, F32 KV cache), teacher-forced: the last 64
+    positions' logits, mean KL <= 1e-4."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the llama.cpp oracle needs llama-cpp-python")
+    from perplexity_oracle import reference_text
+
+    from refengine.testing.f32copy import f32_copy
+
+    request.getfixturevalue({"gemma3-270m": "gemma_path", "smollm2-135m": "smollm_path"}[model])
+    session = Session.load(model)
+    tokens = session.tokenizer.encode(reference_text().decode())[:N_LONG]
+    cache = session.new_cache(N_LONG)
+    session.model.forward(np.array(tokens[:-64]), cache, all_logits=False)
+    ours = session.model.forward(np.array(tokens[-64:]), cache)  # (64, n_vocab)
+
+    llm = llama_cpp.Llama(
+        str(f32_copy(model)), n_ctx=N_LONG, n_batch=512, n_ubatch=512, n_threads=2, type_k=0, type_v=0, verbose=False
+    )  # type 0: GGML_TYPE_F32, the cache refengine keeps
+    llm.eval(tokens[:-64])
+    theirs = []
+    for token in tokens[-64:]:  # teacher-forced, one position at a time, reading the context's last logits
+        llm.eval([token])
+        theirs.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy())
+    theirs = np.stack(theirs)  # (64, n_vocab)
+    p, q = log_softmax(theirs), log_softmax(ours)
+    kl = (np.exp(p) * (p - q)).sum(-1)
+    top1 = (theirs.argmax(-1) == ours.argmax(-1)).mean()
+    print(f"{model}: KL(llama.cpp F32 copy || ours) mean {kl.mean():.1e}, max {kl.max():.1e}, top-1 {top1:.0%}")
+    assert kl.mean() <= 1e-4
