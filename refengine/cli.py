@@ -208,7 +208,9 @@ def numa_options(command):
         default="off",
         show_default=True,
         help="off: the kernel places pages and threads. distribute: numba's threads spread over the nodes. "
-        "shard: each routed expert on one node, computed by that node's pinned threads; the rest interleaved.",
+        "shard: each routed expert on one node, computed by that node's pinned threads. split: every expert's "
+        "rows cut over the nodes, each node computing its rows (even work whatever the routing). Under shard "
+        "and split the rest is interleaved.",
     )(command)
 
 
@@ -223,7 +225,9 @@ def load_session(model: str | GGUFFile, precision: str, numa: str, numa_nodes, s
     from refengine.system import read_system
 
     runtime = NumaRuntime(numa, read_system(sysroot), numa_nodes)
-    click.get_current_context().call_on_close(runtime.close)
+    context = click.get_current_context()
+    context.call_on_close(runtime.close)
+    context.meta["refengine.numa"] = runtime  # for --json reports: bytes placed and read per node
     session = Session.load(model, precision)
     warn(runtime.attach(session.gguf, session.model))
     return session
@@ -244,7 +248,8 @@ def load_session(model: str | GGUFFile, precision: str, numa: str, numa_nodes, s
     type=click.Choice(NUMA_MODES),
     default="off",
     show_default=True,
-    help="Placement to plan for: off (the kernel's), distribute (threads over nodes), shard (each expert on one node).",
+    help="Placement to plan for: off (the kernel's), distribute (threads over nodes), shard (each expert on one "
+    "node), split (every expert's rows over the nodes).",
 )
 @PRECISION_OPTION
 @SYSROOT_OPTION
@@ -396,7 +401,9 @@ def generate(
     peak_anon = peak.sample()
     t = result.timings
     if as_json:
-        click.echo(json.dumps({**result.as_dict(), "peak_rss_anon": peak_anon}))
+        runtime = click.get_current_context().meta.get("refengine.numa")
+        numa_report = {"numa": runtime.as_dict()} if runtime is not None else {}
+        click.echo(json.dumps({**result.as_dict(), "peak_rss_anon": peak_anon, **numa_report}))
     else:
         click.echo()
         click.echo(
@@ -572,8 +579,8 @@ def numa_command(model: str, numa: str, numa_nodes, sysroot: Path, as_json: bool
     """Where MODEL's pages live: bytes per NUMA node and tensor group, read back from the kernel
     (move_pages), and the bytes not in memory: numastat for one model. Reads no page from disk.
 
-    --numa shard first places the model as generate --numa shard does, then reads it back; the pages
-    stay where they were put after this command ends, until the kernel evicts them.
+    --numa shard or split first places the model as generate does under that mode, then reads it back;
+    the pages stay where they were put after this command ends, until the kernel evicts them.
     """
     from refengine.numa import ModelPages, NumaRuntime, render_residency, residency, warn
     from refengine.system import read_system

@@ -1,5 +1,5 @@
 """NUMA execution: per-node worker pools, expert placement on the nodes' memory, and placement read
-back from the kernel. `--numa off|distribute|shard` on generate, bench model and logits, and
+back from the kernel. `--numa off|distribute|shard|split` on generate, bench model and logits, and
 `refengine numa MODEL` (numastat for the model), are built on this module; docs/numa.md has the design.
 
     off         nothing here runs: the kernel places pages and threads as it likes.
@@ -8,9 +8,12 @@ back from the kernel. `--numa off|distribute|shard` on generate, bench model and
                 where first touch puts them; nothing is moved.
     shard       one worker pool per node, its threads pinned to the node's allowed CPUs. Each routed
                 expert (its slices of every ffn_*_exps tensor of its layer) gets one node, as
-                plan.assign_experts chooses; only that node's pool computes it (ExpertDispatch). Every
-                other page of the model is interleaved over the nodes in stripes of STRIPE_BYTES. No
-                page is copied: the mapping stays the only copy of the weights, 1x the model.
+                plan.assign_experts chooses; only that node's pool computes it (ExpertDispatch).
+    split       the same pools; every routed expert is cut by rows over the nodes (partition.by_rows):
+                each node holds and computes its rows of every expert, in two phases per layer
+                (SplitDispatch), so every token gives each node the same work whatever its routing.
+    Under shard and split every other page of the model is interleaved over the nodes in stripes of
+    STRIPE_BYTES. No page is copied: the mapping stays the only copy of the weights, 1x the model.
 
 How pages are put on a node, as seen in the two-node guest (../shared/numa-vm/examples/file_pages.py):
 mbind on a read-only shared file mapping returns 0 but is ignored for page-cache pages. What works:
@@ -21,6 +24,7 @@ elsewhere: readahead stragglers, and pages that were cached on another node befo
 
 Ownership of a page that two units share (expert slices are seldom page-aligned): it belongs to the
 unit that comes first in the file. So expert e's first page, shared with expert e - 1, is e - 1's.
+Under split, a page that holds two nodes' rows of one slice is likewise the node's whose rows come first.
 
 Placement is verified, never assumed: after populating, every page's node is read back with
 move_pages in query mode (nodes=NULL), and what is still on the wrong node is moved or counted.
@@ -46,10 +50,12 @@ import numpy as np
 
 from refengine.errors import RefengineError
 from refengine.gguf import GGUFFile
-from refengine.plan import GROUPS, NUMA_MODES, assign_experts, expert_units, size, weight_group
+from refengine.partition import EXPERT_TENSORS, ExpertPartition
+from refengine.plan import GROUPS, NUMA_MODES, expert_units, size, weight_group
 from refengine.system import SystemInfo, format_ids
 
 PAGE = mmap.PAGESIZE
+PLACING_MODES = ("shard", "split")  # the modes that place pages and run experts on the nodes' pools
 # Dense pages are interleaved in stripes rather than page by page: a fault reads ahead up to 128 KiB
 # around itself, onto the faulting thread's node, so 4 KiB stripes would leave most pages to move.
 STRIPE_BYTES = 2 << 20
@@ -247,9 +253,10 @@ class NodePools:
         self.cpus = {node: c for node, c in cpus.items() if c}
         if not self.cpus:
             raise NumaError("no node has a CPU this process may run on")
+        self.sizes = {node: threads_per_node or len(c) for node, c in self.cpus.items()}
         self.pools = {
             node: ThreadPoolExecutor(
-                max_workers=threads_per_node or len(c),
+                max_workers=self.sizes[node],
                 thread_name_prefix=f"refengine-node{node}",
                 initializer=os.sched_setaffinity,
                 initargs=(0, c),  # pid 0: the calling thread, which is the new worker
@@ -260,6 +267,10 @@ class NodePools:
     @property
     def nodes(self) -> tuple[int, ...]:
         return tuple(self.pools)
+
+    def threads(self, node: int) -> int:
+        """How many tasks `node`'s pool runs at once."""
+        return self.sizes[node]
 
     def submit(self, node: int, fn: Callable, *args) -> Future:
         """Run fn(*args) on one of `node`'s threads."""
@@ -302,6 +313,8 @@ class Unit:
     end: int
     group: str  # plan.GROUPS
     expert: tuple[int, int] | None = None  # (layer, expert) for routed expert slices
+    tensor: str = ""  # for expert slices, the tensor kind: ffn_gate_exps, ffn_up_exps or ffn_down_exps
+    row_bytes: int = 0  # for expert slices, the bytes of one of its rows
 
 
 class ModelPages:
@@ -323,10 +336,11 @@ class ModelPages:
                 continue
             units, group = self.units[split_of[Path(t.path)]], weight_group(t.name)
             if group == "routed_experts" and routed:
-                layer, n_expert = int(t.name.split(".")[1]), t.shape[0]
-                step = t.nbytes // n_expert
+                _, layer, kind = t.name.split(".")[:3]
+                n_expert, step = t.shape[0], t.nbytes // t.shape[0]
                 units += [
-                    Unit(t.offset + e * step, t.offset + (e + 1) * step, group, (layer, e)) for e in range(n_expert)
+                    Unit(t.offset + e * step, t.offset + (e + 1) * step, group, (int(layer), e), kind, t.row_bytes)
+                    for e in range(n_expert)
                 ]
             else:
                 units.append(Unit(t.offset, t.offset + t.nbytes, group))
@@ -364,33 +378,64 @@ class ModelPages:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where --numa shard puts each page: experts on their node, everything else in stripes."""
+    """Where --numa shard or split puts each page: the routed experts as an ExpertPartition over the nodes
+    with CPUs says, everything else in stripes over every chosen node."""
 
-    experts: dict[tuple[int, int], int]  # (layer, expert) -> node
-    expert_nodes: tuple[int, ...]  # nodes with CPUs: they compute experts
+    partition: ExpertPartition  # workers: the nodes with CPUs, which compute experts
     stripe_nodes: tuple[int, ...]  # every chosen node: dense pages are interleaved over them
 
     @classmethod
-    def shard(cls, gguf: GGUFFile, cpus: dict[int, frozenset[int]]) -> Placement:
-        """Experts balanced by bytes over the nodes with CPUs (plan.assign_experts). Within a layer every
-        expert is equally likely a priori, so equal bytes per layer per node is also equal expected load."""
+    def for_mode(cls, mode: str, gguf: GGUFFile, cpus: dict[int, frozenset[int]]) -> Placement:
+        """shard: each expert whole on one node, balanced by bytes (plan.assign_experts; within a layer every
+        expert is equally likely a priori, so equal bytes per layer per node is also equal expected load).
+        split: rows of every expert on every node (partition.ExpertPartition.by_rows)."""
         workers = tuple(node for node, c in cpus.items() if c) or tuple(cpus)
-        return cls(assign_experts(expert_units(gguf), list(workers)), workers, tuple(cpus))
+        if mode == "split":
+            return cls(ExpertPartition.by_rows(gguf, workers), tuple(cpus))
+        return cls(ExpertPartition.by_expert(gguf, workers), tuple(cpus))
+
+    @classmethod
+    def shard(cls, gguf: GGUFFile, cpus: dict[int, frozenset[int]]) -> Placement:
+        return cls.for_mode("shard", gguf, cpus)
+
+    @classmethod
+    def split(cls, gguf: GGUFFile, cpus: dict[int, frozenset[int]]) -> Placement:
+        return cls.for_mode("split", gguf, cpus)
+
+    @property
+    def expert_nodes(self) -> tuple[int, ...]:
+        return self.partition.workers
+
+    @property
+    def experts(self) -> dict[tuple[int, int], int]:
+        """(layer, expert) -> node, for shard."""
+        return self.partition.owners
 
     def node_of(self, layer: int, expert: int) -> int:
-        """The node that holds expert `expert` of layer `layer`, and whose pool computes it."""
-        return self.experts[layer, expert]
+        """shard: the node that holds expert `expert` of layer `layer`, and whose pool computes it."""
+        return self.partition.owner(layer, expert)
 
     def targets(self, pages: ModelPages, split: int) -> np.ndarray:
-        """The node for each page of the split, -1 for pages no tensor uses (the header)."""
+        """The node for each page of the split, -1 for pages no tensor uses (the header).
+
+        A page two units share is the earlier unit's (ModelPages.owned_pages); under split, a page that holds
+        the rows of two nodes within one expert slice is likewise the node whose rows come first in it."""
         target = np.full(-(-len(pages.views[split]) // PAGE), -1, dtype=np.int32)
         stripe_pages = max(1, STRIPE_BYTES // PAGE)
         stripes = np.asarray(self.stripe_nodes, dtype=np.int32)
+        workers = np.asarray(self.partition.workers, dtype=np.int32)
         for unit, first, end in pages.owned_pages(split):
-            if unit.expert is not None:
-                target[first:end] = self.experts[unit.expert]
-            else:
+            if unit.expert is None:
                 target[first:end] = stripes[(np.arange(first, end) // stripe_pages) % len(stripes)]
+            elif self.partition.kind != "rows":
+                target[first:end] = self.partition.owner(*unit.expert)
+            else:
+                layer = unit.expert[0]
+                cuts = self.partition.ff_cuts if EXPERT_TENSORS[unit.tensor] == "ff" else self.partition.out_cuts
+                # the row that holds each page's first byte of this unit, and the worker whose rows it is in
+                first_byte = np.maximum(np.arange(first, end, dtype=np.int64) * PAGE, unit.start) - unit.start
+                row = first_byte // unit.row_bytes
+                target[first:end] = workers[np.searchsorted(cuts[layer], row, side="right") - 1]
         return target
 
 
@@ -399,6 +444,8 @@ class PlacementReport:
     """What placing did: bytes per node wanted, bytes moved, bytes left on another node, refusals."""
 
     target: dict[int, int]  # node -> bytes (whole pages) meant to live there
+    experts: dict[int, int] = field(default_factory=dict)  # node -> bytes (whole pages) of routed experts among them
+    mode: str = "shard"
     moved: int = 0  # bytes move_pages migrated
     stayed: int = 0  # bytes still on another node (or not resident) after placement
     refusals: Refusals = field(default_factory=Refusals)
@@ -409,13 +456,14 @@ class PlacementReport:
             return None
         refused = f"the kernel refused {self.refusals.describe()}; " if self.refusals else ""
         return (
-            f"--numa shard: {refused}{size(self.stayed)} of the model stayed where it was "
+            f"--numa {self.mode}: {refused}{size(self.stayed)} of the model stayed where it was "
             f"({self.stayed} bytes not on their planned node); carrying on"
         )
 
     def as_dict(self) -> dict:
         return {
             "target": {str(node): b for node, b in self.target.items()},
+            "experts": {str(node): b for node, b in self.experts.items()},
             "moved_bytes": self.moved,
             "stayed_bytes": self.stayed,
             "refused": {name: errno.errorcode.get(code, code) for name, code in self.refusals.first.items()},
@@ -425,11 +473,18 @@ class PlacementReport:
 def place(pages: ModelPages, placement: Placement, pools: NodePools, kernel: Kernel | None = None) -> PlacementReport:
     """Put every page on its node (Placement.targets) without copying it, then read back and fix."""
     kernel = kernel or Kernel()
-    report = PlacementReport(target={})
+    mode = "split" if placement.partition.kind == "rows" else "shard"
+    report = PlacementReport(target=dict.fromkeys(placement.stripe_nodes, 0), mode=mode)
+    report.experts = dict.fromkeys(placement.expert_nodes, 0)
     targets = [placement.targets(pages, split) for split in range(len(pages.paths))]
-    for target in targets:
+    for split, target in enumerate(targets):
         for node in placement.stripe_nodes:
-            report.target[node] = report.target.get(node, 0) + int(np.count_nonzero(target == node)) * PAGE
+            report.target[node] += int(np.count_nonzero(target == node)) * PAGE
+        for unit, first, end in pages.owned_pages(split):
+            if unit.expert is not None:
+                nodes, counts = np.unique(target[first:end], return_counts=True)
+                for node, count in zip(nodes.tolist(), counts.tolist(), strict=True):
+                    report.experts[node] += count * PAGE
     futures = []
     for split, target in enumerate(targets):
         for node, first, end in _runs(target):
@@ -598,8 +653,11 @@ def render_residency(r: Residency, report: PlacementReport | None = None) -> str
     lines.append(row("total", [r.node_total(n) for n in nodes], sum(r.not_resident.values())))
     if report is not None:
         lines.append(
-            "--numa shard planned "
-            + ", ".join(f"node {n}: {b / 2**20:.2f} MiB" for n, b in report.target.items())
+            f"--numa {report.mode} planned "
+            + ", ".join(
+                f"node {n}: {b / 2**20:.2f} MiB ({report.experts.get(n, 0) / 2**20:.2f} of experts)"
+                for n, b in report.target.items()
+            )
             + f"; moved {size(report.moved)}, {size(report.stayed)} not on its planned node"
         )
     return "\n".join(lines)
@@ -608,21 +666,143 @@ def render_residency(r: Residency, report: PlacementReport | None = None) -> str
 # -- the running engine ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+class ReadMeter:
+    """The bytes of expert weights each node's pool reads, per MoE layer call: how even the nodes' work is.
+
+    A call for one token is that token's share of one layer; a decoded token is n_layers such calls in a row.
+    The bytes are the rows each pool's tasks computed (ExpertPartition.token_bytes), not a hardware count."""
+
+    def __init__(self, nodes: Iterable[int], n_layers: int):
+        self.nodes = tuple(nodes)
+        self.n_layers = max(n_layers, 1)
+        self.one_token: list[np.ndarray] = []  # (n_nodes,) bytes, one per one-token call
+        self.batch = np.zeros(len(self.nodes), dtype=np.int64)  # bytes read by calls over several tokens
+
+    def add(self, one_token: bool, read: dict[int, int]) -> None:
+        row = np.array([read[node] for node in self.nodes], dtype=np.int64)
+        if one_token:
+            self.one_token.append(row)
+        else:
+            self.batch += row
+
+    def per_token(self) -> np.ndarray:
+        """(n_tokens, n_nodes) bytes each node read for each decoded token (whole tokens only)."""
+        n_tokens = len(self.one_token) // self.n_layers
+        if not n_tokens:
+            return np.zeros((0, len(self.nodes)), dtype=np.int64)
+        calls = np.stack(self.one_token[: n_tokens * self.n_layers])  # (n_tokens * n_layers, n_nodes)
+        return calls.reshape(n_tokens, self.n_layers, -1).sum(axis=1)
+
+    def as_dict(self) -> dict:
+        tokens = self.per_token()
+        ratio = tokens.max(axis=1) / np.maximum(tokens.mean(axis=1), 1) if len(tokens) else np.zeros(0)
+        return {
+            "tokens": len(tokens),
+            "nodes": [
+                {
+                    "node": node,
+                    "read_per_token": float(tokens[:, i].mean()) if len(tokens) else 0.0,
+                    "read_batches": int(self.batch[i]),
+                }
+                for i, node in enumerate(self.nodes)
+            ],
+            # per decoded token, the busiest node's bytes over the nodes' mean: 1 is perfectly even
+            "max_over_mean": {
+                "mean": float(ratio.mean()) if len(ratio) else None,
+                "worst": float(ratio.max()) if len(ratio) else None,
+            },
+        }
+
+
+def _one_token(inputs: list[np.ndarray]) -> bool:
+    """A decoded token's call: every expert's input is the same one row (MoE.__call__'s decode path)."""
+    return bool(inputs) and len(inputs[0]) == 1 and all(x is inputs[0] for x in inputs)
+
+
+@dataclass
 class ExpertDispatch:
-    """What one MoE layer calls to run an expert: on the pool of the node that holds its weights."""
+    """--numa shard: each chosen expert runs whole on the pool of the node that holds it, all at once."""
 
     layer: int
     placement: Placement
     pools: NodePools
+    meter: ReadMeter | None = None
 
-    def __call__(self, expert: int, fn: Callable, *args) -> Future:
-        return self.pools.submit(self.placement.node_of(self.layer, expert), fn, *args)
+    def run(self, moe, experts: list[int], inputs: list[np.ndarray]) -> list[np.ndarray]:
+        futures = [
+            self.pools.submit(self.placement.node_of(self.layer, e), moe.run_expert, e, xe)
+            for e, xe in zip(experts, inputs, strict=True)
+        ]
+        if self.meter is not None:
+            self.meter.add(_one_token(inputs), self.placement.partition.token_bytes(self.layer, experts))
+        return [f.result() for f in futures]
+
+
+@dataclass
+class SplitDispatch:
+    """--numa split: every node computes its rows of every chosen expert, from its own memory, in two phases.
+
+        1. h[:, ff_k] = silu(gate[ff_k] x) * up[ff_k] x     node k's rows of the intermediate features
+        2. y[:, out_k] = down[out_k] h                       node k's rows of the output, from the whole h
+
+    h and y are ordinary arrays every node's threads write their own columns of (one address space: nothing
+    is copied between the phases). A node's rows are cut further, one task per thread of its pool, so a node
+    runs as many tasks at once as it has CPUs; that is 2 x n_threads hand-offs a layer, however many experts
+    are chosen. Each element of h and y is computed as MoE.run_expert computes it, so the result is the same.
+    """
+
+    layer: int
+    placement: Placement
+    pools: NodePools
+    meter: ReadMeter | None = None
+    min_rows: int = 32  # rows per task at the least: a smaller task costs more to hand off than it computes
+
+    def __post_init__(self):
+        p = self.placement.partition
+        self.ff_tasks: list[tuple[int, range]] = []
+        self.out_tasks: list[tuple[int, range]] = []
+        for node in p.workers:
+            ff, out = p.share(self.layer, 0, node)
+            self.ff_tasks += [(node, r) for r in self._parts(node, ff)]
+            self.out_tasks += [(node, r) for r in self._parts(node, out)]
+        self.n_ff, self.n_embd = p.layers[self.layer].n_ff, p.layers[self.layer].n_embd
+
+    def _parts(self, node: int, rows: range) -> list[range]:
+        n = max(1, min(self.pools.threads(node), len(rows) // self.min_rows))
+        cuts = [rows.start + k * len(rows) // n for k in range(n + 1)]
+        return [range(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+    def run(self, moe, experts: list[int], inputs: list[np.ndarray]) -> list[np.ndarray]:
+        h = [np.empty((len(xe), self.n_ff), dtype=xe.dtype) for xe in inputs]  # (n_routed, n_ff_exp) each
+        y = [np.empty((len(xe), self.n_embd), dtype=xe.dtype) for xe in inputs]  # (n_routed, n_embd) each
+        _wait([self.pools.submit(node, _gate_up, moe, experts, ff, inputs, h) for node, ff in self.ff_tasks])
+        _wait([self.pools.submit(node, _down, moe, experts, out, h, y) for node, out in self.out_tasks])
+        if self.meter is not None:
+            self.meter.add(_one_token(inputs), self.placement.partition.token_bytes(self.layer, experts))
+        return y
+
+
+def _gate_up(moe, experts: list[int], ff: range, inputs: list[np.ndarray], h: list[np.ndarray]) -> None:
+    for e, xe, he in zip(experts, inputs, h, strict=True):
+        moe.gate_up_rows(e, ff, xe, he)
+
+
+def _down(moe, experts: list[int], out: range, h: list[np.ndarray], y: list[np.ndarray]) -> None:
+    for e, he, ye in zip(experts, h, y, strict=True):
+        moe.down_rows(e, out, he, ye)
+
+
+def _wait(futures: list[Future]) -> None:
+    """Every task's end (a barrier between the phases); the first task error is raised after all have ended."""
+    errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 class NumaRuntime:
-    """The --numa mode of one command: thread spreading before the model loads, then (shard) placement
-    and expert dispatch once it is loaded. off does nothing at all."""
+    """The --numa mode of one command: thread spreading before the model loads, then (shard, split)
+    placement and expert dispatch once it is loaded. off does nothing at all."""
 
     def __init__(self, mode: str, system: SystemInfo, requested: Iterable[int] | None = None):
         if mode not in NUMA_MODES:
@@ -632,32 +812,49 @@ class NumaRuntime:
         self.cpus = node_cpus(system, self.nodes)
         self.pools: NodePools | None = None
         self.report: PlacementReport | None = None
+        self.meter: ReadMeter | None = None
         if mode == "distribute":
             import numba
 
             spread_threads(system, self.nodes, numba.config.NUMBA_NUM_THREADS)
-        elif mode == "shard":
+        elif mode in PLACING_MODES:
             self.pools = NodePools(self.cpus)
 
     def attach(self, gguf: GGUFFile, model=None, dispatch: bool | None = None) -> str | None:
-        """Place the model's pages and route its experts to their nodes (shard); returns the warning line,
-        if the kernel refused anything. `model` is a refengine.arch DecoderModel, or None to place only.
+        """Place the model's pages and route its experts to their nodes (shard, split); returns the warning
+        line, if the kernel refused anything. `model` is a refengine.arch DecoderModel, or None to place only.
 
-        dispatch: run each expert on its node's pool. By default only when more than one node computes:
-        on one node the calling thread is already local to every page, and a pool would only add a
-        hand-off per expert (measured on this 2-core machine: decode 4-18% slower, see docs/numa.md)."""
-        if self.mode != "shard":
+        dispatch: run the experts on the nodes' pools. By default only when more than one node computes:
+        on one node the calling thread is already local to every page, and a pool would only add its
+        hand-offs (measured on this 2-core machine, see docs/numa.md)."""
+        if self.mode not in PLACING_MODES:
             return None
-        placement = Placement.shard(gguf, self.cpus)
+        placement = Placement.for_mode(self.mode, gguf, self.cpus)
         with ModelPages(gguf) as pages:
             self.report = place(pages, placement, self.pools)
         if dispatch is None:
             dispatch = len(self.pools.nodes) > 1
-        for il, layer in enumerate(getattr(model, "layers", ()) if dispatch else ()):
-            for block in vars(layer).values():
-                if hasattr(block, "dispatch"):  # an arch.moe.MoE
-                    block.dispatch = ExpertDispatch(il, placement, self.pools)
+        blocks = [
+            (il, block)
+            for il, layer in enumerate(getattr(model, "layers", ()) if dispatch else ())
+            for block in vars(layer).values()
+            if hasattr(block, "dispatch")  # an arch.moe.MoE
+        ]
+        if blocks:
+            self.meter = ReadMeter(placement.expert_nodes, len(blocks))
+        kind = SplitDispatch if self.mode == "split" else ExpertDispatch
+        for il, block in blocks:
+            block.dispatch = kind(il, placement, self.pools, self.meter)
         return self.report.warning()
+
+    def as_dict(self) -> dict:
+        """What --json reports of this run's placement: bytes placed per node, and bytes each pool read."""
+        return {
+            "mode": self.mode,
+            "nodes": list(self.nodes),
+            "placement": None if self.report is None else self.report.as_dict(),
+            "reads": None if self.meter is None else self.meter.as_dict(),
+        }
 
     def close(self) -> None:
         if self.pools is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_plan import deepseek_r1  # noqa: F401  (the session fixture: DeepSeek-R1's header over sparse files)
 
 from refengine import numa
 from refengine.cli import EXIT_ERROR, EXIT_USAGE, main
@@ -231,6 +232,87 @@ def test_shard_targets_put_each_expert_on_its_node_and_stripe_the_rest(tiny_mode
     assert all(target[p] == (p // stripe) % 2 for p in dense)
 
 
+def slice_bytes_by_node(unit: numa.Unit, node_of_page: np.ndarray) -> dict[int, int]:
+    """Bytes of one expert slice on each node, given every page's node (a page counts the bytes it holds)."""
+    first, end = unit.start // PAGE, -(-unit.end // PAGE)
+    edges = np.arange(first, end + 1, dtype=np.int64) * PAGE
+    edges[0], edges[-1] = unit.start, unit.end
+    held: dict[int, int] = {}
+    for node, nbytes in zip(node_of_page[first:end].tolist(), np.diff(edges).tolist(), strict=True):
+        held[node] = held.get(node, 0) + nbytes
+    return held
+
+
+@pytest.mark.parametrize(("arch", "variant"), [("qwen3moe", "f32"), ("qwen3moe", "q4_k_m"), ("deepseek2", "q4_k_m")])
+def test_split_targets_cut_every_expert_slice_evenly_within_a_page(tiny_model, arch, variant):
+    model = open_gguf(tiny_model(arch, variant))
+    cpus = {0: frozenset([0]), 1: frozenset([1])}  # two nodes on paper
+    placement = numa.Placement.split(model, cpus)
+    p = placement.partition
+    with numa.ModelPages(model) as pages:
+        target = placement.targets(pages, 0)
+        slices = [u for u in pages.units[0] if u.expert is not None]
+    assert len(slices) == 3 * sum(el.n_expert for el in p.layers.values())
+    for unit in slices:
+        layer, e = unit.expert
+        nbytes = unit.end - unit.start
+        held = slice_bytes_by_node(unit, target)
+        assert set(held) <= {0, 1} and sum(held.values()) == nbytes
+        for node in (0, 1):
+            ff, out = p.share(layer, e, node)
+            rows = ff if unit.tensor != "ffn_down_exps" else out
+            assert abs(held.get(node, 0) - len(rows) * unit.row_bytes) < PAGE  # the rows' bytes, give or take a page
+            assert abs(held.get(node, 0) - nbytes / 2) < PAGE + unit.row_bytes  # an even split, give or take a page
+    # Pages alternate between the nodes within each slice in row order: node 0's rows come first.
+    for unit in slices:
+        nodes = target[unit.start // PAGE + 1 : -(-unit.end // PAGE)]
+        assert (np.diff(nodes) >= 0).all()
+
+
+def test_row_partition_gives_every_worker_the_same_bytes_of_any_routing(tiny_model):
+    """The routing-independent balance split is for: every worker reads the same bytes for any set of experts,
+    where by_expert (shard) and contiguous (MPI) give each expert's bytes to one worker."""
+    from refengine.partition import ExpertPartition, even_cuts
+
+    model = open_gguf(tiny_model("deepseek2", "q4_k_m"))
+    routed = sum(t.nbytes for t in model.tensors.values() if numa.weight_group(t.name) == "routed_experts")
+    rng = np.random.default_rng(0)
+    for workers in [(0, 1), (0, 1, 2)]:
+        rows = ExpertPartition.by_rows(model, workers)
+        whole = ExpertPartition.by_expert(model, workers)
+        contiguous = ExpertPartition.contiguous(model, workers)
+        for p in (rows, whole, contiguous):
+            assert sum(p.worker_bytes().values()) == routed
+        for layer, el in rows.layers.items():
+            assert rows.ff_cuts[layer] == even_cuts(el.n_ff, len(workers)) and rows.ff_cuts[layer][-1] == el.n_ff
+            for _ in range(20):
+                chosen = rng.choice(el.n_expert, size=2, replace=False)
+                read = rows.token_bytes(layer, chosen)
+                assert max(read.values()) - min(read.values()) <= sum(el.row_bytes.values()) * len(chosen)  # a row
+                assert sum(read.values()) == sum(whole.token_bytes(layer, chosen).values())
+                owners = {whole.owner(layer, int(e)) for e in chosen}
+                assert sum(1 for b in whole.token_bytes(layer, chosen).values() if b) == len(owners)
+            owners = [contiguous.owner(layer, e) for e in range(el.n_expert)]
+            assert owners == sorted(owners) and set(owners) == set(workers)  # one run of experts per worker
+
+
+def test_plan_split_gives_each_node_an_even_share_of_every_expert(deepseek_r1):  # noqa: F811
+    """R1's header on four sub-NUMA nodes: each holds a quarter of every expert's rows (2048 and 7168 rows
+    cut in four: to the byte), and a quarter of the rest, and the plan says so node by node."""
+    from refengine.plan import plan
+
+    gguf = open_gguf(deepseek_r1[0])
+    p = plan(gguf, read_system(FIXTURES / "snc4"), n_ctx=4096, numa="split")
+    assert p.verdict == "fits", p.message()
+    routed = p.needs.weights["routed_experts"]
+    rest = p.needs.weights_total - routed
+    for share in p.nodes:
+        assert abs(share.weights - (routed + rest) / 4) <= 3  # _spread's remainder goes to the first node
+        assert share.experts == len(expert_units(gguf))
+    shard = plan(gguf, read_system(FIXTURES / "snc4"), n_ctx=4096, numa="shard")
+    assert sum(s.weights for s in shard.nodes) == sum(s.weights for s in p.nodes) == p.needs.weights_total
+
+
 class RefusingKernel(numa.Kernel):
     """A kernel inside a container: set_mempolicy is EPERM, moving is ENOSYS, and queries say every
     page is on node 1 (so that a one-node machine has something to move)."""
@@ -323,16 +405,27 @@ def test_distribute_spreads_threads_over_the_nodes_as_llama_cpp(monkeypatch):
     assert os.environ["OMP_PROC_BIND"] == "close"
 
 
-def test_generate_shard_gives_the_tokens_of_off(capsys, tiny_model):
-    """On any machine: placement and expert dispatch through the pools change no token."""
+def test_generate_shard_and_split_give_the_tokens_of_off(capsys, tiny_model):
+    """On any machine: placement and expert dispatch through the pools change no token, and --json reports
+    the bytes placed per node."""
     path = tiny_model("mixtral", "f32")
-    tokens = {}
-    for mode in ("off", "shard"):
+    tokens, reports = {}, {}
+    for mode in ("off", "shard", "split"):
         code, out, err = run(capsys, "generate", "-m", path, "-n", "12", "--temp", "0", "--json", "--numa", mode, "hi")
         assert code == 0, err
         assert "warning" not in err
-        tokens[mode] = json.loads(out)["tokens"]
-    assert len(tokens["off"]) == 12 and tokens["shard"] == tokens["off"]
+        tokens[mode], reports[mode] = json.loads(out)["tokens"], json.loads(out).get("numa")
+    assert len(tokens["off"]) == 12 and tokens["shard"] == tokens["off"] and tokens["split"] == tokens["off"]
+    assert reports["off"] is None  # --numa off runs nothing of refengine.numa
+    model = open_gguf(path)
+    routed = sum(t.nbytes for t in model.tensors.values() if numa.weight_group(t.name) == "routed_experts")
+    n_slices = sum(3 * n for n in {key[0]: key[1] + 1 for key in expert_units(model)}.values())
+    for mode in ("shard", "split"):
+        placed = reports[mode]["placement"]
+        assert reports[mode]["mode"] == mode and placed["stayed_bytes"] == 0
+        # whole pages of experts, per node: the expert bytes give or take a shared page per slice
+        assert abs(sum(placed["experts"].values()) - routed) <= n_slices * PAGE
+        assert sum(placed["target"].values()) >= sum(t.nbytes for t in model.tensors.values())
 
 
 @pytest.mark.parametrize("arch", ["deepseek2", "qwen3moe"])
@@ -358,6 +451,66 @@ def test_experts_run_on_the_pools_give_the_bits_of_off(tiny_model, arch):
     finally:
         runtime.close()
     assert np.array_equal(shard[0], off[0]) and np.array_equal(shard[1], off[1])
+
+
+def moe_blocks(model) -> list[tuple[int, object]]:
+    return [(il, b) for il, layer in enumerate(model.layers) for b in vars(layer).values() if hasattr(b, "dispatch")]
+
+
+def greedy_tokens(session, prompt: str, n: int) -> list[int]:
+    from refengine.generate import generate
+    from refengine.sampler import Sampler, SamplerConfig
+
+    ids = session.tokenizer.encode(prompt)
+    cache = session.new_cache(len(ids) + n)
+    return generate(session.model, session.tokenizer, cache, ids, n, Sampler(SamplerConfig(temperature=0))).tokens
+
+
+@pytest.mark.parametrize(("arch", "variant"), [("deepseek2", "q4_k_m"), ("mixtral", "f32")])
+def test_split_on_two_pools_computes_what_off_does_and_evens_the_reads(tiny_model, arch, variant):
+    """Two pools standing for two nodes (each pinned to one CPU of this machine), every expert cut by rows over
+    them: a decoded token's logits are off's to the bit (each row's dot product is the same whoever computes
+    it); a batch's within float32 rounding (BLAS picks its kernel by the matrix's size, and a node's rows are
+    a smaller matrix); the greedy tokens are off's. Each token's reads are even over the pools, where shard's
+    follow its routing."""
+    from refengine.session import Session
+
+    session = Session.load(str(tiny_model(arch, variant)))
+    allowed = sorted(SYSTEM.cpus_allowed or {0})
+    cpus = {0: frozenset(allowed[:1]), 1: frozenset(allowed[-1:])}
+
+    def logits() -> tuple[np.ndarray, np.ndarray]:
+        cache = session.new_cache(8)
+        batch = session.model.forward(np.array([1, 5, 9, 22, 100, 7]), cache)  # (6, n_vocab)
+        return batch, session.model.forward(np.array([3]), cache)  # (1, n_vocab)
+
+    off_logits, off_tokens = logits(), greedy_tokens(session, "hello world", 12)
+    reads = {}
+    with numa.NodePools(cpus) as pools:
+        for mode, kind in (("split", numa.SplitDispatch), ("shard", numa.ExpertDispatch)):
+            placement = numa.Placement.for_mode(mode, session.gguf, cpus)
+            meter = numa.ReadMeter(placement.expert_nodes, len(moe_blocks(session.model)))
+            for il, block in moe_blocks(session.model):
+                block.dispatch = kind(il, placement, pools, meter)
+            try:
+                batch, one = logits()
+                meter.one_token.clear()  # count the greedy run's tokens only
+                tokens = greedy_tokens(session, "hello world", 12)
+            finally:
+                for _, block in moe_blocks(session.model):
+                    block.dispatch = None
+            np.testing.assert_allclose(batch, off_logits[0], rtol=0, atol=1e-5 * np.abs(off_logits[0]).max())
+            if mode == "shard" or arch != "mixtral":  # mixtral's batch already differs in the last bits
+                assert np.array_equal(batch, off_logits[0])
+                assert np.array_equal(one, off_logits[1])
+            assert tokens == off_tokens
+            reads[mode] = meter.as_dict()
+    split, shard = reads["split"], reads["shard"]
+    assert split["tokens"] == shard["tokens"] == 11  # the first token comes out of the prompt's batch
+    assert split["max_over_mean"]["worst"] <= 1.02
+    assert shard["max_over_mean"]["worst"] >= 1.5  # some token chose experts of one node only
+    per_token = [n["read_per_token"] for n in split["nodes"]]
+    assert sum(per_token) == pytest.approx(sum(n["read_per_token"] for n in shard["nodes"]))
 
 
 # -- on two nodes (the QEMU guest) -----------------------------------------------------------------
@@ -419,6 +572,55 @@ def test_shard_generates_exactly_the_tokens_of_off_on_two_nodes(tiny_model, two_
     finally:
         runtime.close()
     assert len(off) == 12 and shard == off
+
+
+@pytest.mark.numa
+def test_split_placement_read_back_cuts_every_expert_within_a_page(capsys, tiny_model, two_nodes):
+    path = tiny_model("qwen3moe", "q4_k_m")  # expert slices of 4.5 pages, cut in two: shared pages everywhere
+    code, out, err = run(capsys, "numa", path, "--numa", "split", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["placement"]["stayed_bytes"] == 0 and report["placement"]["refused"] == {}
+    assert report["not_resident"]["total"] == 0
+    nodes = [n["node"] for n in report["nodes"]]
+    model = open_gguf(path)
+    placement = numa.Placement.split(model, numa.node_cpus(SYSTEM, nodes))
+    with numa.ModelPages(model) as pages:
+        target = placement.targets(pages, 0)
+        numa.residency(pages, nodes)  # maps the cached pages into this process
+        placed = np.flatnonzero(target >= 0)
+        where = np.full(target.size, -1, dtype=np.int32)
+        where[placed] = numa.Kernel().move_pages(pages.address(0) + placed.astype(np.uint64) * PAGE)
+        slices = [u for u in pages.units[0] if u.expert is not None]
+    assert (where[placed] == target[placed]).all()  # page by page where Placement.targets says
+    workers = placement.expert_nodes
+    assert len(workers) == 2
+    for unit in slices:  # each expert's slice of each tensor: an even split over both nodes, within a page
+        held = slice_bytes_by_node(unit, where)
+        assert all(abs(held.get(node, 0) - (unit.end - unit.start) / 2) < PAGE for node in workers), (unit, held)
+
+
+@pytest.mark.numa
+def test_split_generates_exactly_the_tokens_of_off_on_two_nodes(tiny_model, two_nodes):
+    """In one process (numba loads once in the slow guest), for each MoE architecture and MLA layout: off first,
+    then the same model under split, which moves the pages off touched onto their nodes and runs every
+    expert's rows on both nodes' pools, each token's reads even over them."""
+    from refengine.session import Session
+
+    for arch in ("deepseek2", "deepseek2-kvb", "qwen3moe", "mixtral"):
+        session = Session.load(str(tiny_model(arch, "f32")))
+        off = greedy_tokens(session, "hello world", 8)
+        runtime = numa.NumaRuntime("split", SYSTEM)
+        try:
+            assert runtime.attach(session.gguf, session.model) is None  # nothing refused, nothing left behind
+            assert runtime.report.stayed == 0 and all(runtime.report.experts.values())
+            assert all(isinstance(b.dispatch, numa.SplitDispatch) for _, b in moe_blocks(session.model))
+            split = greedy_tokens(session, "hello world", 8)
+            reads = runtime.meter.as_dict()
+        finally:
+            runtime.close()
+        assert len(off) == 8 and split == off, arch
+        assert reads["tokens"] == 7 and reads["max_over_mean"]["worst"] <= 1.02, (arch, reads)
 
 
 DISTRIBUTE_PROBE = """

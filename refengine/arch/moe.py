@@ -196,8 +196,10 @@ class MoE:
         self.ffn_up_exps: Tensor = check_shape(t["ffn_up_exps"], (c.n_expert, c.n_ff_exp, n_embd))
         self.ffn_down_exps: Tensor = check_shape(t["ffn_down_exps"], (c.n_expert, n_embd, c.n_ff_exp))
         self.experts: dict[int, tuple[Linear, Linear, Linear]] = {}
-        # --numa shard: refengine.numa sets an ExpertDispatch, which runs an expert on the worker pool of the
-        # node that holds its weights. None: every expert runs here, in turn.
+        self.expert_slices: dict[tuple, Linear | tuple[Linear, Linear]] = {}  # a worker's rows of an expert
+        # Who runs the routed experts: None, every expert here, in turn; or an object with
+        # run(moe, experts, inputs) -> outputs: refengine.numa's ExpertDispatch (--numa shard, each expert on
+        # the pool of the node that holds it) or SplitDispatch (--numa split, each node its rows of each).
         self.dispatch = None
         self.ffn_shexp = None  # ffn_{gate,up,down}_shexp: the shared experts, one FFN every token goes through
         if c.n_expert_shared:
@@ -241,10 +243,40 @@ class MoE:
         return out
 
     def run_experts(self, experts: list[int], inputs: list[np.ndarray]) -> Iterator[np.ndarray]:
-        """swiglu of each expert on its input, in order. With `dispatch` (--numa shard) they run at once,
-        each on the pool of its node; the caller sums them in the same order either way, so the result
-        is the same to the bit."""
+        """swiglu of each expert on its input (n_routed, n_embd) -> (n_routed, n_embd), in order. With
+        `dispatch` the workers compute them; every element is computed as run_expert computes it, and the
+        caller sums the outputs in the same order either way, so the result is the same to the bit."""
         if self.dispatch is None:
-            return (swiglu(*self.expert(e), xe) for e, xe in zip(experts, inputs, strict=True))
-        futures = [self.dispatch(e, swiglu, *self.expert(e), xe) for e, xe in zip(experts, inputs, strict=True)]
-        return (f.result() for f in futures)
+            return (self.run_expert(e, xe) for e, xe in zip(experts, inputs, strict=True))
+        return iter(self.dispatch.run(self, experts, inputs))
+
+    def run_expert(self, e: int, x: np.ndarray) -> np.ndarray:
+        return swiglu(*self.expert(e), x)
+
+    def gate_up_rows(self, e: int, ff: range, x: np.ndarray, h: np.ndarray) -> None:
+        """h[:, ff] = silu(ffn_gate[ff] x) * ffn_up[ff] x for expert e: rows ff of its intermediate features,
+        x (n_tok, n_embd), h (n_tok, n_ff_exp). One worker's first phase under a row split (refengine.partition)."""
+        key = ("ff", e, ff.start, ff.stop)
+        if key not in self.expert_slices:
+            first = e * self.config.n_ff_exp
+            rows = slice(first + ff.start, first + ff.stop)
+            self.expert_slices[key] = (
+                self.rows_linear(self.ffn_gate_exps, rows),  # (len(ff), n_embd)
+                self.rows_linear(self.ffn_up_exps, rows),  # (len(ff), n_embd)
+            )
+        gate, up = self.expert_slices[key]
+        h[:, ff.start : ff.stop] = silu(gate(x)) * up(x)
+
+    def down_rows(self, e: int, out: range, h: np.ndarray, y: np.ndarray) -> None:
+        """y[:, out] = ffn_down[out] h for expert e: rows out of its output from its whole intermediate
+        features h (n_tok, n_ff_exp), y (n_tok, n_embd). One worker's second phase under a row split."""
+        key = ("out", e, out.start, out.stop)
+        if key not in self.expert_slices:
+            rows = slice(e * self.n_embd + out.start, e * self.n_embd + out.stop)
+            self.expert_slices[key] = self.rows_linear(self.ffn_down_exps, rows)  # (len(out), n_ff_exp)
+        y[:, out.start : out.stop] = self.expert_slices[key](h)
+
+    def rows_linear(self, tensor: Tensor, rows: slice) -> Linear:
+        """Rows of a 3-D expert tensor as a Linear of their own, in the numerics the block's experts use."""
+        numerics = getattr(self, "numerics", None)  # the block's numerics, where Linear takes them
+        return Linear(tensor, rows) if numerics is None else Linear(tensor, rows, numerics)

@@ -1,0 +1,95 @@
+"""The cost of running experts on the NUMA pools, measured on whatever machine this is.
+
+On a one-node machine `--numa shard` and `--numa split` place the pages and then leave the experts to the
+calling thread (a pool would add hand-offs and bring nothing: every page is local already). This script
+forces the pools on anyway, to measure that hand-off: in one process per model, the same session runs
+prompt (ppN) and generation (tgN) tests with its MoE blocks' dispatch set to None (as --numa off), to
+shard's ExpertDispatch and to split's SplitDispatch, alternating the three in every round; each figure is
+the best over the rounds, so that noise from other processes only ever slows a run down.
+
+    .venv/bin/python scripts/bench_numa.py                  # tiny "bigger" qwen3moe and deepseek2, Q4_K_M
+    .venv/bin/python scripts/bench_numa.py --rounds 8 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from refengine import numa
+from refengine.bench import Context, time_generation, time_prompt
+from refengine.session import Session
+from refengine.system import read_system
+from refengine.testing import quantize_q4_k_m, spec_for, write_tiny_model
+
+MODES = ("off", "shard", "split")
+
+
+def tiny(arch: str, folder: Path) -> Path:
+    f32 = write_tiny_model(arch, folder / f"{arch}-bigger-f32.gguf", spec_for(arch, "bigger"))
+    return quantize_q4_k_m(f32, folder / f"{arch}-bigger-q4_k_m.gguf")
+
+
+def moe_blocks(model) -> list:
+    return [(il, b) for il, layer in enumerate(model.layers) for b in vars(layer).values() if hasattr(b, "dispatch")]
+
+
+def bench(path: Path, n_prompt: int, n_gen: int, rounds: int) -> dict:
+    session = Session.load(str(path))
+    system = read_system()
+    runtimes = {mode: numa.NumaRuntime(mode, system) for mode in ("shard", "split")}
+    dispatches = {"off": {}}
+    try:
+        for mode, runtime in runtimes.items():
+            runtime.attach(session.gguf, session.model, dispatch=True)  # places the pages, sets the dispatch
+            dispatches[mode] = {il: b.dispatch for il, b in moe_blocks(session.model)}
+        rng = np.random.default_rng(0)
+        prompt_ctx = Context(session.model, n_prompt, 0, rng)
+        gen_ctx = Context(session.model, n_gen, 0, rng)
+        best = {mode: {"pp": 0.0, "tg": 0.0} for mode in MODES}
+        for _ in range(rounds + 1):  # the first round warms up (kernels load, pages fault in) and is not kept
+            for mode in MODES:
+                for il, block in moe_blocks(session.model):
+                    block.dispatch = dispatches[mode].get(il)
+                pp = n_prompt / time_prompt(prompt_ctx, n_prompt, rng)
+                tg = n_gen / time_generation(gen_ctx, n_gen, rng)
+                if _ > 0:
+                    best[mode]["pp"] = max(best[mode]["pp"], pp)
+                    best[mode]["tg"] = max(best[mode]["tg"], tg)
+    finally:
+        for runtime in runtimes.values():
+            runtime.close()
+    return {"model": path.name, "rounds": rounds, "tok_s": best}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", type=Path, help="GGUF files (default: tiny bigger qwen3moe, deepseek2)")
+    parser.add_argument("-p", "--n-prompt", type=int, default=32)
+    parser.add_argument("-n", "--n-gen", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        models = args.models or [tiny(arch, Path(folder)) for arch in ("qwen3moe", "deepseek2")]
+        results = [bench(path, args.n_prompt, args.n_gen, args.rounds) for path in models]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"| model | pp{args.n_prompt} off | shard/off | split/off | tg{args.n_gen} off | shard/off | split/off |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        t = r["tok_s"]
+        print(
+            f"| {r['model']} | {t['off']['pp']:.1f} | {t['shard']['pp'] / t['off']['pp']:.3f} | "
+            f"{t['split']['pp'] / t['off']['pp']:.3f} | {t['off']['tg']:.1f} | "
+            f"{t['shard']['tg'] / t['off']['tg']:.3f} | {t['split']['tg'] / t['off']['tg']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
