@@ -366,3 +366,62 @@ def _address_space() -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+# -- conversations -----------------------------------------------------------------------------------
+
+
+def message_list(user: str, system: str | None = None) -> list[dict]:
+    """One user message, after the system message if there is one."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
+def chat_prompt_ids(gguf, tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids of `messages` in the model's chat template, ready for the assistant's reply.
+    The template writes BOS itself, as text, when the model wants one."""
+    text = render(template_for(gguf), messages, tokenizer)
+    return tokenizer.encode(text, add_bos=False, parse_special=True)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids a and b share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ConversationTooLong(RefengineError):
+    """The conversation and the reply's tokens do not fit the context."""
+
+
+class Conversation:
+    """A chat whose KV cache is kept across turns.
+
+    Each turn renders the whole conversation with the model's template and evaluates only what the
+    cache does not hold yet: the longest prefix the new rendering shares with what was evaluated
+    before stays (cache.keep, which gives up, to 0, where a sliding-window ring has moved past it).
+    """
+
+    def __init__(self, model, tokenizer, gguf, cache, system: str | None = None):
+        self.model, self.tokenizer, self.gguf, self.cache = model, tokenizer, gguf, cache
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.cached: list[int] = []  # the ids whose keys and values are in the cache
+
+    def reply(self, text: str, max_tokens: int, sampler, on_text=None):
+        """The assistant's answer to the user's `text`: a refengine.generate.GenerationResult."""
+        from refengine.generate import generate
+
+        messages = [*self.messages, {"role": "user", "content": text}]
+        ids = chat_prompt_ids(self.gguf, self.tokenizer, messages)
+        if len(ids) + max_tokens > self.cache.n_ctx:
+            raise ConversationTooLong(
+                f"the conversation ({len(ids)} tokens) plus -n {max_tokens} exceeds --ctx {self.cache.n_ctx}"
+            )
+        keep = self.cache.keep(common_prefix(self.cached, ids[:-1]))  # at least the last id is evaluated
+        result = generate(self.model, self.tokenizer, self.cache, ids[keep:], max_tokens, sampler, on_text=on_text)
+        self.cached = (ids + result.tokens)[: self.cache.n_past]  # the last sampled token was never evaluated
+        self.messages = [*messages, {"role": "assistant", "content": result.text}]
+        return result

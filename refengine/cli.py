@@ -433,17 +433,13 @@ def generate(
 @PRECISION_OPTION
 def chat(model, n_predict, ctx, sampling, system, precision) -> None:
     """Talk with the model. The KV cache is kept across turns; an empty line or Ctrl-D ends."""
-    from refengine.chat import render, template_for
-    from refengine.generate import generate as run_generation
+    from refengine.chat import Conversation
     from refengine.sampler import Sampler
     from refengine.session import Session
 
     sampler = Sampler(sampling)
     session = Session.load(model, precision)
-    tokenizer, template = session.tokenizer, template_for(session.gguf)
-    cache = session.new_cache(ctx)
-    messages = [{"role": "system", "content": system}] if system else []
-    cached: list[int] = []  # the tokens whose keys and values are in the cache
+    conversation = Conversation(session.model, session.tokenizer, session.gguf, session.new_cache(ctx), system)
     while True:
         try:
             line = input("> ")
@@ -451,35 +447,10 @@ def chat(model, n_predict, ctx, sampling, system, precision) -> None:
             break
         if not line.strip():
             break
-        messages.append({"role": "user", "content": line})
-        ids = tokenizer.encode(render(template, messages, tokenizer), add_bos=False, parse_special=True)
-        # Reuse the cache for the longest prefix this rendering shares with what was evaluated before.
-        keep = cache.keep(common_prefix(cached, ids[:-1]))  # 0 if a sliding window's ring has moved past it
-        if len(ids) + n_predict > ctx:
-            raise UserError(f"the conversation ({len(ids)} tokens) plus -n {n_predict} exceeds --ctx {ctx}")
-        result = run_generation(
-            session.model,
-            tokenizer,
-            cache,
-            ids[keep:],
-            n_predict,
-            sampler,
-            on_text=lambda text: click.echo(text, nl=False),
-        )
+        result = conversation.reply(line, n_predict, sampler, on_text=lambda text: click.echo(text, nl=False))
         click.echo()
-        cached = (ids + result.tokens)[: cache.n_past]  # the last sampled token was never evaluated
-        messages.append({"role": "assistant", "content": result.text})
         if result.finish_reason == "interrupted":
             raise KeyboardInterrupt
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @cli.group(context_settings=CONTEXT)
@@ -793,15 +764,11 @@ def compare_command(a: Path, b: Path, threshold: float | None, as_json: bool) ->
 
 
 def prompt_tokens(session, prompt: str, chat: bool, system: str | None) -> list[int]:
-    tokenizer = session.tokenizer
     if not chat:
-        return tokenizer.encode(prompt)
-    from refengine.chat import render, template_for
+        return session.tokenizer.encode(prompt)
+    from refengine.chat import chat_prompt_ids, message_list
 
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    text = render(template_for(session.gguf), messages, tokenizer)
-    # the template writes BOS itself, as text, when the model wants one
-    return tokenizer.encode(text, add_bos=False, parse_special=True)
+    return chat_prompt_ids(session.gguf, session.tokenizer, message_list(prompt, system))
 
 
 def write_npy(output: Path, array, gguf_file: GGUFFile) -> None:
