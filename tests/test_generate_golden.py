@@ -65,8 +65,9 @@ def first_difference(a: list[int], b: list[int]) -> int:
 
 @pytest.mark.parametrize("model", MODELS)
 def test_generation_memory_is_the_kv_cache_and_activations_plus_100_mib(request, model):
-    """The issue's bound on RssAnon during generation, measured in a process of its own; the weights
-    stay file-backed. KV cache and activations are the memory plan's figures for this run."""
+    """RssAnon during generation is at most the KV cache, the activations and 100 MiB, measured in a
+    process of its own; the weights stay file-backed. KV cache and activations are the memory plan's
+    figures for this run."""
     from refengine.gguf import open_gguf
     from refengine.plan import plan
     from refengine.system import read_system

@@ -15,7 +15,7 @@ The tolerance is that of reassociating a float32 sum,
 with `a` the dequantized activations and W split into its quant part W_q and its min part
 W_m (the terms ggml adds separately: d * sc * q and -dmin * m). M bounds the sum of the
 absolute values of every float term added, so a sum of n terms reassociated moves by at
-most about n * 2^-24 * M; RTOL = 1e-6 (the issue's bound) holds for the rows here (at most
+most about n * 2^-24 * M; RTOL = 1e-6 holds for the rows here (at most
 64 blocks), and a wrong quant, scale or sign misses it by orders of magnitude. Where ggml
 adds larger terms than we do (Q3_K and Q6_K subtract their quant offset lane by lane in
 float32), M counts those too (`reference`). Ours is also held to the float64 value of W @ a

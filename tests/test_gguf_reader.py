@@ -5,7 +5,7 @@ Three independent sources of truth:
   * gguf.GGUFWriter, the package's writer, for synthetic files we can read back;
   * tests/gguf_builder.py, a byte-level writer for the broken files GGUFWriter refuses to make.
 
-The contract under test (from the issue): every problem is a GGUFError whose
+The contract under test: every problem is a GGUFError whose
 message names the file and, when the problem is at a place in the file, the byte
 offset; no struct.error, IndexError, ValueError or MemoryError gets out; and any
 input, however hostile, is answered within a second without large allocations.

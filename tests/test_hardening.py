@@ -247,7 +247,7 @@ def test_unbounded_template_is_refused_in_time_and_memory(name):
     start = time.monotonic()
     with pytest.raises(ChatTemplateError, match="test template") as info:
         render_bounded(UNBOUNDED_TEMPLATES[name])
-    assert time.monotonic() - start < 10  # the bound; a busy machine slows the big copies
+    assert time.monotonic() - start < 10  # 10 s a case; a busy machine slows the big copies
     assert len(str(info.value).splitlines()) == 1 or name == "raise_exception, two lines"
 
 
@@ -412,7 +412,7 @@ def test_fifo_as_the_model_does_not_hang(tmp_path):
 @pytest.mark.parametrize("where", ["missing folder", "/proc", "a FIFO"])
 @pytest.mark.parametrize("command", ["tensor", "logits", "quantize"])
 def test_unwritable_output_is_one_line(capsys, tiny, tmp_path, where, command):
-    # (not /dev/null: before this was fixed, the rename at the end replaced whatever the target was)
+    # (not /dev/null: a rename at the end would replace whatever the target is)
     output = {"missing folder": tmp_path / "no" / "such" / "out", "/proc": Path("/proc/out"), "a FIFO": tmp_path / "f"}
     output = Path(output[where])
     if where == "a FIFO":

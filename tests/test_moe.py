@@ -40,7 +40,7 @@ from refengine.session import Session
 from refengine.testing import spec_for, to_hf_state_dict, write_tiny_model
 
 SEQUENCE = np.random.default_rng(7).integers(0, 510, size=48)  # random ids below the tiny vocabularies' BOS/EOS
-MAX_DIFF_F32 = 1e-3  # max |d log-softmax| against transformers in float32 (the issue's bar); seen 1.1-2.3e-5
+MAX_DIFF_F32 = 1e-3  # max |d log-softmax| against transformers in float32; seen 1.1-2.3e-5
 # float64 against transformers' .double(): what is left is transformers' own float32 islands (RMSNorm,
 # the rope tables and the routers compute in float32 whatever the model's dtype); seen 2.4-3.8e-6.
 MAX_DIFF_F64 = 2e-5

@@ -22,7 +22,7 @@ def test_every_tensor_is_bit_exact(real_model_path):
             bad = np.count_nonzero(ours.view(np.uint32) != ref.view(np.uint32))
             pytest.fail(f"{t.name} ({t.ggml_type.name}): {bad} of {ours.size} values differ from gguf.quants")
         seen_types.add(t.ggml_type)
-    # Guard against a model that silently changed: these are the mixes the issue promises we cover.
+    # Guard against a model that silently changed: these are the mixes we promise to cover.
     expected = {
         "gemma-3-270m-q4_k_m.gguf": {T.F32, T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K},
         "SmolLM2-135M-Instruct.Q4_1.gguf": {T.F32, T.Q8_0, T.Q4_1},
