@@ -217,8 +217,18 @@ def numa_options(command):
 def load_session(model: str | GGUFFile, precision: str, numa: str, numa_nodes, sysroot: Path = Path("/")):
     """Session.load under --numa: threads are spread before the model loads, pages placed once it is
     loaded, and the node pools close with the command. --numa off touches nothing."""
+    from refengine.distributed import DistributedError, World, start
     from refengine.session import Session
 
+    world = World.join()  # None unless started by mpirun/mpiexec with several ranks
+    if world is not None:
+        if numa != "off" or numa_nodes is not None:
+            raise DistributedError("--numa places experts on one host's nodes; under MPI use --numa off")
+        session = Session.load(model, precision)
+        status = start(session, world, click.get_current_context())
+        if status is not None:  # a rank other than 0: it has followed rank 0 to the end
+            raise click.exceptions.Exit(status)
+        return session
     if numa == "off" and numa_nodes is None:
         return Session.load(model, precision)
     from refengine.numa import NumaRuntime, warn

@@ -719,8 +719,18 @@ def _one_token(inputs: list[np.ndarray]) -> bool:
     return bool(inputs) and len(inputs[0]) == 1 and all(x is inputs[0] for x in inputs)
 
 
+class NodeDispatch:
+    """What the NUMA dispatches share: one address space, so a layer's input and output need no exchange."""
+
+    def layer_input(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def combine(self, routed: np.ndarray) -> np.ndarray:
+        return routed
+
+
 @dataclass
-class ExpertDispatch:
+class ExpertDispatch(NodeDispatch):
     """--numa shard: each chosen expert runs whole on the pool of the node that holds it, all at once."""
 
     layer: int
@@ -739,7 +749,7 @@ class ExpertDispatch:
 
 
 @dataclass
-class SplitDispatch:
+class SplitDispatch(NodeDispatch):
     """--numa split: every node computes its rows of every chosen expert, from its own memory, in two phases.
 
         1. h[:, ff_k] = silu(gate[ff_k] x) * up[ff_k] x     node k's rows of the intermediate features

@@ -198,8 +198,10 @@ class MoE:
         self.experts: dict[int, tuple[Linear, Linear, Linear]] = {}
         self.expert_slices: dict[tuple, Linear | tuple[Linear, Linear]] = {}  # a worker's rows of an expert
         # Who runs the routed experts: None, every expert here, in turn; or an object with
-        # run(moe, experts, inputs) -> outputs: refengine.numa's ExpertDispatch (--numa shard, each expert on
-        # the pool of the node that holds it) or SplitDispatch (--numa split, each node its rows of each).
+        # run(moe, experts, inputs) -> outputs, layer_input(x) -> x and combine(routed sum) -> routed sum:
+        # refengine.numa's ExpertDispatch (--numa shard, each expert on the pool of the node that holds it)
+        # or SplitDispatch (--numa split, each node its rows of each), refengine.distributed's RankDispatch
+        # (MPI: each rank its own experts, rank 0's input, the partial sums added over the ranks).
         self.dispatch = None
         self.ffn_shexp = None  # ffn_{gate,up,down}_shexp: the shared experts, one FFN every token goes through
         if c.n_expert_shared:
@@ -221,6 +223,8 @@ class MoE:
     def __call__(self, x: np.ndarray, emit: Emit | None = None, il: int | None = None) -> np.ndarray:
         """(n_tok, n_embd) -> (n_tok, n_embd). emit(name, x, il), if given, sees the router's logits, the chosen
         experts and their weights (a DecoderModel's emit: llama.cpp's names)."""
+        if self.dispatch is not None:
+            x = self.dispatch.layer_input(x)  # MPI: every rank takes rank 0's input, and so routes as it does
         logits = self.ffn_gate_inp(x)  # (n_tok, n_expert)
         chosen, weights = route(logits, self.config, self.exp_probs_b)  # (n_tok, n_expert_used) each
         if emit is not None:
@@ -238,6 +242,8 @@ class MoE:
             ys = self.run_experts(experts, [x[tokens] for tokens, _ in routed])  # (n_routed, n_embd) each
             for (tokens, rank), y in zip(routed, ys, strict=True):
                 out[tokens] += weights[tokens, rank, None] * y
+        if self.dispatch is not None:
+            out = self.dispatch.combine(out)  # MPI: the sum of the ranks' partial outputs (one allreduce)
         if self.ffn_shexp is not None:
             out += self.ffn_shexp(x)
         return out
