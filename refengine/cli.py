@@ -217,15 +217,17 @@ def numa_options(command):
 def load_session(model: str | GGUFFile, precision: str, numa: str, numa_nodes, sysroot: Path = Path("/")):
     """Session.load under --numa: threads are spread before the model loads, pages placed once it is
     loaded, and the node pools close with the command. --numa off touches nothing."""
-    from refengine.distributed import DistributedError, World, start
+    from refengine.distributed import DistributedError, World, place_share, start
     from refengine.session import Session
 
     world = World.join()  # None unless started by mpirun/mpiexec with several ranks
     if world is not None:
         if numa != "off" or numa_nodes is not None:
             raise DistributedError("--numa places experts on one host's nodes; under MPI use --numa off")
-        session = Session.load(model, precision)
-        status = start(session, world, click.get_current_context())
+        gguf_file = model if isinstance(model, GGUFFile) else load_model(model)
+        partition = place_share(gguf_file, world)  # before loading: see refengine.distributed
+        session = Session.load(gguf_file, precision)
+        status = start(session, world, partition, click.get_current_context())
         if status is not None:  # a rank other than 0: it has followed rank 0 to the end
             raise click.exceptions.Exit(status)
         return session
@@ -411,9 +413,11 @@ def generate(
     peak_anon = peak.sample()
     t = result.timings
     if as_json:
-        runtime = click.get_current_context().meta.get("refengine.numa")
+        meta = click.get_current_context().meta
+        runtime, ranks = meta.get("refengine.numa"), meta.get("refengine.mpi")
         numa_report = {"numa": runtime.as_dict()} if runtime is not None else {}
-        click.echo(json.dumps({**result.as_dict(), "peak_rss_anon": peak_anon, **numa_report}))
+        mpi_report = {"ranks": ranks()} if ranks is not None else {}  # each rank's experts in its page cache
+        click.echo(json.dumps({**result.as_dict(), "peak_rss_anon": peak_anon, **numa_report, **mpi_report}))
     else:
         click.echo()
         click.echo(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from collections import OrderedDict
@@ -45,7 +46,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SPIN_TESTS = 2000  # MPI_Test calls before a waiting rank starts to sleep between them
 POLL_SECONDS = 50e-6  # the sleep between tests after that: a follower waits for commands for as long as rank 0 samples
 TAG_SIGNAL = 77  # a follower's point-to-point note to rank 0: a stop signal came to it alone
-FORWARD, STOP = 1, 2  # commands
+FORWARD, STOP, REPORT = 1, 2, 3  # commands
 CACHES_KEPT = 4  # a follower keeps the KV caches of the last few caches rank 0 used
 
 
@@ -149,18 +150,25 @@ def moe_blocks(model) -> list[tuple[int, object]]:
     return [(il, b) for il, layer in enumerate(model.layers) for b in vars(layer).values() if hasattr(b, "dispatch")]
 
 
-def attach_experts(gguf, model, world: World) -> ExpertPartition:
-    """Give every MoE block of `model` this rank's share of the experts, and bring that share's pages in."""
+def place_share(gguf, world: World) -> ExpertPartition:
+    """This rank's share of the experts, its pages brought in, before the model is loaded.
+
+    Opening the model read its header through the mapping, and the kernel read ahead of it (read_ahead_kb,
+    8 MiB on this machine's disk). On a host where no other rank maps the same file, the pages of other
+    ranks' experts that came in so are dropped again, before loading the model faults anything near them
+    into this process (a mapped page cannot be dropped), so that the host's page cache holds its share only."""
     partition = ExpertPartition.contiguous(gguf, tuple(range(world.size)))
-    for il, block in moe_blocks(model):
-        block.dispatch = RankDispatch(il, partition, world)
+    stat = os.stat(gguf.splits[0])
+    here = (socket.gethostname(), stat.st_dev, stat.st_ino)
+    if world.comm.allgather(here).count(here) == 1:
+        evict_others(gguf, partition, world.rank)
     populate(gguf, partition, world.rank)
     return partition
 
 
-def share_ranges(gguf, partition: ExpertPartition, rank: int) -> list[tuple[int, int, int]]:
-    """(split, first byte, end byte) of every tensor range this rank reads: whole dense tensors, and its
-    experts' run of each expert tensor."""
+def share_ranges(gguf, partition: ExpertPartition, rank: int, experts_only: bool = False) -> list[tuple[int, int, int]]:
+    """(split, first byte, end byte) of every tensor range this rank reads: whole dense tensors (unless
+    experts_only), and its experts' run of each expert tensor."""
     splits = {str(p): i for i, p in enumerate(gguf.splits)}
     ranges = []
     for t in gguf.tensors.values():
@@ -174,9 +182,27 @@ def share_ranges(gguf, partition: ExpertPartition, rank: int) -> list[tuple[int,
             if owned:
                 step = t.nbytes // t.shape[0]
                 ranges.append((split, t.offset + owned[0] * step, t.offset + (owned[-1] + 1) * step))
-        else:
+        elif not experts_only:
             ranges.append((split, t.offset, t.offset + t.nbytes))
     return ranges
+
+
+def evict_others(gguf, partition: ExpertPartition, rank: int) -> None:
+    """posix_fadvise(DONTNEED) over the whole pages of every other rank's experts: what readahead brought in
+    of them is dropped (pages that a process maps, or that are dirty, the kernel keeps)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    fds = [os.open(path, os.O_RDONLY) for path in gguf.splits]
+    try:
+        for other in partition.workers:
+            if other == rank:
+                continue
+            for split, first, end in share_ranges(gguf, partition, other, experts_only=True):
+                start, stop = -(-first // page) * page, end // page * page  # whole pages only: ours stay
+                if stop > start:
+                    os.posix_fadvise(fds[split], start, stop - start, os.POSIX_FADV_DONTNEED)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def populate(gguf, partition: ExpertPartition, rank: int) -> None:
@@ -206,10 +232,12 @@ def residency_report(gguf, partition: ExpertPartition, rank: int) -> dict:
     with ModelPages(gguf) as pages:
         for split in range(len(pages.paths)):
             cached = Kernel.mincore(pages.address(split), len(pages.views[split]))
-            previous_owner = None
+            previous_owner = None  # whether the unit before is one this rank reads (dense, or its experts)
             for unit in pages.units[split]:
                 if unit.expert is None:
-                    previous_owner = None
+                    if previous_owner is False:
+                        report["boundaries"] += 1
+                    previous_owner = True
                     continue
                 first, end = unit.start // page, -(-unit.end // page)
                 edges = np.arange(first, end + 1, dtype=np.int64) * page
@@ -294,12 +322,17 @@ class LeaderModel:
         self.world.comm.Recv(note, source=status.Get_source(), tag=TAG_SIGNAL)
         return int(note[0])
 
+    def reports(self, gguf, partition: ExpertPartition) -> list[dict]:
+        """Every rank's residency_report, gathered here (the others compute theirs when told)."""
+        self.world.bcast(np.array([REPORT, 0, 0, 0, 0, 0, 0, 0], np.int64))
+        return self.world.gather(residency_report(gguf, partition, self.world.rank))
+
     def stop(self, status: int) -> None:
         """Tell the other ranks to exit with `status`."""
         self.world.bcast(np.array([STOP, status, 0, 0, 0, 0, 0, 0], np.int64))
 
 
-def follow(model, world: World) -> int:
+def follow(model, world: World, gguf, partition: ExpertPartition) -> int:
     """A rank other than 0: run every forward pass rank 0 announces, until it says stop; its exit status."""
     caches: OrderedDict[int, object] = OrderedDict()
     header = np.empty(8, np.int64)
@@ -309,6 +342,9 @@ def follow(model, world: World) -> int:
             world.bcast(header)
             if header[0] == STOP:
                 return int(header[1])
+            if header[0] == REPORT:
+                world.gather(residency_report(gguf, partition, world.rank))
+                continue
             key, n_ctx, n_past, n_tok, all_logits = (int(v) for v in header[1:6])
             tokens = world.bcast(np.empty(n_tok, np.int64))
             cache = caches.pop(key, None)
@@ -339,16 +375,17 @@ def exit_status(leader: LeaderModel) -> int:
     return code if isinstance(code, int) else 1
 
 
-def start(session, world: World, context) -> int | None:
-    """Run `session` as this rank's part of the MPI world: its experts attached and populated; rank 0's
+def start(session, world: World, partition: ExpertPartition, context) -> int | None:
+    """Run `session` as this rank's part of the MPI world: each MoE block given this rank's experts; rank 0's
     model announcing each pass, the others following. Returns None on rank 0, which goes on with the
     command; on the others, once rank 0 has said stop, rank 0's exit status. `context` (a click.Context)
     runs rank 0's stop when the command ends, however it ends."""
-    partition = attach_experts(session.gguf, session.model, world)
-    context.meta["refengine.mpi"] = (world, partition)
+    for il, block in moe_blocks(session.model):
+        block.dispatch = RankDispatch(il, partition, world)
     if not world.leader:
-        return follow(session.model, world)
+        return follow(session.model, world, session.gguf, partition)
     leader = LeaderModel(session.model, world)
     session.model = leader
+    context.meta["refengine.mpi"] = lambda: leader.reports(session.gguf, partition)  # for --json
     context.call_on_close(lambda: leader.stop(exit_status(leader)))
     return None
