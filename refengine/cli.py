@@ -265,8 +265,17 @@ def load_session(model: str | GGUFFile, precision: str, numa: str, numa_nodes, s
 )
 @PRECISION_OPTION
 @SYSROOT_OPTION
+@click.option(
+    "--hosts",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Plan for N hosts alike (mpirun -np N, one rank a host): each holds the dense part and 1/N of the "
+    "experts (refengine.distributed); every host's verdict, and the worst.",
+)
 @click.option("--json", "as_json", is_flag=True, help='Print every figure as JSON, with "verdict".')
-def plan_command(model: str, ctx: int, numa: str, precision: str, sysroot: Path, as_json: bool) -> None:
+def plan_command(model: str, ctx: int, numa: str, precision: str, sysroot: Path, hosts: int, as_json: bool) -> None:
     """Will MODEL run here? Its memory needs at --ctx, what this process may use, and a verdict.
 
     Reads only the GGUF header and /proc, /sys. The verdict is fits, pages_from_disk (the weights do not
@@ -278,7 +287,8 @@ def plan_command(model: str, ctx: int, numa: str, precision: str, sysroot: Path,
     from refengine.system import read_system
 
     system = read_system(sysroot)
-    result = plan(open_model(resolve_model(model), system), system, ctx, numa, itemsize=PRECISION_BYTES[precision])
+    gguf_file = open_model(resolve_model(model), system)
+    result = plan(gguf_file, system, ctx, numa, itemsize=PRECISION_BYTES[precision], hosts=hosts)
     click.echo(result.to_json() if as_json else render(result))
 
 
@@ -295,7 +305,11 @@ def preflight(
 
     system = read_system(sysroot)
     gguf_file = open_model(resolve_model(model), system)
-    result = plan(gguf_file, system, ctx, numa, itemsize=PRECISION_BYTES[precision], n_batch=max_prompt_tokens)
+    from refengine.distributed import world_size_from_env
+
+    hosts = world_size_from_env()  # under mpirun, each rank holds its share of the experts
+    itemsize = PRECISION_BYTES[precision]
+    result = plan(gguf_file, system, ctx, numa, itemsize=itemsize, n_batch=max_prompt_tokens, hosts=hosts)
     if result.verdict == "does_not_fit":
         raise DoesNotFit(f"{gguf_file.path.name} does not fit: {result.message()} (see refengine plan; --no-plan)")
     if result.verdict == "pages_from_disk":

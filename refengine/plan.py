@@ -80,7 +80,7 @@ import heapq
 import json
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -428,6 +428,18 @@ class NodeShare:
 
 
 @dataclass(frozen=True)
+class HostShare:
+    """One host's part when the model runs on several (plan --hosts N): what it holds, and its verdict."""
+
+    host: int
+    weights: int  # the dense part and its experts, file-backed
+    routed_experts: int  # of which its experts
+    anon: int  # KV cache, activations, runtime: every host runs the dense part for every token
+    verdict: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Plan:
     model: str
     architecture: str
@@ -444,6 +456,7 @@ class Plan:
     reasons: tuple[str, ...]
     actions: tuple[str, ...]
     notes: tuple[str, ...]
+    hosts: tuple[HostShare, ...] = ()  # plan --hosts N: every host's share and verdict (this plan is the worst's)
 
     def message(self) -> str:
         """The verdict in one line: why, then what fixes it."""
@@ -489,6 +502,7 @@ class Plan:
             "actions": list(self.actions),
             "notes": list(self.notes),
             "message": self.message(),
+            "hosts": [asdict(h) for h in self.hosts],
         }
 
     def to_json(self) -> str:
@@ -502,8 +516,41 @@ def plan(
     numa: str = "off",
     itemsize: int = 4,
     n_batch: int | None = None,
+    hosts: int = 1,
 ) -> Plan:
-    """Size the model at n_ctx, place it on the nodes for `numa`, and judge it against `system`."""
+    """Size the model at n_ctx, place it on the nodes for `numa`, and judge it against `system`.
+
+    hosts > 1: the model run by that many MPI ranks, one a host, each holding the dense part and a
+    contiguous run of every layer's experts (refengine.distributed): each host is judged with its share
+    against `system` (the hosts are alike), and the plan is the worst host's, with every host's verdict."""
+    if hosts > 1:
+        return _plan_hosts(gguf_file, system, n_ctx, numa, itemsize, n_batch, hosts)
+    return _plan_one(gguf_file, system, n_ctx, numa, itemsize, n_batch)
+
+
+def _plan_hosts(gguf_file, system, n_ctx, numa, itemsize, n_batch, hosts: int) -> Plan:
+    from refengine.partition import ExpertPartition  # imports this module
+
+    held = ExpertPartition.contiguous(gguf_file, tuple(range(hosts))).worker_bytes()
+    plans = [_plan_one(gguf_file, system, n_ctx, numa, itemsize, n_batch, routed=held[h]) for h in range(hosts)]
+    worst = max(range(hosts), key=lambda h: (VERDICTS.index(plans[h].verdict), plans[h].needs.weights_total))
+    shares = tuple(
+        HostShare(h, p.needs.weights_total, p.needs.weights["routed_experts"], p.needs.anon, p.verdict, p.message())
+        for h, p in enumerate(plans)
+    )
+    return replace(plans[worst], hosts=shares)
+
+
+def _plan_one(
+    gguf_file: GGUFFile,
+    system: SystemInfo,
+    n_ctx: int,
+    numa: str,
+    itemsize: int,
+    n_batch: int | None,
+    routed: int | None = None,
+) -> Plan:
+    """One process's plan; `routed`, if given, the bytes of routed experts it holds (its share of them)."""
     if numa not in NUMA_MODES:
         raise PlanError(f"--numa {numa!r}: expected one of {', '.join(NUMA_MODES)}")
     if n_ctx < 1:
@@ -511,8 +558,11 @@ def plan(
     sizer = Sizer(ModelShape.from_gguf(gguf_file), itemsize, n_batch)
     n_threads = len(system.cpus_allowed or ()) or sum(len(n.cpus) for n in system.nodes) or 1
     threads_reserve = ADDRESS_SPACE_BASE + ADDRESS_SPACE_PER_THREAD * n_threads
+    weights = weight_bytes(gguf_file)
+    if routed is not None:
+        weights["routed_experts"] = routed
     needs = Needs(
-        weights=weight_bytes(gguf_file),
+        weights=weights,
         mapping=gguf_file.file_size,
         kv_cache=sizer.kv_cache(n_ctx),
         activations=sizer.activations(n_ctx),
@@ -870,6 +920,13 @@ def render(p: Plan) -> str:
         row = [share.weights, share.buffers, share.total, share.available]
         experts = f"{share.experts:>9}" if p.numa in ("shard", "split") else ""
         lines.append(f"  {share.node:>4}" + "".join(f"{size(b):>12}" for b in row) + experts)
+    if p.hosts:
+        lines += ["", f"hosts ({len(p.hosts)}, one MPI rank each, alike)"]
+        lines += [f"  {'host':>4}{'weights':>12}{'experts':>12}{'buffers':>12}  verdict"]
+        for h in p.hosts:
+            lines.append(
+                f"  {h.host:>4}{size(h.weights):>12}{size(h.routed_experts):>12}{size(h.anon):>12}  {h.verdict}"
+            )
     lines += ["", f"verdict: {p.verdict}", f"  {p.message()}"]
     lines += [f"  note: {note}" for note in p.notes]
     return "\n".join(lines)

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_numa import write_uncached
+from test_plan import deepseek_r1  # noqa: F401  (the session fixture: DeepSeek-R1's header over sparse files)
 
 from refengine.cli import main
 
 BIN = Path(sys.executable).parent
+FIXTURES = Path(__file__).parent / "fixtures" / "sysroot"
 ONE_THREAD = {"NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 TIMEOUT = 300
 
@@ -149,3 +151,33 @@ def test_numa_placement_does_not_combine_with_mpi(tiny_model):
     run = ranks(2, "generate", "-m", tiny_model("mixtral", "q4_k_m"), "--numa", "split", "-n", "1", "hi")
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "--numa" in run.stderr and "MPI" in run.stderr
+
+
+def test_plan_hosts_sizes_each_host_with_its_share_of_the_experts(capsys, deepseek_r1):  # noqa: F811
+    """DeepSeek-R1 (377 GiB) on 256 GB hosts: one does not fit; two do, each with the dense part and half of
+    every layer's experts, and every buffer (each host runs attention for every token)."""
+    from refengine.gguf import open_gguf
+    from refengine.plan import plan
+    from refengine.system import read_system
+
+    system = read_system(FIXTURES / "host_256g")
+    gguf = open_gguf(deepseek_r1[0])
+    one = plan(gguf, system, n_ctx=4096)
+    assert one.verdict == "does_not_fit" and one.hosts == ()
+    two = plan(gguf, system, n_ctx=4096, hosts=2)
+    assert two.verdict == "fits", two.message()
+    routed, total = one.needs.weights["routed_experts"], one.needs.weights_total
+    assert [h.verdict for h in two.hosts] == ["fits", "fits"]
+    assert sum(h.routed_experts for h in two.hosts) == routed
+    for h in two.hosts:
+        assert h.routed_experts == routed // 2  # 256 experts a layer: 128 each, to the byte
+        assert h.weights == total - routed + h.routed_experts and h.anon == one.needs.anon
+    assert two.needs.mapping == one.needs.mapping  # each rank maps the whole file
+    code = main(["plan", str(deepseek_r1[0]), "--hosts", "2", "--json", "--sysroot", str(FIXTURES / "host_256g")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["verdict"] == "fits" and [h["verdict"] for h in result["hosts"]] == ["fits", "fits"]
+    main(["plan", str(deepseek_r1[0]), "--hosts", "2", "--sysroot", str(FIXTURES / "host_256g")])
+    text, _ = capsys.readouterr()
+    assert "hosts (2, one MPI rank each, alike)" in text and "verdict: fits" in text
