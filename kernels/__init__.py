@@ -19,6 +19,11 @@ Layout of this package:
   gemv_ggml.py  y = W @ x in llama.cpp's CPU arithmetic (numerics="ggml"): x quantized, integer
               dot products as ggml_vec_dot_*; same signature as gemv.py's kernels, and a batch
               version (`bound_matmul`) that reads each row once for all the tokens.
+  kquants_ggml.py  the same for Q4_K, Q5_K, Q6_K, in the float order of each of ggml's paths
+              (vec_dot, tiled batches, repacked Q4_K)
+  float_ggml.py  F32 and F16 weights, and attention's products, in ggml's float orders
+  ops_ggml.py   rms_norm, rope, softmax, silu, gelu as ggml-cpu computes them, bit for bit
+  attention_ggml.py  attention over an F16 KV cache as llama.cpp without flash attention
 
 Every dequantize kernel has the same signature,
     kernel(blocks, out, *tables)
@@ -50,7 +55,10 @@ from refengine.errors import RefengineError
 
 from . import attention, floats, legacy
 from .gemv import MATVEC_KERNELS
-from .gemv_ggml import ACTIVATION_KERNELS, GGML_MATMUL_KERNELS, GGML_MATVEC_KERNELS, VEC_DOT_TYPES
+from .gemv_ggml import ACTIVATION_KERNELS, VEC_DOT_TYPES
+from .gemv_ggml import GGML_MATMUL_KERNELS as _LEGACY_MATMUL
+from .gemv_ggml import GGML_MATVEC_KERNELS as _LEGACY_MATVEC
+from .kquants_ggml import KQUANT_MATMUL_KERNELS, KQUANT_MATVEC_KERNELS
 from .quantize import QUANTIZE_KERNELS
 
 _KERNEL_MODULES = [floats, legacy]
@@ -180,6 +188,10 @@ def quantize_rows(ggml_type, x: np.ndarray, out: np.ndarray | None = None) -> np
         q.kernel(x.reshape(-1, q.block_size), out.reshape(-1, q.type_size))
     return out
 
+
+# ggml numerics: ggml type -> kernel(rows, x (n_in,), out (n_out,)), and -> kernel(rows, x (n_tok, n_in), out).
+GGML_MATVEC_KERNELS = {**_LEGACY_MATVEC, **KQUANT_MATVEC_KERNELS}
+GGML_MATMUL_KERNELS = {**_LEGACY_MATMUL, **KQUANT_MATMUL_KERNELS}
 
 # numerics -> ggml type -> (matvec kernel, block_size, type_size), looked up once per call.
 #   exact  weights decoded exactly, x kept in float32, products summed in float32 (gemv.py)

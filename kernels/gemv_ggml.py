@@ -43,16 +43,15 @@ from .activations import (
     Q8_0_BYTES,
     Q8_1_BYTES,
     Q8_K_BYTES,
-    cpu_fp32_to_fp16,
     quantize_q8_0,
     quantize_q8_1,
     quantize_q8_k,
 )
-from .gemv import half_to_f32, matvec_f32, prefetch_block
+from .float_ggml import matmul_f16_ggml, matmul_f32_ggml, matvec_f16_ggml, matvec_f32_ggml
+from .gemv import half_to_f32, prefetch_block
 from .quantize import f32_bits
 from .simd import (
     HAS_F16C,
-    add_floats,
     add_lanes,
     and_lanes,
     bit_bytes,
@@ -61,22 +60,17 @@ from .simd import (
     dot_bytes_scaled,
     dot_signed_bytes,
     fma_lanes,
-    high_nibbles,
-    k4_mins,
-    k4_scales,
     lane,
     load_bytes,
     load_lanes,
     load_nibbles,
     load_u16,
     load_u32,
-    low_nibbles,
     mask_bytes,
     mul_lanes,
     or_bytes,
     q3k_scales,
     shift_lanes_right,
-    shift_left,
     shift_right,
     sum_floats,
     sum_lanes,
@@ -204,186 +198,224 @@ def q5_1_block(acc, rows, r, b, a, a_scales):
     return fma_lanes(acc, dot_bytes(zero_lanes(), q, load_bytes(a, b, 4)), half_at(rows, r, 24 * b) * a_scales[b])
 
 
+# A row's dot product, as ggml_vec_dot_<type>_q8_* (and llamafile's tinyBLAS_Q0_AVX, whose sum for
+# one output is the same) add it: one 8-lane float accumulator, acc = fma(d_w * d_x, lanes, acc) block
+# after block, then hsum_float_8; the min types add their m * s terms in a float of their own, after.
+# One chain of dependent fused multiply-adds per output is slow (4 cycles a block), so four outputs
+# run side by side: four rows against one token (a matvec), or one row against four tokens (a batch).
+# `pick` clamps a group's last indices to the last row or token: the extra work is thrown away.
+
+
 @kernel
-def sum_of_four(acc0, acc1, acc2, acc3):
-    return sum_floats(add_floats(add_floats(acc0, acc1), add_floats(acc2, acc3)))
+def pick(i, k, n):
+    return min(i + k, n - 1)
 
 
-# Q8_0, 34 bytes: y = sum_b (d_b d_x) * sum_l q_l y_l, as ggml_vec_dot_q8_0_q8_0
 @kernel(inline=True)
-def q8_0_row(rows, r, a, a_scales):
-    """W[r] . x for one token: Q8_0 row r of `rows` against its quantized activations a (n_blocks, bytes)."""
-    n_blocks = a.shape[0]
+def q8_0_dots(rows, r0, r1, r2, r3, a0, a1, a2, a3, s0, s1, s2, s3):
+    """Q8_0 rows r0..r3 of `rows` against quantized activations a0..a3 (n_blocks, 34), scales s0..s3."""
     acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
-    for b in range(0, n_blocks - 3, 4):
-        prefetch_block(rows, r, 34 * b, 4 * 34)
-        acc0 = q8_0_block(acc0, rows, r, b, a, a_scales)
-        acc1 = q8_0_block(acc1, rows, r, b + 1, a, a_scales)
-        acc2 = q8_0_block(acc2, rows, r, b + 2, a, a_scales)
-        acc3 = q8_0_block(acc3, rows, r, b + 3, a, a_scales)
-    for b in range(n_blocks - n_blocks % 4, n_blocks):
-        acc0 = q8_0_block(acc0, rows, r, b, a, a_scales)
-    return sum_of_four(acc0, acc1, acc2, acc3)
+    for b in range(a0.shape[0]):
+        prefetch_block(rows, r0, 34 * b, 34)
+        acc0 = q8_0_block(acc0, rows, r0, b, a0, s0)
+        acc1 = q8_0_block(acc1, rows, r1, b, a1, s1)
+        acc2 = q8_0_block(acc2, rows, r2, b, a2, s2)
+        acc3 = q8_0_block(acc3, rows, r3, b, a3, s3)
+    return sum_floats(acc0), sum_floats(acc1), sum_floats(acc2), sum_floats(acc3)
 
 
-@kernel(parallel=True, reassociate=True)
+@kernel(parallel=True)
 def matvec_q8_0(rows, x, out):  # (n_out, n_blocks * 34) uint8, (n_blocks * 32,) float32 -> (n_out,)
     a, a_scales, _ = activations_q8_0(x.reshape((1, x.shape[0])))
-    for r in prange(rows.shape[0]):
-        out[r] = q8_0_row(rows, r, a[0], a_scales[0])
+    n = rows.shape[0]
+    for g in prange((n + 3) // 4):
+        r = 4 * g
+        y = q8_0_dots(rows, r, pick(r, 1, n), pick(r, 2, n), pick(r, 3, n), a[0], a[0], a[0], a[0],
+                      a_scales[0], a_scales[0], a_scales[0], a_scales[0])  # fmt: skip
+        for k in range(min(4, n - r)):
+            out[r + k] = y[k]
 
 
-@kernel(parallel=True, reassociate=True)
+@kernel(parallel=True)
 def matmul_q8_0(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, a_scales, _ = activations_q8_0(x)
+    a, s, _ = activations_q8_0(x)
+    n = x.shape[0]
     for r in prange(rows.shape[0]):
-        for t in range(x.shape[0]):
-            out[t, r] = q8_0_row(rows, r, a[t], a_scales[t])
+        for t in range(0, n, 4):
+            t1, t2, t3 = pick(t, 1, n), pick(t, 2, n), pick(t, 3, n)
+            y = q8_0_dots(rows, r, r, r, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3])
+            for k in range(min(4, n - t)):
+                out[t + k, r] = y[k]
 
 
 # Q4_0, 18 bytes, as ggml_vec_dot_q4_0_q8_0
 @kernel(inline=True)
-def q4_0_row(rows, r, a, a_scales, offsets):
-    """W[r] . x for one token: Q4_0 row r of `rows` against its quantized activations a (n_blocks, bytes)."""
-    n_blocks = a.shape[0]
+def q4_0_dots(rows, r0, r1, r2, r3, a0, a1, a2, a3, s0, s1, s2, s3, o0, o1, o2, o3):
+    """Q4_0 rows r0..r3 against activations a0..a3, scales s0..s3, offsets o0..o3 (-8 x lane sums)."""
     acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
-    for b in range(0, n_blocks - 3, 4):
-        prefetch_block(rows, r, 18 * b, 4 * 18)
-        acc0 = q4_0_block(acc0, rows, r, b, a, a_scales, offsets)
-        acc1 = q4_0_block(acc1, rows, r, b + 1, a, a_scales, offsets)
-        acc2 = q4_0_block(acc2, rows, r, b + 2, a, a_scales, offsets)
-        acc3 = q4_0_block(acc3, rows, r, b + 3, a, a_scales, offsets)
-    for b in range(n_blocks - n_blocks % 4, n_blocks):
-        acc0 = q4_0_block(acc0, rows, r, b, a, a_scales, offsets)
-    return sum_of_four(acc0, acc1, acc2, acc3)
+    for b in range(a0.shape[0]):
+        prefetch_block(rows, r0, 18 * b, 18)
+        acc0 = q4_0_block(acc0, rows, r0, b, a0, s0, o0)
+        acc1 = q4_0_block(acc1, rows, r1, b, a1, s1, o1)
+        acc2 = q4_0_block(acc2, rows, r2, b, a2, s2, o2)
+        acc3 = q4_0_block(acc3, rows, r3, b, a3, s3, o3)
+    return sum_floats(acc0), sum_floats(acc1), sum_floats(acc2), sum_floats(acc3)
 
 
-@kernel(parallel=True, reassociate=True)
+@kernel(parallel=True)
 def matvec_q4_0(rows, x, out):  # (n_out, n_blocks * 18) uint8, (n_blocks * 32,) float32 -> (n_out,)
-    a, a_scales, a_sums = activations_q8_0(x.reshape((1, x.shape[0])))
-    offsets = scaled(a_sums, -8)
-    for r in prange(rows.shape[0]):
-        out[r] = q4_0_row(rows, r, a[0], a_scales[0], offsets[0])
+    a, s, a_sums = activations_q8_0(x.reshape((1, x.shape[0])))
+    o = scaled(a_sums, -8)
+    n = rows.shape[0]
+    for g in prange((n + 3) // 4):
+        r = 4 * g
+        y = q4_0_dots(rows, r, pick(r, 1, n), pick(r, 2, n), pick(r, 3, n), a[0], a[0], a[0], a[0],
+                      s[0], s[0], s[0], s[0], o[0], o[0], o[0], o[0])  # fmt: skip
+        for k in range(min(4, n - r)):
+            out[r + k] = y[k]
 
 
-@kernel(parallel=True, reassociate=True)
+@kernel(parallel=True)
 def matmul_q4_0(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, a_scales, a_sums = activations_q8_0(x)
-    offsets = scaled(a_sums, -8)
+    a, s, a_sums = activations_q8_0(x)
+    o = scaled(a_sums, -8)
+    n = x.shape[0]
     for r in prange(rows.shape[0]):
-        for t in range(x.shape[0]):
-            out[t, r] = q4_0_row(rows, r, a[t], a_scales[t], offsets[t])
+        for t in range(0, n, 4):
+            t1, t2, t3 = pick(t, 1, n), pick(t, 2, n), pick(t, 3, n)
+            y = q4_0_dots(rows, r, r, r, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
+                          o[t], o[t1], o[t2], o[t3])  # fmt: skip
+            for k in range(min(4, n - t)):
+                out[t + k, r] = y[k]
 
 
 # Q5_0, 22 bytes, as ggml_vec_dot_q5_0_q8_0
 @kernel(inline=True)
-def q5_0_row(rows, r, a, a_scales, offsets):
-    """W[r] . x for one token: Q5_0 row r of `rows` against its quantized activations a (n_blocks, bytes)."""
-    n_blocks = a.shape[0]
+def q5_0_dots(rows, r0, r1, r2, r3, a0, a1, a2, a3, s0, s1, s2, s3, o0, o1, o2, o3):
+    """Q5_0 rows r0..r3 against activations a0..a3, scales s0..s3, offsets o0..o3 (-16 x lane sums)."""
     acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
-    for b in range(0, n_blocks - 3, 4):
-        prefetch_block(rows, r, 22 * b, 4 * 22)
-        acc0 = q5_0_block(acc0, rows, r, b, a, a_scales, offsets)
-        acc1 = q5_0_block(acc1, rows, r, b + 1, a, a_scales, offsets)
-        acc2 = q5_0_block(acc2, rows, r, b + 2, a, a_scales, offsets)
-        acc3 = q5_0_block(acc3, rows, r, b + 3, a, a_scales, offsets)
-    for b in range(n_blocks - n_blocks % 4, n_blocks):
-        acc0 = q5_0_block(acc0, rows, r, b, a, a_scales, offsets)
-    return sum_of_four(acc0, acc1, acc2, acc3)
+    for b in range(a0.shape[0]):
+        prefetch_block(rows, r0, 22 * b, 22)
+        acc0 = q5_0_block(acc0, rows, r0, b, a0, s0, o0)
+        acc1 = q5_0_block(acc1, rows, r1, b, a1, s1, o1)
+        acc2 = q5_0_block(acc2, rows, r2, b, a2, s2, o2)
+        acc3 = q5_0_block(acc3, rows, r3, b, a3, s3, o3)
+    return sum_floats(acc0), sum_floats(acc1), sum_floats(acc2), sum_floats(acc3)
 
 
-@kernel(parallel=True, reassociate=True)
+@kernel(parallel=True)
 def matvec_q5_0(rows, x, out):  # (n_out, n_blocks * 22) uint8, (n_blocks * 32,) float32 -> (n_out,)
-    a, a_scales, a_sums = activations_q8_0(x.reshape((1, x.shape[0])))
-    offsets = scaled(a_sums, -16)
-    for r in prange(rows.shape[0]):
-        out[r] = q5_0_row(rows, r, a[0], a_scales[0], offsets[0])
+    a, s, a_sums = activations_q8_0(x.reshape((1, x.shape[0])))
+    o = scaled(a_sums, -16)
+    n = rows.shape[0]
+    for g in prange((n + 3) // 4):
+        r = 4 * g
+        y = q5_0_dots(rows, r, pick(r, 1, n), pick(r, 2, n), pick(r, 3, n), a[0], a[0], a[0], a[0],
+                      s[0], s[0], s[0], s[0], o[0], o[0], o[0], o[0])  # fmt: skip
+        for k in range(min(4, n - r)):
+            out[r + k] = y[k]
 
 
-@kernel(parallel=True, reassociate=True)
+@kernel(parallel=True)
 def matmul_q5_0(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, a_scales, a_sums = activations_q8_0(x)
-    offsets = scaled(a_sums, -16)
+    a, s, a_sums = activations_q8_0(x)
+    o = scaled(a_sums, -16)
+    n = x.shape[0]
     for r in prange(rows.shape[0]):
-        for t in range(x.shape[0]):
-            out[t, r] = q5_0_row(rows, r, a[t], a_scales[t], offsets[t])
+        for t in range(0, n, 4):
+            t1, t2, t3 = pick(t, 1, n), pick(t, 2, n), pick(t, 3, n)
+            y = q5_0_dots(rows, r, r, r, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
+                          o[t], o[t1], o[t2], o[t3])  # fmt: skip
+            for k in range(min(4, n - t)):
+                out[t + k, r] = y[k]
 
 
-# Q4_1, 20 bytes: y = sum_b (d_b d_x) * sum q y + m_b * s_x, as ggml_vec_dot_q4_1_q8_1, whose summs
-# (the m s terms) are added after the lanes, as here.
+# Q4_1, 20 bytes, and Q5_1, 24 bytes: y = hsum(lanes) + summs, summs the m_w * s_x of each block added
+# in a float of its own (each product is exact: two halves), as ggml_vec_dot_q4_1_q8_1 / _q5_1_q8_1.
 @kernel(inline=True)
-def q4_1_row(rows, r, a, a_scales, a_sums):
-    """W[r] . x for one token: Q4_1 row r of `rows` against its quantized activations a (n_blocks, bytes)."""
-    n_blocks = a.shape[0]
+def q4_1_dots(rows, r0, r1, r2, r3, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
+    """Q4_1 rows r0..r3 against activations a0..a3, scales s0..s3 and block sums m0..m3 (Q8_1's s)."""
     acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
-    m0 = m1 = m2 = m3 = f32(0)
-    for b in range(0, n_blocks - 3, 4):
-        prefetch_block(rows, r, 20 * b, 4 * 20)
-        acc0 = q4_1_block(acc0, rows, r, b, a, a_scales)
-        acc1 = q4_1_block(acc1, rows, r, b + 1, a, a_scales)
-        acc2 = q4_1_block(acc2, rows, r, b + 2, a, a_scales)
-        acc3 = q4_1_block(acc3, rows, r, b + 3, a, a_scales)
-        m0 += half_at(rows, r, 20 * b + 2) * a_sums[b]
-        m1 += half_at(rows, r, 20 * b + 22) * a_sums[b + 1]
-        m2 += half_at(rows, r, 20 * b + 42) * a_sums[b + 2]
-        m3 += half_at(rows, r, 20 * b + 62) * a_sums[b + 3]
-    for b in range(n_blocks - n_blocks % 4, n_blocks):
-        acc0 = q4_1_block(acc0, rows, r, b, a, a_scales)
-        m0 += half_at(rows, r, 20 * b + 2) * a_sums[b]
-    return sum_of_four(acc0, acc1, acc2, acc3) + ((m0 + m1) + (m2 + m3))
+    sum0 = sum1 = sum2 = sum3 = f32(0)
+    for b in range(a0.shape[0]):
+        prefetch_block(rows, r0, 20 * b, 20)
+        sum0 += half_at(rows, r0, 20 * b + 2) * m0[b]
+        sum1 += half_at(rows, r1, 20 * b + 2) * m1[b]
+        sum2 += half_at(rows, r2, 20 * b + 2) * m2[b]
+        sum3 += half_at(rows, r3, 20 * b + 2) * m3[b]
+        acc0 = q4_1_block(acc0, rows, r0, b, a0, s0)
+        acc1 = q4_1_block(acc1, rows, r1, b, a1, s1)
+        acc2 = q4_1_block(acc2, rows, r2, b, a2, s2)
+        acc3 = q4_1_block(acc3, rows, r3, b, a3, s3)
+    return sum_floats(acc0) + sum0, sum_floats(acc1) + sum1, sum_floats(acc2) + sum2, sum_floats(acc3) + sum3
 
 
-@kernel(parallel=True, reassociate=True)
+@kernel(parallel=True)
 def matvec_q4_1(rows, x, out):  # (n_out, n_blocks * 20) uint8, (n_blocks * 32,) float32 -> (n_out,)
-    a, a_scales, a_sums = activations_q8_1(x.reshape((1, x.shape[0])))
-    for r in prange(rows.shape[0]):
-        out[r] = q4_1_row(rows, r, a[0], a_scales[0], a_sums[0])
+    a, s, m = activations_q8_1(x.reshape((1, x.shape[0])))
+    n = rows.shape[0]
+    for g in prange((n + 3) // 4):
+        r = 4 * g
+        y = q4_1_dots(rows, r, pick(r, 1, n), pick(r, 2, n), pick(r, 3, n), a[0], a[0], a[0], a[0],
+                      s[0], s[0], s[0], s[0], m[0], m[0], m[0], m[0])  # fmt: skip
+        for k in range(min(4, n - r)):
+            out[r + k] = y[k]
 
 
-@kernel(parallel=True, reassociate=True)
+@kernel(parallel=True)
 def matmul_q4_1(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, a_scales, a_sums = activations_q8_1(x)
+    a, s, m = activations_q8_1(x)
+    n = x.shape[0]
     for r in prange(rows.shape[0]):
-        for t in range(x.shape[0]):
-            out[t, r] = q4_1_row(rows, r, a[t], a_scales[t], a_sums[t])
+        for t in range(0, n, 4):
+            t1, t2, t3 = pick(t, 1, n), pick(t, 2, n), pick(t, 3, n)
+            y = q4_1_dots(rows, r, r, r, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
+                          m[t], m[t1], m[t2], m[t3])  # fmt: skip
+            for k in range(min(4, n - t)):
+                out[t + k, r] = y[k]
 
 
-# Q5_1, 24 bytes: as Q4_1, as ggml_vec_dot_q5_1_q8_1
 @kernel(inline=True)
-def q5_1_row(rows, r, a, a_scales, a_sums):
-    """W[r] . x for one token: Q5_1 row r of `rows` against its quantized activations a (n_blocks, bytes)."""
-    n_blocks = a.shape[0]
+def q5_1_dots(rows, r0, r1, r2, r3, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
+    """Q5_1 rows r0..r3 against activations a0..a3, scales s0..s3 and block sums m0..m3 (Q8_1's s)."""
     acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
-    m0 = m1 = m2 = m3 = f32(0)
-    for b in range(0, n_blocks - 3, 4):
-        prefetch_block(rows, r, 24 * b, 4 * 24)
-        acc0 = q5_1_block(acc0, rows, r, b, a, a_scales)
-        acc1 = q5_1_block(acc1, rows, r, b + 1, a, a_scales)
-        acc2 = q5_1_block(acc2, rows, r, b + 2, a, a_scales)
-        acc3 = q5_1_block(acc3, rows, r, b + 3, a, a_scales)
-        m0 += half_at(rows, r, 24 * b + 2) * a_sums[b]
-        m1 += half_at(rows, r, 24 * b + 26) * a_sums[b + 1]
-        m2 += half_at(rows, r, 24 * b + 50) * a_sums[b + 2]
-        m3 += half_at(rows, r, 24 * b + 74) * a_sums[b + 3]
-    for b in range(n_blocks - n_blocks % 4, n_blocks):
-        acc0 = q5_1_block(acc0, rows, r, b, a, a_scales)
-        m0 += half_at(rows, r, 24 * b + 2) * a_sums[b]
-    return sum_of_four(acc0, acc1, acc2, acc3) + ((m0 + m1) + (m2 + m3))
+    sum0 = sum1 = sum2 = sum3 = f32(0)
+    for b in range(a0.shape[0]):
+        prefetch_block(rows, r0, 24 * b, 24)
+        sum0 += half_at(rows, r0, 24 * b + 2) * m0[b]
+        sum1 += half_at(rows, r1, 24 * b + 2) * m1[b]
+        sum2 += half_at(rows, r2, 24 * b + 2) * m2[b]
+        sum3 += half_at(rows, r3, 24 * b + 2) * m3[b]
+        acc0 = q5_1_block(acc0, rows, r0, b, a0, s0)
+        acc1 = q5_1_block(acc1, rows, r1, b, a1, s1)
+        acc2 = q5_1_block(acc2, rows, r2, b, a2, s2)
+        acc3 = q5_1_block(acc3, rows, r3, b, a3, s3)
+    return sum_floats(acc0) + sum0, sum_floats(acc1) + sum1, sum_floats(acc2) + sum2, sum_floats(acc3) + sum3
 
 
-@kernel(parallel=True, reassociate=True)
+@kernel(parallel=True)
 def matvec_q5_1(rows, x, out):  # (n_out, n_blocks * 24) uint8, (n_blocks * 32,) float32 -> (n_out,)
-    a, a_scales, a_sums = activations_q8_1(x.reshape((1, x.shape[0])))
-    for r in prange(rows.shape[0]):
-        out[r] = q5_1_row(rows, r, a[0], a_scales[0], a_sums[0])
+    a, s, m = activations_q8_1(x.reshape((1, x.shape[0])))
+    n = rows.shape[0]
+    for g in prange((n + 3) // 4):
+        r = 4 * g
+        y = q5_1_dots(rows, r, pick(r, 1, n), pick(r, 2, n), pick(r, 3, n), a[0], a[0], a[0], a[0],
+                      s[0], s[0], s[0], s[0], m[0], m[0], m[0], m[0])  # fmt: skip
+        for k in range(min(4, n - r)):
+            out[r + k] = y[k]
 
 
-@kernel(parallel=True, reassociate=True)
+@kernel(parallel=True)
 def matmul_q5_1(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, a_scales, a_sums = activations_q8_1(x)
+    a, s, m = activations_q8_1(x)
+    n = x.shape[0]
     for r in prange(rows.shape[0]):
-        for t in range(x.shape[0]):
-            out[t, r] = q5_1_row(rows, r, a[t], a_scales[t], a_sums[t])
+        for t in range(0, n, 4):
+            t1, t2, t3 = pick(t, 1, n), pick(t, 2, n), pick(t, 3, n)
+            y = q5_1_dots(rows, r, r, r, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
+                          m[t], m[t1], m[t2], m[t3])  # fmt: skip
+            for k in range(min(4, n - t)):
+                out[t + k, r] = y[k]
 
 
 # ---------------------------------------------------------------- k-quants, 256-value super-blocks, by Q8_K
@@ -394,143 +426,6 @@ def matmul_q5_1(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float3
 # The sub-block scales and mins are decoded eight at a time into vector lanes (simd.k4_scales, ...),
 # and a sub-block's 8 lane sums are multiplied by its scale before the lanes are added up, once
 # per super-block.
-
-
-# Q4_K, 144 bytes: | d: f16 | dmin: f16 | scales: 12 B (8 x 6-bit scale, 8 x 6-bit min) | qs: 128 B |
-#   Value 64c + l is the low nibble of qs[32c + l] (sub-block 2c), value 64c + 32 + l its high one (2c + 1).
-@kernel(inline=True)
-def q4_k_row(rows, r, a, a_scales, sums32):
-    """W[r] . x for one token: Q4_K row r of `rows` against its quantized activations a (n_blocks, bytes)."""
-    acc, acc_mins = zero_floats(), zero_floats()
-    for b in range(a.shape[0]):
-        base = 144 * b
-        prefetch_block(rows, r, base, 144)
-        scales = k4_scales(rows, r, base + 4)
-        lanes_low, lanes_high = zero_lanes(), zero_lanes()  # two chains of dependent adds, not one
-        for c in range(4):
-            packed = load_bytes(rows, r, base + 16 + 32 * c)
-            low, high = lane(scales, 2 * c), lane(scales, 2 * c + 1)
-            lanes_low = dot_bytes_scaled(lanes_low, low_nibbles(packed), load_bytes(a, b, 4 + 64 * c), low, low)
-            y = load_bytes(a, b, 36 + 64 * c)
-            lanes_high = dot_bytes_scaled(lanes_high, high_nibbles(packed), y, high, high)
-        lanes = add_lanes(lanes_low, lanes_high)
-        mins = mul_lanes(k4_mins(rows, r, base + 4), load_lanes(sums32, b, 0))
-        acc = fma_lanes(acc, lanes, a_scales[b] * half_at(rows, r, base))
-        acc_mins = fma_lanes(acc_mins, mins, -a_scales[b] * half_at(rows, r, base + 2))
-    return sum_floats(acc) + sum_floats(acc_mins)
-
-
-@kernel(parallel=True, reassociate=True)
-def matvec_q4_k(rows, x, out):  # (n_out, n_blocks * 144) uint8, (n_blocks * 256,) float32 -> (n_out,)
-    a, a_scales, a_sums = activations_q8_k(x.reshape((1, x.shape[0])))
-    sums32 = pair_sums(a_sums)
-    for r in prange(rows.shape[0]):
-        out[r] = q4_k_row(rows, r, a[0], a_scales[0], sums32[0])
-
-
-@kernel(parallel=True, reassociate=True)
-def matmul_q4_k(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, a_scales, a_sums = activations_q8_k(x)
-    sums32 = pair_sums(a_sums)
-    for r in prange(rows.shape[0]):
-        for t in range(x.shape[0]):
-            out[t, r] = q4_k_row(rows, r, a[t], a_scales[t], sums32[t])
-
-
-# Q5_K, 176 bytes: | d: f16 | dmin: f16 | scales: 12 B (as Q4_K) | qh: 32 B | qs: 128 B |
-#   Value 64c + l: low nibble of qs[32c + l] | bit 2c of qh[l] << 4; value 64c + 32 + l: high nibble, bit 2c + 1.
-@kernel(inline=True)
-def q5_k_row(rows, r, a, a_scales, sums32):
-    """W[r] . x for one token: Q5_K row r of `rows` against its quantized activations a (n_blocks, bytes)."""
-    acc, acc_mins = zero_floats(), zero_floats()
-    for b in range(a.shape[0]):
-        base = 176 * b
-        prefetch_block(rows, r, base, 176)
-        scales = k4_scales(rows, r, base + 4)
-        high_bits = load_bytes(rows, r, base + 16)
-        lanes_low, lanes_high = zero_lanes(), zero_lanes()
-        for c in range(4):
-            packed = load_bytes(rows, r, base + 48 + 32 * c)
-            q_low = or_bytes(low_nibbles(packed), bit_bytes(high_bits, 1 << (2 * c), 16))
-            q_high = or_bytes(high_nibbles(packed), bit_bytes(high_bits, 2 << (2 * c), 16))
-            low, high = lane(scales, 2 * c), lane(scales, 2 * c + 1)
-            lanes_low = dot_bytes_scaled(lanes_low, q_low, load_bytes(a, b, 4 + 64 * c), low, low)
-            lanes_high = dot_bytes_scaled(lanes_high, q_high, load_bytes(a, b, 36 + 64 * c), high, high)
-        lanes = add_lanes(lanes_low, lanes_high)
-        mins = mul_lanes(k4_mins(rows, r, base + 4), load_lanes(sums32, b, 0))
-        acc = fma_lanes(acc, lanes, a_scales[b] * half_at(rows, r, base))
-        acc_mins = fma_lanes(acc_mins, mins, -a_scales[b] * half_at(rows, r, base + 2))
-    return sum_floats(acc) + sum_floats(acc_mins)
-
-
-@kernel(parallel=True, reassociate=True)
-def matvec_q5_k(rows, x, out):  # (n_out, n_blocks * 176) uint8, (n_blocks * 256,) float32 -> (n_out,)
-    a, a_scales, a_sums = activations_q8_k(x.reshape((1, x.shape[0])))
-    sums32 = pair_sums(a_sums)
-    for r in prange(rows.shape[0]):
-        out[r] = q5_k_row(rows, r, a[0], a_scales[0], sums32[0])
-
-
-@kernel(parallel=True, reassociate=True)
-def matmul_q5_k(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, a_scales, a_sums = activations_q8_k(x)
-    sums32 = pair_sums(a_sums)
-    for r in prange(rows.shape[0]):
-        for t in range(x.shape[0]):
-            out[t, r] = q5_k_row(rows, r, a[t], a_scales[t], sums32[t])
-
-
-# Q6_K, 210 bytes: | ql: 128 B (low 4 bits) | qh: 64 B (high 2 bits) | scales: int8 x 16 | d: f16 |
-#   In half h (values 128h ..), value 128h + 32j + l takes nibble j // 2 of ql[64h + 32(j % 2) + l] and
-#   bits 2j, 2j + 1 of qh[32h + l]: q in 0..63, weight q - 32, sub-block 8h + 2j + l // 16.
-#   isum = sum_k sc_k * sum (q - 32) y = sum_k sc_k * sum q y - 32 * sum_k sc_k * bsum_k, as ggml's q8sclsub.
-@kernel(inline=True)
-def q6_k_row(rows, r, a, a_scales, a_sums):
-    """W[r] . x for one token: Q6_K row r of `rows` against its quantized activations a (n_blocks, bytes)."""
-    signed_rows = rows.view(np.int8)
-    acc = f32(0)
-    for b in range(a.shape[0]):
-        base = 210 * b
-        prefetch_block(rows, r, base, 210)
-        scales_low = widen_bytes(signed_rows, r, base + 192)  # sub-blocks 0-7
-        scales_high = widen_bytes(signed_rows, r, base + 200)  # 8-15
-        offsets = add_lanes(
-            mul_lanes(scales_low, load_lanes(a_sums, b, 0)), mul_lanes(scales_high, load_lanes(a_sums, b, 8))
-        )
-        lanes0, lanes1, lanes2, lanes3 = zero_lanes(), zero_lanes(), zero_lanes(), zero_lanes()
-        for h in range(2):
-            scales = scales_low if h == 0 else scales_high
-            low = load_bytes(rows, r, base + 64 * h)
-            high = load_bytes(rows, r, base + 64 * h + 32)
-            bits = load_bytes(rows, r, base + 128 + 32 * h)
-            q0 = or_bytes(low_nibbles(low), mask_bytes(shift_left(bits, 4), 0x30))
-            q1 = or_bytes(low_nibbles(high), mask_bytes(shift_left(bits, 2), 0x30))
-            q2 = or_bytes(high_nibbles(low), mask_bytes(bits, 0x30))
-            q3 = or_bytes(high_nibbles(high), mask_bytes(shift_right(bits, 2), 0x30))
-            y = 4 + 128 * h
-            lanes0 = dot_bytes_scaled(lanes0, q0, load_bytes(a, b, y), lane(scales, 0), lane(scales, 1))
-            lanes1 = dot_bytes_scaled(lanes1, q1, load_bytes(a, b, y + 32), lane(scales, 2), lane(scales, 3))
-            lanes2 = dot_bytes_scaled(lanes2, q2, load_bytes(a, b, y + 64), lane(scales, 4), lane(scales, 5))
-            lanes3 = dot_bytes_scaled(lanes3, q3, load_bytes(a, b, y + 96), lane(scales, 6), lane(scales, 7))
-        lanes = add_lanes(add_lanes(lanes0, lanes1), add_lanes(lanes2, lanes3))
-        isum = sum_lanes(lanes) - 32 * sum_lanes(offsets)
-        acc += (a_scales[b] * half_at(rows, r, base + 208)) * f32(isum)
-    return acc
-
-
-@kernel(parallel=True, reassociate=True)
-def matvec_q6_k(rows, x, out):  # (n_out, n_blocks * 210) uint8, (n_blocks * 256,) float32 -> (n_out,)
-    a, a_scales, a_sums = activations_q8_k(x.reshape((1, x.shape[0])))
-    for r in prange(rows.shape[0]):
-        out[r] = q6_k_row(rows, r, a[0], a_scales[0], a_sums[0])
-
-
-@kernel(parallel=True, reassociate=True)
-def matmul_q6_k(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, a_scales, a_sums = activations_q8_k(x)
-    for r in prange(rows.shape[0]):
-        for t in range(x.shape[0]):
-            out[t, r] = q6_k_row(rows, r, a[t], a_scales[t], a_sums[t])
 
 
 # Q3_K, 110 bytes: | hmask: 32 B | qs: 64 B (low 2 bits) | scales: 12 B (16 x 6-bit, +32) | d: f16 |
@@ -641,15 +536,6 @@ def matmul_q2_k(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float3
 
 
 @kernel
-def round_to_f16(x):  # (n,) f32 -> (n,) f32, each value rounded to the nearest half (GGML_CPU_FP32_TO_FP16)
-    rounded = np.empty_like(x)
-    for i in range(x.shape[0]):
-        h = cpu_fp32_to_fp16(x[i])
-        rounded[i] = f16_to_f32(h & 0xFF, h >> 8)
-    return rounded
-
-
-@kernel
 def round_to_bf16(x):  # (n,) f32 -> (n,) f32, each value rounded to bfloat16 as ggml_compute_fp32_to_bf16
     rounded = np.empty_like(x)
     for i in range(x.shape[0]):
@@ -663,17 +549,6 @@ def round_to_bf16(x):  # (n,) f32 -> (n,) f32, each value rounded to bfloat16 as
 
 
 @kernel(parallel=True, reassociate=True)
-def matvec_f16_by_f16(rows, x, out):  # (n_out, 2 n_in) uint8, (n_in,) float32 -> (n_out,)
-    w = rows.reshape(-1).view(np.uint16).reshape((rows.shape[0], x.shape[0]))
-    rounded = round_to_f16(x)
-    for r in prange(w.shape[0]):
-        acc = f32(0)
-        for i in range(w.shape[1]):
-            acc += half_to_f32(w[r, i]) * rounded[i]
-        out[r] = acc
-
-
-@kernel(parallel=True, reassociate=True)
 def matvec_bf16_by_bf16(rows, x, out):  # (n_out, 2 n_in) uint8, (n_in,) float32 -> (n_out,)
     w = rows.reshape(-1).view(np.uint16).reshape((rows.shape[0], x.shape[0]))
     rounded = round_to_bf16(x)
@@ -684,30 +559,7 @@ def matvec_bf16_by_bf16(rows, x, out):  # (n_out, 2 n_in) uint8, (n_in,) float32
         out[r] = acc
 
 
-# A batch of float weights: each row read once for all the tokens, as in the quantized kernels.
-@kernel(parallel=True, reassociate=True)
-def matmul_f32(rows, x, out):  # (n_out, 4 n_in) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    w = rows.reshape(-1).view(np.float32).reshape((rows.shape[0], x.shape[1]))
-    for r in prange(w.shape[0]):
-        for t in range(x.shape[0]):
-            acc = f32(0)
-            for i in range(w.shape[1]):
-                acc += w[r, i] * x[t, i]
-            out[t, r] = acc
-
-
-@kernel(parallel=True, reassociate=True)
-def matmul_f16(rows, x, out):  # (n_out, 2 n_in) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    w = rows.reshape(-1).view(np.uint16).reshape((rows.shape[0], x.shape[1]))
-    rounded = round_to_f16(x.reshape(-1)).reshape(x.shape)
-    for r in prange(w.shape[0]):
-        for t in range(x.shape[0]):
-            acc = f32(0)
-            for i in range(w.shape[1]):
-                acc += half_to_f32(w[r, i]) * rounded[t, i]
-            out[t, r] = acc
-
-
+# A batch of BF16 weights: each row read once for all the tokens, as in the quantized kernels.
 @kernel(parallel=True, reassociate=True)
 def matmul_bf16(rows, x, out):  # (n_out, 2 n_in) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
     w = rows.reshape(-1).view(np.uint16).reshape((rows.shape[0], x.shape[1]))
@@ -722,8 +574,8 @@ def matmul_bf16(rows, x, out):  # (n_out, 2 n_in) uint8, (n_tok, n_in) float32 -
 
 # ggml type -> kernel(rows, x (n_in,), out (n_out,)), and kernel(rows, x (n_tok, n_in), out (n_tok, n_out)).
 GGML_MATVEC_KERNELS = {
-    T.F32: matvec_f32,
-    T.F16: matvec_f16_by_f16,
+    T.F32: matvec_f32_ggml,
+    T.F16: matvec_f16_ggml,
     T.BF16: matvec_bf16_by_bf16,
     T.Q8_0: matvec_q8_0,
     T.Q4_0: matvec_q4_0,
@@ -732,13 +584,10 @@ GGML_MATVEC_KERNELS = {
     T.Q5_1: matvec_q5_1,
     T.Q2_K: matvec_q2_k,
     T.Q3_K: matvec_q3_k,
-    T.Q4_K: matvec_q4_k,
-    T.Q5_K: matvec_q5_k,
-    T.Q6_K: matvec_q6_k,
 }
 GGML_MATMUL_KERNELS = {
-    T.F32: matmul_f32,
-    T.F16: matmul_f16,
+    T.F32: matmul_f32_ggml,
+    T.F16: matmul_f16_ggml,
     T.BF16: matmul_bf16,
     T.Q8_0: matmul_q8_0,
     T.Q4_0: matmul_q4_0,
@@ -747,9 +596,6 @@ GGML_MATMUL_KERNELS = {
     T.Q5_1: matmul_q5_1,
     T.Q2_K: matmul_q2_k,
     T.Q3_K: matmul_q3_k,
-    T.Q4_K: matmul_q4_k,
-    T.Q5_K: matmul_q5_k,
-    T.Q6_K: matmul_q6_k,
 }
 
 # What each weight type's activations are quantized to (ggml-cpu.c's type_traits_cpu), and how.

@@ -1,6 +1,6 @@
 """refengine: a CPU reference inference engine for GGUF language models.
 
-`refengine.load(name_or_path, precision="f32")` returns a refengine.api.Model (tokenize, logits,
+`refengine.load(name_or_path, precision="f32", numerics="exact")` returns a refengine.api.Model (tokenize, logits,
 trace, generate, perplexity). numpy and numba load only when it is called."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from refengine.api import Model, Precision
+    from refengine.api import Model, Numerics, Precision
 
 try:
     __version__ = version("refengine")
@@ -18,11 +18,11 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 
-def load(name_or_path: str | os.PathLike, precision: Precision = "f32") -> Model:
+def load(name_or_path: str | os.PathLike, precision: Precision = "f32", numerics: Numerics = "exact") -> Model:
     """A model by path or short name; see refengine.api.load."""
     from refengine.api import load as load_model
 
-    return load_model(name_or_path, precision)
+    return load_model(name_or_path, precision, numerics)
 
 
 __all__ = ["__version__", "load"]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from refengine.errors import RefengineError
+from refengine.nn import NUMERICS
 from refengine.session import PRECISIONS, Session
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from refengine.trace import Trace
 
 Precision = Literal["f32", "f64"]
+Numerics = Literal["exact", "ggml"]
 
 
 class APIError(RefengineError):
@@ -50,6 +52,11 @@ class Model:
     @property
     def n_vocab(self) -> int:
         return self.session.model.config.n_vocab
+
+    @property
+    def numerics(self) -> str:
+        """ "exact" or "ggml": see refengine.load."""
+        return self.session.numerics
 
     @property
     def dtype(self) -> np.dtype:
@@ -158,11 +165,17 @@ class Model:
         return kl_divergence(self.session, open_logits_file(kl_divergence_base), n_chunks, on_chunk).report()
 
 
-def load(name_or_path: str | os.PathLike, precision: Precision = "f32") -> Model:
+def load(name_or_path: str | os.PathLike, precision: Precision = "f32", numerics: Numerics = "exact") -> Model:
     """Load a GGUF model by path (any split of a split model) or short name (gemma3-270m, smollm2-135m).
 
     precision "f32" computes as a float32 engine does; "f64" accumulates everything in float64, the
-    exact function the file defines. Weights stay memory-mapped; nothing is copied."""
+    exact function the file defines. numerics "exact" computes the file's function; "ggml" (f32 only)
+    computes as llama.cpp's CPU backend does: activations quantized to 8 bits for each matmul, integer
+    dot products, an f16 KV cache. Weights stay memory-mapped; nothing is copied."""
     if precision not in PRECISIONS:
         raise APIError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    return Model(Session.load(os.fspath(name_or_path), precision), precision)
+    if numerics not in NUMERICS:
+        raise APIError(f"numerics {numerics!r}: use one of {', '.join(NUMERICS)}")
+    if numerics == "ggml" and precision != "f32":
+        raise APIError("numerics 'ggml' is llama.cpp's float32 arithmetic: use precision 'f32' (f64 is exact)")
+    return Model(Session.load(os.fspath(name_or_path), precision, numerics), precision)

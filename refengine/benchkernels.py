@@ -47,6 +47,7 @@ from gguf import GGMLQuantizationType as T
 from refengine.errors import RefengineError
 from refengine.kernels import (
     DEQUANTIZERS,
+    GGML_MATVEC_KERNELS,
     NUMERICS,
     QUANTIZERS,
     bound_matvec,
@@ -55,7 +56,6 @@ from refengine.kernels import (
     quantize_rows,
 )
 from refengine.kernels.gemv import MATVEC_KERNELS
-from refengine.kernels.gemv_ggml import GGML_MATVEC_KERNELS
 from refengine.kernels.membw import sum_words
 
 OPS = ("matvec", "dequant", "quantize")

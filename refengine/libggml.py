@@ -312,3 +312,90 @@ def quantize_chunk(ggml_type: T, x: np.ndarray, out: np.ndarray | None = None) -
     if written != out.nbytes:
         raise LibggmlMissing(f"ggml_quantize_chunk wrote {written} bytes for {ggml_type.name}, expected {out.nbytes}")
     return out
+
+
+# ---------------------------------------------------------------- small graphs of any op
+
+
+_NUMPY_TYPES = {np.dtype(np.float32): T.F32, np.dtype(np.float16): T.F16, np.dtype(np.int32): T.I32}
+
+
+class Graph:
+    """A few ggml ops over numpy arrays, computed by ggml's CPU backend: the tests' oracle for the ops
+    numerics="ggml" matches (rms_norm, rope, soft_max, swiglu, geglu, mul_mat, cpy, ...).
+
+        with Graph(n_threads=2) as g:
+            x = g.input(np.ones((4, 64), np.float32))                 # numpy shape, ggml's ne reversed
+            y = g.op("rms_norm", x, ctypes.c_float(1e-6))              # ggml_rms_norm(ctx, x, eps)
+            out = g.compute(y)                                         # (4, 64) float32, a copy
+
+    Every tensor lives in the graph's own ggml context (allocated by ggml); inputs are copied in.
+    `op(name, *args)` calls ggml_<name>(ctx, *args) with tensors as pointers and other arguments
+    as ctypes values, so any op of ggml.h can be built without a declaration here."""
+
+    def __init__(self, n_threads: int = 1, mem_bytes: int = 256 << 20):
+        self.n_threads = n_threads
+        self._ctx = base().ggml_init(_InitParams(mem_bytes, None, False))
+        if not self._ctx:
+            raise LibggmlMissing("ggml_init failed")
+
+    def input(self, array: np.ndarray, ggml_type: T | None = None) -> int:
+        """A tensor holding a copy of `array`: float32, float16 or int32 values (ggml's F32, F16, I32), or
+        raw uint8 rows (n_rows, row_bytes) of a quantized `ggml_type`."""
+        array = np.ascontiguousarray(array)
+        if ggml_type is None:
+            ggml_type = _NUMPY_TYPES[array.dtype]
+            ne = list(array.shape[::-1])
+        else:  # raw rows: the last axis is bytes
+            block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+            ne = [array.shape[-1] // type_size * block_size, *array.shape[-2::-1]]
+        dims = (ctypes.c_int64 * 4)(*ne, *[1] * (4 - len(ne)))
+        lib = base()
+        fn = _declare(
+            lib, "ggml_new_tensor", _VOID_P, _VOID_P, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)
+        )
+        tensor = fn(self._ctx, int(ggml_type), max(len(ne), 1), dims)
+        ctypes.memmove(lib.ggml_get_data(tensor), array.ctypes.data, array.nbytes)
+        return tensor
+
+    def op(self, name: str, *args) -> int:
+        fn = getattr(base(), f"ggml_{name}")
+        fn.restype = _VOID_P
+        return fn(ctypes.c_void_p(self._ctx), *[ctypes.c_void_p(a) if isinstance(a, int) else a for a in args])
+
+    def compute(self, tensor: int) -> np.ndarray:
+        """Run the graph that ends in `tensor` and return its values (numpy shape, a contiguous copy)."""
+        lib, lib_cpu = base(), cpu()
+        graph = lib.ggml_new_graph_custom(self._ctx, 2048, False)
+        lib.ggml_build_forward_expand(graph, tensor)
+        plan = lib_cpu.ggml_graph_plan(graph, self.n_threads, None)
+        work = np.zeros(max(plan.work_size, 1), dtype=np.uint8)
+        plan.work_data = work.ctypes.data
+        status = lib_cpu.ggml_graph_compute(graph, ctypes.byref(plan))
+        if status != 0:
+            raise LibggmlMissing(f"ggml_graph_compute failed with status {status}")
+        return self.read(tensor)
+
+    @staticmethod
+    def read(tensor: int) -> np.ndarray:
+        head = _TensorHead.from_address(tensor)
+        dtype = {int(T.F32): np.float32, int(T.F16): np.float16, int(T.I32): np.int32}[head.type]
+        ne, nb = list(head.ne), list(head.nb)
+        span = sum((n - 1) * s for n, s in zip(ne, nb, strict=True)) + np.dtype(dtype).itemsize
+        raw = np.frombuffer((ctypes.c_char * span).from_address(head.data), dtype=np.uint8)
+        view = np.lib.stride_tricks.as_strided(raw.view(dtype), shape=ne[::-1], strides=nb[::-1])
+        shape = ne[::-1]
+        while len(shape) > 1 and shape[0] == 1:  # numpy's shape: leading ggml dimensions of 1 dropped
+            shape = shape[1:]
+        return np.array(view).reshape(shape)
+
+    def close(self) -> None:
+        if self._ctx:
+            base().ggml_free(self._ctx)
+            self._ctx = None
+
+    def __enter__(self) -> Graph:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

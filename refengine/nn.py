@@ -17,7 +17,24 @@ from functools import cached_property
 import numpy as np
 
 from refengine.gguf import Tensor
-from refengine.kernels import MATVEC_KERNELS, attend_one_token, bound_matvec, dequantize_rows, kernel_threads
+from refengine.kernels import (
+    GGML_MATMUL_KERNELS,
+    GGML_MATVEC_KERNELS,
+    MATVEC_KERNELS,
+    attend_one_token,
+    bound_matmul,
+    bound_matvec,
+    dequantize_rows,
+    kernel_threads,
+    ops_ggml,
+)
+from refengine.kernels import attention_ggml as ggml_attention
+
+# How a float32 forward pass computes (Linear, and the ops that differ between the two: see each):
+#   exact  the file's function in float32: weights decoded exactly, activations kept in float32
+#   ggml   llama.cpp's CPU arithmetic: activations quantized for each matmul as ggml-cpu does, integer
+#          dot products, and the roundings of its other ops (f16 KV cache, rope tables, GELU table, ...)
+NUMERICS = ("exact", "ggml")
 
 # Rows of a weight decoded per BLAS call: at most 8 MB of float32, whatever the model's size.
 # Wider tiles make fewer, larger sgemm calls: gemma3-270m's pp512 went from 535 tok/s with 1 MB
@@ -28,21 +45,31 @@ TILE_FLOATS = 1 << 21
 class Linear:
     """y = x @ W.T for a GGUF weight W of shape (n_out, n_in), quantized or not.
 
-    One token in float32 (decoding) goes through the fused matvec kernel, which
-    reads the quant blocks once and never materialises W. A batch (prefill) or
-    the float64 path decodes W a tile of rows at a time, exactly, and hands
-    each tile to BLAS. `rows` may pick a slice of the tensor's rows, which is
-    how one expert of a 3-D ffn_*_exps tensor becomes a Linear of its own.
+    numerics "exact": one token in float32 (decoding) goes through the fused matvec kernel, which
+    reads the quant blocks once and never materialises W; a batch (prefill) or the float64 path
+    decodes W a tile of rows at a time, exactly, and hands each tile to BLAS.
+    numerics "ggml": float32 activations are quantized to the weight type's vec_dot_type and the
+    dot products run on integers, as llama.cpp's CPU backend computes them, for one token
+    (bound_matvec) and for a batch alike (bound_matmul, every row read once for all the tokens).
+    Types ggml numerics has no kernel for take the exact path.
+    `rows` may pick a slice of the tensor's rows, which is how one expert of a 3-D ffn_*_exps
+    tensor becomes a Linear of its own.
     """
 
-    def __init__(self, weight: Tensor, rows: slice | None = None):
+    def __init__(self, weight: Tensor, rows: slice | None = None, numerics: str = "exact"):
         self.weight = weight
         self.ggml_type = weight.ggml_type
         self.rows = weight.data if rows is None else weight.data[rows]  # (n_out, row_bytes) uint8, the mapping
         self.n_out, self.n_in = self.rows.shape[0], weight.n_cols
         self.tile_rows = max(1, min(self.n_out, TILE_FLOATS // max(self.n_in, 1)))
-        fused = self.ggml_type in MATVEC_KERNELS and self.n_out and self.n_in
-        self.matvec = bound_matvec(self.ggml_type, self.rows) if fused else None  # f(x (n_in,), out (n_out,))
+        self.numerics = numerics if numerics == "ggml" and self.ggml_type in GGML_MATVEC_KERNELS else "exact"
+        kernels = GGML_MATVEC_KERNELS if self.numerics == "ggml" else MATVEC_KERNELS
+        fused = self.ggml_type in kernels and self.n_out and self.n_in
+        # f(x (n_in,), out (n_out,)), and in ggml numerics f(x (n_tok, n_in), out (n_tok, n_out))
+        self.matvec = bound_matvec(self.ggml_type, self.rows, self.numerics) if fused else None
+        self.matmul = None
+        if fused and self.numerics == "ggml" and self.ggml_type in GGML_MATMUL_KERNELS:
+            self.matmul = bound_matmul(self.ggml_type, self.rows)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         # x: (n_tok, n_in) -> (n_tok, n_out)
@@ -50,9 +77,14 @@ class Linear:
             raise ValueError(f"{self.weight.name}: input of width {x.shape[-1]}, expected {self.n_in}")
         if out is None:
             out = np.empty((x.shape[0], self.n_out), dtype=x.dtype)
-        if x.shape[0] == 1 and x.dtype == np.float32 and self.matvec is not None:
-            self.matvec(x[0] if x.flags.c_contiguous else np.ascontiguousarray(x[0]), out[0])
-            return out
+        if x.dtype == np.float32 and self.matvec is not None:
+            x = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+            if x.shape[0] == 1:
+                self.matvec(x[0], out[0])
+                return out
+            if self.matmul is not None:
+                self.matmul(x, out)
+                return out
         tile = np.empty((self.tile_rows, self.n_in), dtype=np.float32)
         for start in range(0, self.n_out, self.tile_rows):
             stop = min(start + self.tile_rows, self.n_out)
@@ -70,8 +102,14 @@ def embed(table: Tensor, tokens: np.ndarray, dtype) -> np.ndarray:
     return out.astype(dtype, copy=False)
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis (as ggml_rms_norm then ggml_mul)."""
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, numerics: str = "exact") -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (as ggml_rms_norm then ggml_mul).
+    numerics "ggml": ggml's float operations in its order (kernels/ops_ggml.py)."""
+    if numerics == "ggml":
+        rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (n_rows, n)
+        out = np.empty_like(rows)
+        ops_ggml.rms_norm(rows, weight, np.float32(eps), out)
+        return out.reshape(x.shape)
     # einsum's one pass over x is 30% faster than mean(square(x)), for one token and for a batch alike
     mean_square = np.einsum("...i,...i->...", x, x)[..., None] / x.dtype.type(x.shape[-1])
     return x / np.sqrt(mean_square + x.dtype.type(eps)) * weight
@@ -85,6 +123,35 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU with the tanh approximation, as gemma's `gelu_pytorch_tanh` and ggml_gelu."""
     c = x.dtype.type(math.sqrt(2 / math.pi))
     return 0.5 * x * (1 + np.tanh(c * (x + x.dtype.type(0.044715) * x * x * x)))
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray, numerics: str = "exact") -> np.ndarray:
+    """silu(gate) * up, (n_tok, n) each: ggml_swiglu_split. ggml numerics: ggml_vec_swiglu_f32."""
+    if numerics == "ggml":
+        out = np.empty_like(gate)
+        ops_ggml.swiglu(np.ascontiguousarray(gate), np.ascontiguousarray(up), out)
+        return out
+    return silu(gate) * up
+
+
+def geglu(gate: np.ndarray, up: np.ndarray, numerics: str = "exact") -> np.ndarray:
+    """gelu_tanh(gate) * up, (n_tok, n) each: ggml_geglu_split. ggml numerics: ggml's GELU is a table of
+    f16 values at every f16 input (GGML_GELU_FP16), which moves an FFN's output by ~1e-4."""
+    if numerics == "ggml":
+        out = np.empty_like(gate)
+        ops_ggml.geglu(np.ascontiguousarray(gate), np.ascontiguousarray(up), gelu_table(), out)
+        return out
+    return gelu_tanh(gate) * up
+
+
+_GELU_TABLE: list[np.ndarray] = []
+
+
+def gelu_table() -> np.ndarray:
+    """ggml_table_gelu_f16, built once: (65536,) uint16."""
+    if not _GELU_TABLE:
+        _GELU_TABLE.append(ops_ggml.gelu_table())
+    return _GELU_TABLE[0]
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -107,6 +174,7 @@ class YaRN:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     magnitude: float = 1.0
+    attn_factor: float = 1.0  # what llama.cpp passes ggml_rope_ext as attn_factor (ggml numerics)
 
     def kept(self, n_dims: int, base: float) -> np.ndarray:
         """(n_dims/2,) the share of each frequency kept as it is: 1 for the fast ones, 0 for the
@@ -164,8 +232,10 @@ class Rope:
             kept = self.__dict__["_last_tables"] = (key, cos, sin)  # (a frozen dataclass: as cached_property does)
         return kept[1], kept[2]
 
-    def apply(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def apply(self, x: np.ndarray, positions: np.ndarray, numerics: str = "exact") -> np.ndarray:
         """Rotate x (n_tok, n_head, head_dim) at `positions` (n_tok,), returning a new array."""
+        if numerics == "ggml":
+            return self.apply_ggml(x, positions)
         cos, sin = self.tables(positions, x.dtype)  # (n_tok, 1, d/2)
         out = x.copy()
         half = self.n_dims // 2
@@ -178,6 +248,58 @@ class Rope:
             out[..., 0 : self.n_dims : 2] = a * cos - b * sin
             out[..., 1 : self.n_dims : 2] = b * cos + a * sin
         return out
+
+    def ggml_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin (n_tok, n_dims/2) float32 as ggml_rope_ext computes them (ops_ggml.rope_tables):
+        theta a float32 running product over the pairs, libm's cosf and sinf."""
+        key = ("ggml", positions.tobytes())
+        kept = self.__dict__.get("_last_ggml_tables")
+        if kept is None or kept[0] != key:
+            f = np.float32
+            factors = np.zeros(0, np.float32) if self.freq_factors is None else self.freq_factors.astype(np.float32)
+            attn_factor, ext_factor, low, high = f(1), f(0), f(0), f(0)
+            if self.yarn is not None:
+                y = self.yarn
+                attn_factor = f(y.attn_factor)
+                ext_factor = f(1)
+                low, high = ops_ggml.rope_yarn_corr_dims(
+                    self.n_dims, y.n_ctx_orig, f(self.base), f(y.beta_fast), f(y.beta_slow)
+                )
+            freq_scale = f(1) / f(self.scale) if self.yarn is None else f(1) / f(self.yarn.factor)
+            tables = ops_ggml.rope_tables(
+                positions.astype(np.int32),
+                self.n_dims,
+                f(self.base),
+                freq_scale,
+                factors,
+                attn_factor,
+                ext_factor,
+                low,
+                high,
+            )
+            kept = self.__dict__["_last_ggml_tables"] = (key, *tables)
+        return kept[1], kept[2]
+
+    def apply_ggml(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        cos, sin = self.ggml_tables(positions)  # (n_tok, n_dims/2)
+        x = np.ascontiguousarray(x)
+        out = np.empty_like(x)
+        ops_ggml.rope_apply(x, cos, sin, self.n_dims, self.neox, out)
+        return out
+
+
+def attention_ggml(q: np.ndarray, layer: LayerCache, first: int, scale: float) -> np.ndarray:
+    """attention() in llama.cpp's CPU arithmetic (numerics "ggml"), over an F16 cache: q (n_tok, n_head,
+    head_dim_k) -> (n_tok, n_head, head_dim_v); see kernels/attention_ggml.py."""
+    n_tok, n_head, _ = q.shape
+    n_kv_head = layer.k.shape[0]
+    if n_head % n_kv_head:
+        raise ValueError(f"{n_head} query heads cannot share {n_kv_head} key/value heads evenly")
+    out = np.empty((n_tok, n_head, layer.v.shape[2]), dtype=np.float32)
+    n_cells = -(-(first + n_tok) // 256) * 256  # llama.cpp's n_kv: the used cells, padded to 256
+    k, v = layer.k.view(np.uint16), layer.v.view(np.uint16)
+    ggml_attention.attend(np.ascontiguousarray(q), k, v, first, layer.window, np.float32(scale), n_cells, out)
+    return out
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:

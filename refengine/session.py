@@ -27,12 +27,19 @@ class Session:
     tokenizer: Tokenizer
     load_s: float
 
+    @property
+    def numerics(self) -> str:
+        return self.model.numerics
+
     @classmethod
-    def load(cls, model: str | GGUFFile, precision: str = "f32") -> Session:
-        """`model` is a name or path, or a file the caller has already opened (the memory plan's)."""
+    def load(cls, model: str | GGUFFile, precision: str = "f32", numerics: str = "exact") -> Session:
+        """`model` is a name or path, or a file the caller has already opened (the memory plan's).
+        numerics "exact" or "ggml" (llama.cpp's CPU arithmetic, f32 only; see refengine.nn.NUMERICS)."""
         start = time.perf_counter()
+        if precision not in PRECISIONS:
+            raise RefengineError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         gguf = model if isinstance(model, GGUFFile) else open_gguf(resolve_model(model))
-        session = cls(gguf, load_model(gguf, PRECISIONS[precision]), Tokenizer.from_gguf(gguf), 0.0)
+        session = cls(gguf, load_model(gguf, PRECISIONS[precision], numerics), Tokenizer.from_gguf(gguf), 0.0)
         session.load_s = time.perf_counter() - start
         return session
 

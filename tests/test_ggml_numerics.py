@@ -35,6 +35,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as T
 from refengine.kernels import (
+    GGML_MATVEC_KERNELS,
     KernelError,
     bound_matmul,
     bound_matvec,
@@ -42,7 +43,6 @@ from refengine.kernels import (
     quantize_activations,
     quantize_rows,
 )
-from refengine.kernels.gemv_ggml import GGML_MATVEC_KERNELS
 from refengine.kernels.simd import SIMD_LEVEL, simd_level
 
 try:

@@ -20,8 +20,10 @@ ARCHITECTURES: dict[str, type[DecoderModel]] = {
 }
 
 
-def load_model(gguf: GGUFFile, dtype=np.float32) -> DecoderModel:
+def load_model(gguf: GGUFFile, dtype=np.float32, numerics: str = "exact") -> DecoderModel:
+    """The file's model computing in `dtype`, float32 or float64, with `numerics` "exact" or "ggml"
+    (llama.cpp's CPU arithmetic; float32 only): see refengine.nn.NUMERICS."""
     arch = gguf.architecture
     if arch not in ARCHITECTURES:
         raise ModelError(f"{gguf.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
-    return ARCHITECTURES[arch](gguf, dtype)
+    return ARCHITECTURES[arch](gguf, dtype, numerics)

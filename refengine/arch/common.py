@@ -13,13 +13,22 @@ import numpy as np
 
 from refengine.errors import RefengineError
 from refengine.gguf import GGUFFile, Tensor
-from refengine.nn import N_UBATCH, KVCache, Linear, attention, embed, rms_norm
+from refengine.nn import N_UBATCH, NUMERICS, KVCache, Linear, attention, attention_ggml, embed, rms_norm
 from refengine.threads import step_threads
 from refengine.tokenizer import describe_value
 
 
 class ModelError(RefengineError):
     """Missing keys or tensors, or an architecture we do not support."""
+
+
+def check_numerics(numerics: str, dtype: np.dtype) -> str:
+    """numerics "exact" or "ggml"; ggml is llama.cpp's float32 arithmetic, so float64 is always exact."""
+    if numerics not in NUMERICS:
+        raise ModelError(f"numerics {numerics!r}: use one of {', '.join(NUMERICS)}")
+    if numerics == "ggml" and dtype != np.float32:
+        raise ModelError("numerics ggml is llama.cpp's float32 arithmetic: it needs precision f32 (f64 is exact)")
+    return numerics
 
 
 class HParams:
@@ -183,10 +192,11 @@ class DecoderModel:
     config: Any
     dtype: np.dtype
 
-    def __init__(self, gguf: GGUFFile, config, dtype=np.float32):
+    def __init__(self, gguf: GGUFFile, config, dtype=np.float32, numerics: str = "exact"):
         self.gguf = gguf
         self.config = config
         self.dtype = np.dtype(dtype)
+        self.numerics = check_numerics(numerics, self.dtype)
         self.n_ubatch = N_UBATCH  # prompts are evaluated this many tokens at a time
         self.observer: Observer | None = None  # set for the length of one forward(..., observer=)
         c = config
@@ -194,16 +204,21 @@ class DecoderModel:
         self.output_norm = norm_weight(gguf.tensor("output_norm.weight"), c.n_embd, self.dtype)
         # Tied embeddings: without output.weight the head reuses token_embd, as llama.cpp does.
         head = gguf.tensors.get("output.weight", self.token_embd)
-        self.output = Linear(check_shape(head, (c.n_vocab, c.n_embd)))
+        self.output = Linear(check_shape(head, (c.n_vocab, c.n_embd)), numerics=self.numerics)
 
     def sliding_window(self, il: int) -> int:
         """Layer il's sliding attention window (0: it attends to the whole context)."""
         return 0
 
+    @property
+    def cache_dtype(self) -> np.dtype:
+        """The KV cache's: the compute dtype, or in ggml numerics F16, llama.cpp's default cache type."""
+        return np.dtype(np.float16) if self.numerics == "ggml" else self.dtype
+
     def new_cache(self, n_ctx: int) -> KVCache:
         c = self.config
         windows = [self.sliding_window(il) for il in range(c.n_layer)]
-        return KVCache.for_heads(n_ctx, c.n_head_kv, c.head_dim, c.head_dim, self.dtype, windows, self.n_ubatch)
+        return KVCache.for_heads(n_ctx, c.n_head_kv, c.head_dim, c.head_dim, self.cache_dtype, windows, self.n_ubatch)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         return embed(self.token_embd, tokens, self.dtype)  # (n_tok, n_embd)
@@ -258,7 +273,7 @@ class DecoderModel:
             return None
         if logits == "last":
             x = x[-1:]
-        x = self.emit("result_norm", rms_norm(x, self.output_norm, self.config.norm_eps))
+        x = self.emit("result_norm", rms_norm(x, self.output_norm, self.config.norm_eps, self.numerics))
         return self.emit("result_output", self.output(x))  # (n_tok, n_vocab)
 
     def layer(self, il: int, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
@@ -278,7 +293,7 @@ class AttentionWeights:
     bias_v: np.ndarray | None = None
 
 
-def load_attention(gguf: GGUFFile, il: int, c, dtype) -> AttentionWeights:
+def load_attention(gguf: GGUFFile, il: int, c, dtype, numerics: str = "exact") -> AttentionWeights:
     t = layer_tensors(
         gguf,
         il,
@@ -287,10 +302,10 @@ def load_attention(gguf: GGUFFile, il: int, c, dtype) -> AttentionWeights:
     )
     q_rows, kv_rows = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     w = AttentionWeights(
-        attn_q=Linear(check_shape(t["attn_q"], (q_rows, c.n_embd))),
-        attn_k=Linear(check_shape(t["attn_k"], (kv_rows, c.n_embd))),
-        attn_v=Linear(check_shape(t["attn_v"], (kv_rows, c.n_embd))),
-        attn_output=Linear(check_shape(t["attn_output"], (c.n_embd, q_rows))),
+        attn_q=Linear(check_shape(t["attn_q"], (q_rows, c.n_embd)), numerics=numerics),
+        attn_k=Linear(check_shape(t["attn_k"], (kv_rows, c.n_embd)), numerics=numerics),
+        attn_v=Linear(check_shape(t["attn_v"], (kv_rows, c.n_embd)), numerics=numerics),
+        attn_output=Linear(check_shape(t["attn_output"], (c.n_embd, q_rows)), numerics=numerics),
     )
     if t["attn_q_norm"] is not None:
         w.attn_q_norm = norm_weight(t["attn_q_norm"], c.head_dim, dtype)
@@ -302,9 +317,20 @@ def load_attention(gguf: GGUFFile, il: int, c, dtype) -> AttentionWeights:
     return w
 
 
-def self_attention(model: DecoderModel, w: AttentionWeights, x, positions, cache: KVCache, il: int, rope, scale):
-    """Project, QK-norm, rotate, append to the cache, attend, project back: (n_tok, n_embd)."""
-    c, n_tok = model.config, x.shape[0]
+def kq_scale(model: DecoderModel, head_dim: int) -> float:
+    """1/sqrt(head_dim): in ggml numerics as llama.cpp rounds it, 1.0f / sqrtf(float(head_dim))."""
+    if model.numerics == "ggml":
+        return float(np.float32(1) / np.sqrt(np.float32(head_dim)))
+    return 1.0 / math.sqrt(head_dim)
+
+
+def self_attention(
+    model: DecoderModel, w: AttentionWeights, x, positions, cache: KVCache, il: int, rope, scale, scale_q: bool = False
+):
+    """Project, QK-norm, rotate, append to the cache, attend, project back: (n_tok, n_embd).
+    scale_q: the queries are multiplied by `scale` after rope and the scores are not (gemma3's graph in
+    llama.cpp: the same function, rounded otherwise in ggml numerics)."""
+    c, n_tok, numerics = model.config, x.shape[0], model.numerics
     q, k, v = w.attn_q(x), w.attn_k(x), w.attn_v(x)  # (n_tok, heads * head_dim)
     if w.bias_q is not None:
         q, k, v = q + w.bias_q, k + w.bias_k, v + w.bias_v
@@ -312,13 +338,18 @@ def self_attention(model: DecoderModel, w: AttentionWeights, x, positions, cache
     k = k.reshape(n_tok, c.n_head_kv, c.head_dim)
     v = v.reshape(n_tok, c.n_head_kv, c.head_dim)
     if w.attn_q_norm is not None:
-        q = model.emit("Qcur_normed", rms_norm(q, w.attn_q_norm, c.norm_eps), il)
-        k = model.emit("Kcur_normed", rms_norm(k, w.attn_k_norm, c.norm_eps), il)
-    q = model.emit("Qcur", rope.apply(q, positions), il)  # (n_tok, n_head, head_dim)
-    k = model.emit("Kcur", rope.apply(k, positions), il)  # (n_tok, n_head_kv, head_dim)
+        q = model.emit("Qcur_normed", rms_norm(q, w.attn_q_norm, c.norm_eps, numerics), il)
+        k = model.emit("Kcur_normed", rms_norm(k, w.attn_k_norm, c.norm_eps, numerics), il)
+    q = model.emit("Qcur", rope.apply(q, positions, numerics), il)  # (n_tok, n_head, head_dim)
+    k = model.emit("Kcur", rope.apply(k, positions, numerics), il)  # (n_tok, n_head_kv, head_dim)
     model.emit("Vcur", v, il)
     layer = cache.layers[il]
     layer.store(int(positions[0]), k, v)
-    out = attention(q, layer, int(positions[0]), scale)  # (n_tok, n_head, head_dim)
+    if numerics == "ggml":
+        if scale_q:
+            q, scale = q * np.float32(scale), 1.0
+        out = attention_ggml(q, layer, int(positions[0]), scale)  # (n_tok, n_head, head_dim)
+    else:
+        out = attention(q, layer, int(positions[0]), scale)
     out = model.emit("kqv_out", out.reshape(n_tok, c.n_head * c.head_dim), il)
     return w.attn_output(out)

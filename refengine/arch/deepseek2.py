@@ -176,7 +176,7 @@ class MLAWeights:
     attn_q_b: Linear | None = None  # (n_head * q_head, q_lora_rank)
 
     @classmethod
-    def load(cls, gguf: GGUFFile, il: int, c: Deepseek2Config, dtype) -> MLAWeights:
+    def load(cls, gguf: GGUFFile, il: int, c: Deepseek2Config, dtype, numerics: str = "exact") -> MLAWeights:
         q_names = ["attn_q_a", "attn_q_a_norm", "attn_q_b"] if c.q_lora_rank else ["attn_q"]
         kv_b_names = ["attn_k_b", "attn_v_b"] if c.mla_split else ["attn_kv_b"]
         t = layer_tensors(gguf, il, [*q_names, "attn_kv_a_mqa", "attn_kv_a_norm", *kv_b_names, "attn_output"])
@@ -190,18 +190,18 @@ class MLAWeights:
             k_b, v_b = k_b_from_kv_b(kv_b, c), kv_b
             v_rows = [slice(h * (nope + v_dim) + nope, (h + 1) * (nope + v_dim)) for h in range(c.n_head)]
         w = cls(
-            attn_kv_a_mqa=Linear(check_shape(t["attn_kv_a_mqa"], (kv_lora + c.qk_rope_dim, c.n_embd))),
+            attn_kv_a_mqa=Linear(check_shape(t["attn_kv_a_mqa"], (kv_lora + c.qk_rope_dim, c.n_embd)), None, numerics),
             attn_kv_a_norm=norm_weight(t["attn_kv_a_norm"], kv_lora, dtype),
-            attn_k_b=[Linear(k_b, rows=slice(h * kv_lora, (h + 1) * kv_lora)) for h in range(c.n_head)],
-            attn_v_b=[Linear(v_b, rows=rows) for rows in v_rows],
-            attn_output=Linear(check_shape(t["attn_output"], (c.n_embd, c.n_head * v_dim))),
+            attn_k_b=[Linear(k_b, slice(h * kv_lora, (h + 1) * kv_lora), numerics) for h in range(c.n_head)],
+            attn_v_b=[Linear(v_b, rows, numerics) for rows in v_rows],
+            attn_output=Linear(check_shape(t["attn_output"], (c.n_embd, c.n_head * v_dim)), None, numerics),
         )
         if c.q_lora_rank:
-            w.attn_q_a = Linear(check_shape(t["attn_q_a"], (c.q_lora_rank, c.n_embd)))
+            w.attn_q_a = Linear(check_shape(t["attn_q_a"], (c.q_lora_rank, c.n_embd)), None, numerics)
             w.attn_q_a_norm = norm_weight(t["attn_q_a_norm"], c.q_lora_rank, dtype)
-            w.attn_q_b = Linear(check_shape(t["attn_q_b"], (n_q, c.q_lora_rank)))
+            w.attn_q_b = Linear(check_shape(t["attn_q_b"], (n_q, c.q_lora_rank)), None, numerics)
         else:
-            w.attn_q = Linear(check_shape(t["attn_q"], (n_q, c.n_embd)))
+            w.attn_q = Linear(check_shape(t["attn_q"], (n_q, c.n_embd)), None, numerics)
         return w
 
 
@@ -214,20 +214,21 @@ class Deepseek2Layer:
 
 
 class Deepseek2(DecoderModel):
-    def __init__(self, gguf: GGUFFile, dtype=np.float32):
+    def __init__(self, gguf: GGUFFile, dtype=np.float32, numerics: str = "exact"):
         c = Deepseek2Config.from_gguf(gguf)
-        super().__init__(gguf, c, dtype)
+        super().__init__(gguf, c, dtype, numerics)
+        n = self.numerics
         self.layers = []
         for il in range(c.n_layer):
             t = layer_tensors(gguf, il, ["attn_norm", "ffn_norm"])
             if il < c.n_leading_dense:
-                ffn = SwiGLU.load(gguf, il, c.n_ff, c.n_embd)
+                ffn = SwiGLU.load(gguf, il, c.n_ff, c.n_embd, numerics=n)
             else:
-                ffn = MoE(gguf, il, c.moe, c.n_embd, self.dtype)
+                ffn = MoE(gguf, il, c.moe, c.n_embd, self.dtype, n)
             self.layers.append(
                 Deepseek2Layer(
                     attn_norm=norm_weight(t["attn_norm"], c.n_embd, self.dtype),
-                    attn=MLAWeights.load(gguf, il, c, self.dtype),
+                    attn=MLAWeights.load(gguf, il, c, self.dtype, n),
                     ffn_norm=norm_weight(t["ffn_norm"], c.n_embd, self.dtype),
                     ffn=ffn,
                 )

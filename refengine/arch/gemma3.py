@@ -22,6 +22,7 @@ from refengine.arch.common import (
     GQAConfig,
     HParams,
     check_shape,
+    kq_scale,
     layer_tensors,
     load_attention,
     norm_weight,
@@ -29,7 +30,7 @@ from refengine.arch.common import (
     self_attention,
 )
 from refengine.gguf import GGUFFile
-from refengine.nn import Linear, Rope, gelu_tanh, rms_norm
+from refengine.nn import Linear, Rope, geglu, rms_norm
 
 SLIDING_WINDOW_PATTERN = 6  # every 6th layer is global (llama.cpp: hparams.set_swa_pattern(6))
 LOCAL_ROPE_BASE = 10000.0  # gemma3's rope_local_base_freq
@@ -76,10 +77,11 @@ class Gemma3Layer:
 
 
 class Gemma3(DecoderModel):
-    def __init__(self, gguf: GGUFFile, dtype=np.float32):
+    def __init__(self, gguf: GGUFFile, dtype=np.float32, numerics: str = "exact"):
         c = Gemma3Config.from_gguf(gguf)
-        super().__init__(gguf, c, dtype)
-        self.attn_scale = 1.0 / math.sqrt(c.head_dim)  # query_pre_attn_scalar = head_dim for these sizes
+        super().__init__(gguf, c, dtype, numerics)
+        n = self.numerics
+        self.attn_scale = kq_scale(self, c.head_dim)  # query_pre_attn_scalar = head_dim for these sizes
         self.embd_scale = self.dtype.type(math.sqrt(c.n_embd))
         self.layers = []
         names = [
@@ -96,12 +98,12 @@ class Gemma3(DecoderModel):
             self.layers.append(
                 Gemma3Layer(
                     attn_norm=norm_weight(t["attn_norm"], c.n_embd, self.dtype),
-                    attn=load_attention(gguf, il, c, self.dtype),
+                    attn=load_attention(gguf, il, c, self.dtype, n),
                     post_attention_norm=norm_weight(t["post_attention_norm"], c.n_embd, self.dtype),
                     ffn_norm=norm_weight(t["ffn_norm"], c.n_embd, self.dtype),
-                    ffn_gate=Linear(check_shape(t["ffn_gate"], (c.n_ff, c.n_embd))),
-                    ffn_up=Linear(check_shape(t["ffn_up"], (c.n_ff, c.n_embd))),
-                    ffn_down=Linear(check_shape(t["ffn_down"], (c.n_embd, c.n_ff))),
+                    ffn_gate=Linear(check_shape(t["ffn_gate"], (c.n_ff, c.n_embd)), numerics=n),
+                    ffn_up=Linear(check_shape(t["ffn_up"], (c.n_ff, c.n_embd)), numerics=n),
+                    ffn_down=Linear(check_shape(t["ffn_down"], (c.n_embd, c.n_ff)), numerics=n),
                     post_ffw_norm=norm_weight(t["post_ffw_norm"], c.n_embd, self.dtype),
                 )
             )
@@ -114,12 +116,12 @@ class Gemma3(DecoderModel):
         return c.sliding_window if c.is_local(il) else 0
 
     def layer(self, il, x, positions, cache):
-        c, w = self.config, self.layers[il]
+        c, w, n = self.config, self.layers[il], self.numerics
         rope = c.rope_local if c.is_local(il) else c.rope_global
-        h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps), il)  # (n_tok, n_embd)
-        h = self_attention(self, w.attn, h, positions, cache, il, rope, self.attn_scale)
-        h = self.emit("attn_post_norm", rms_norm(h, w.post_attention_norm, c.norm_eps), il)
+        h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps, n), il)  # (n_tok, n_embd)
+        h = self_attention(self, w.attn, h, positions, cache, il, rope, self.attn_scale, scale_q=True)
+        h = self.emit("attn_post_norm", rms_norm(h, w.post_attention_norm, c.norm_eps, n), il)
         x = self.emit("sa_out", x + h, il)
-        h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps), il)
-        h = self.emit("ffn_out", w.ffn_down(gelu_tanh(w.ffn_gate(h)) * w.ffn_up(h)), il)
-        return x + self.emit("ffn_post_norm", rms_norm(h, w.post_ffw_norm, c.norm_eps), il)  # (n_tok, n_embd)
+        h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps, n), il)
+        h = self.emit("ffn_out", w.ffn_down(geglu(w.ffn_gate(h), w.ffn_up(h), n)), il)
+        return x + self.emit("ffn_post_norm", rms_norm(h, w.post_ffw_norm, c.norm_eps, n), il)  # (n_tok, n_embd)

@@ -7,7 +7,6 @@ x = x + ffn_down(silu(ffn_gate(norm(x))) * ffn_up(norm(x)))      or   x + MoE(no
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +18,7 @@ from refengine.arch.common import (
     HParams,
     ModelError,
     check_shape,
+    kq_scale,
     layer_tensors,
     load_attention,
     norm_weight,
@@ -27,7 +27,7 @@ from refengine.arch.common import (
 )
 from refengine.arch.moe import MoE, MoEConfig
 from refengine.gguf import GGUFFile
-from refengine.nn import Linear, Rope, rms_norm, silu
+from refengine.nn import Linear, Rope, rms_norm, swiglu
 
 # llama.cpp rotates adjacent pairs for llama (the converter permutes Q/K to match) and halves for qwen.
 NEOX_ROPE = {"llama": False, "qwen2": True, "qwen3": True, "qwen3moe": True}
@@ -85,32 +85,33 @@ class LlamaLayer:
 
 
 class Llama(DecoderModel):
-    def __init__(self, gguf: GGUFFile, dtype=np.float32):
+    def __init__(self, gguf: GGUFFile, dtype=np.float32, numerics: str = "exact"):
         c = LlamaConfig.from_gguf(gguf)
-        super().__init__(gguf, c, dtype)
-        self.attn_scale = 1.0 / math.sqrt(c.head_dim)
+        super().__init__(gguf, c, dtype, numerics)
+        n = self.numerics
+        self.attn_scale = kq_scale(self, c.head_dim)
         self.layers = []
         for il in range(c.n_layer):
             t = layer_tensors(gguf, il, ["attn_norm", "ffn_norm"])
             w = LlamaLayer(
                 attn_norm=norm_weight(t["attn_norm"], c.n_embd, self.dtype),
-                attn=load_attention(gguf, il, c, self.dtype),
+                attn=load_attention(gguf, il, c, self.dtype, n),
                 ffn_norm=norm_weight(t["ffn_norm"], c.n_embd, self.dtype),
             )
             if c.moe is not None:
-                w.ffn_moe = MoE(gguf, il, c.moe, c.n_embd, self.dtype)
+                w.ffn_moe = MoE(gguf, il, c.moe, c.n_embd, self.dtype, n)
             else:
                 f = layer_tensors(gguf, il, ["ffn_gate", "ffn_up", "ffn_down"])
-                w.ffn_gate = Linear(check_shape(f["ffn_gate"], (c.n_ff, c.n_embd)))
-                w.ffn_up = Linear(check_shape(f["ffn_up"], (c.n_ff, c.n_embd)))
-                w.ffn_down = Linear(check_shape(f["ffn_down"], (c.n_embd, c.n_ff)))
+                w.ffn_gate = Linear(check_shape(f["ffn_gate"], (c.n_ff, c.n_embd)), numerics=n)
+                w.ffn_up = Linear(check_shape(f["ffn_up"], (c.n_ff, c.n_embd)), numerics=n)
+                w.ffn_down = Linear(check_shape(f["ffn_down"], (c.n_embd, c.n_ff)), numerics=n)
             self.layers.append(w)
 
     def layer(self, il, x, positions, cache):
-        c, w = self.config, self.layers[il]
-        h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps), il)  # (n_tok, n_embd)
+        c, w, n = self.config, self.layers[il], self.numerics
+        h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps, n), il)  # (n_tok, n_embd)
         x = self.emit("ffn_inp", x + self_attention(self, w.attn, h, positions, cache, il, c.rope, self.attn_scale), il)
-        h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps), il)
+        h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps, n), il)
         if w.ffn_moe is not None:
             return x + self.emit("ffn_moe_out", w.ffn_moe(h, self.emit, il), il)  # (n_tok, n_embd)
-        return x + self.emit("ffn_out", w.ffn_down(silu(w.ffn_gate(h)) * w.ffn_up(h)), il)  # (n_tok, n_embd)
+        return x + self.emit("ffn_out", w.ffn_down(swiglu(w.ffn_gate(h), w.ffn_up(h), n)), il)  # (n_tok, n_embd)

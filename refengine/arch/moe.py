@@ -134,14 +134,14 @@ class SwiGLU:
     ffn_down: Linear  # (n_embd, n_ff)
 
     @classmethod
-    def load(cls, gguf: GGUFFile, il: int, n_ff: int, n_embd: int, suffix: str = "") -> SwiGLU:
+    def load(cls, gguf: GGUFFile, il: int, n_ff: int, n_embd: int, suffix: str = "", numerics: str = "exact") -> SwiGLU:
         """blk.{il}.ffn_{gate,up,down}{suffix}: suffix "_shexp" for the shared experts."""
         names = [f"ffn_gate{suffix}", f"ffn_up{suffix}", f"ffn_down{suffix}"]
         t = layer_tensors(gguf, il, names)
         return cls(
-            Linear(check_shape(t[names[0]], (n_ff, n_embd))),
-            Linear(check_shape(t[names[1]], (n_ff, n_embd))),
-            Linear(check_shape(t[names[2]], (n_embd, n_ff))),
+            Linear(check_shape(t[names[0]], (n_ff, n_embd)), numerics=numerics),
+            Linear(check_shape(t[names[1]], (n_ff, n_embd)), numerics=numerics),
+            Linear(check_shape(t[names[2]], (n_embd, n_ff)), numerics=numerics),
         )
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -183,10 +183,11 @@ def route(logits: np.ndarray, c: MoEConfig, exp_probs_b: np.ndarray | None) -> t
 class MoE:
     """One layer's mixture of experts: router, routed experts and shared experts."""
 
-    def __init__(self, gguf: GGUFFile, il: int, c: MoEConfig, n_embd: int, dtype):
-        self.config, self.n_embd = c, n_embd
+    def __init__(self, gguf: GGUFFile, il: int, c: MoEConfig, n_embd: int, dtype, numerics: str = "exact"):
+        self.config, self.n_embd, self.numerics = c, n_embd, numerics
         t = layer_tensors(gguf, il, ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"])
-        self.ffn_gate_inp = Linear(check_shape(t["ffn_gate_inp"], (c.n_expert, n_embd)))  # (n_expert, n_embd)
+        gate_inp = check_shape(t["ffn_gate_inp"], (c.n_expert, n_embd))
+        self.ffn_gate_inp = Linear(gate_inp, numerics=numerics)  # (n_expert, n_embd)
         bias = gguf.tensors.get(f"blk.{il}.exp_probs_b.bias")
         self.exp_probs_b = None  # (n_expert,) in the compute dtype
         if bias is not None:
@@ -196,16 +197,12 @@ class MoE:
         self.ffn_up_exps: Tensor = check_shape(t["ffn_up_exps"], (c.n_expert, c.n_ff_exp, n_embd))
         self.ffn_down_exps: Tensor = check_shape(t["ffn_down_exps"], (c.n_expert, n_embd, c.n_ff_exp))
         self.experts: dict[int, tuple[Linear, Linear, Linear]] = {}
-        self.expert_slices: dict[tuple, Linear | tuple[Linear, Linear]] = {}  # a worker's rows of an expert
-        # Who runs the routed experts: None, every expert here, in turn; or an object with
-        # run(moe, experts, inputs) -> outputs, layer_input(x) -> x and combine(routed sum) -> routed sum:
-        # refengine.numa's ExpertDispatch (--numa shard, each expert on the pool of the node that holds it)
-        # or SplitDispatch (--numa split, each node its rows of each), refengine.distributed's RankDispatch
-        # (MPI: each rank its own experts, rank 0's input, the partial sums added over the ranks).
+        # --numa shard: refengine.numa sets an ExpertDispatch, which runs an expert on the worker pool of the
+        # node that holds its weights. None: every expert runs here, in turn.
         self.dispatch = None
         self.ffn_shexp = None  # ffn_{gate,up,down}_shexp: the shared experts, one FFN every token goes through
         if c.n_expert_shared:
-            self.ffn_shexp = SwiGLU.load(gguf, il, c.n_expert_shared * c.n_ff_exp, n_embd, suffix="_shexp")
+            self.ffn_shexp = SwiGLU.load(gguf, il, c.n_expert_shared * c.n_ff_exp, n_embd, "_shexp", numerics)
 
     def expert(self, e: int) -> tuple[Linear, Linear, Linear]:
         """Expert e's (ffn_gate, ffn_up, ffn_down), views of its rows of the mapping, made when first
@@ -214,17 +211,15 @@ class MoE:
         if e not in self.experts:
             ff, embd = self.config.n_ff_exp, self.n_embd
             self.experts[e] = (
-                Linear(self.ffn_gate_exps, rows=slice(e * ff, (e + 1) * ff)),  # (n_ff_exp, n_embd)
-                Linear(self.ffn_up_exps, rows=slice(e * ff, (e + 1) * ff)),  # (n_ff_exp, n_embd)
-                Linear(self.ffn_down_exps, rows=slice(e * embd, (e + 1) * embd)),  # (n_embd, n_ff_exp)
+                Linear(self.ffn_gate_exps, slice(e * ff, (e + 1) * ff), self.numerics),  # (n_ff_exp, n_embd)
+                Linear(self.ffn_up_exps, slice(e * ff, (e + 1) * ff), self.numerics),  # (n_ff_exp, n_embd)
+                Linear(self.ffn_down_exps, slice(e * embd, (e + 1) * embd), self.numerics),  # (n_embd, n_ff_exp)
             )
         return self.experts[e]
 
     def __call__(self, x: np.ndarray, emit: Emit | None = None, il: int | None = None) -> np.ndarray:
         """(n_tok, n_embd) -> (n_tok, n_embd). emit(name, x, il), if given, sees the router's logits, the chosen
         experts and their weights (a DecoderModel's emit: llama.cpp's names)."""
-        if self.dispatch is not None:
-            x = self.dispatch.layer_input(x)  # MPI: every rank takes rank 0's input, and so routes as it does
         logits = self.ffn_gate_inp(x)  # (n_tok, n_expert)
         chosen, weights = route(logits, self.config, self.exp_probs_b)  # (n_tok, n_expert_used) each
         if emit is not None:
@@ -242,47 +237,15 @@ class MoE:
             ys = self.run_experts(experts, [x[tokens] for tokens, _ in routed])  # (n_routed, n_embd) each
             for (tokens, rank), y in zip(routed, ys, strict=True):
                 out[tokens] += weights[tokens, rank, None] * y
-        if self.dispatch is not None:
-            out = self.dispatch.combine(out)  # MPI: the sum of the ranks' partial outputs (one allreduce)
         if self.ffn_shexp is not None:
             out += self.ffn_shexp(x)
         return out
 
     def run_experts(self, experts: list[int], inputs: list[np.ndarray]) -> Iterator[np.ndarray]:
-        """swiglu of each expert on its input (n_routed, n_embd) -> (n_routed, n_embd), in order. With
-        `dispatch` the workers compute them; every element is computed as run_expert computes it, and the
-        caller sums the outputs in the same order either way, so the result is the same to the bit."""
+        """swiglu of each expert on its input, in order. With `dispatch` (--numa shard) they run at once,
+        each on the pool of its node; the caller sums them in the same order either way, so the result
+        is the same to the bit."""
         if self.dispatch is None:
-            return (self.run_expert(e, xe) for e, xe in zip(experts, inputs, strict=True))
-        return iter(self.dispatch.run(self, experts, inputs))
-
-    def run_expert(self, e: int, x: np.ndarray) -> np.ndarray:
-        return swiglu(*self.expert(e), x)
-
-    def gate_up_rows(self, e: int, ff: range, x: np.ndarray, h: np.ndarray) -> None:
-        """h[:, ff] = silu(ffn_gate[ff] x) * ffn_up[ff] x for expert e: rows ff of its intermediate features,
-        x (n_tok, n_embd), h (n_tok, n_ff_exp). One worker's first phase under a row split (refengine.partition)."""
-        key = ("ff", e, ff.start, ff.stop)
-        if key not in self.expert_slices:
-            first = e * self.config.n_ff_exp
-            rows = slice(first + ff.start, first + ff.stop)
-            self.expert_slices[key] = (
-                self.rows_linear(self.ffn_gate_exps, rows),  # (len(ff), n_embd)
-                self.rows_linear(self.ffn_up_exps, rows),  # (len(ff), n_embd)
-            )
-        gate, up = self.expert_slices[key]
-        h[:, ff.start : ff.stop] = silu(gate(x)) * up(x)
-
-    def down_rows(self, e: int, out: range, h: np.ndarray, y: np.ndarray) -> None:
-        """y[:, out] = ffn_down[out] h for expert e: rows out of its output from its whole intermediate
-        features h (n_tok, n_ff_exp), y (n_tok, n_embd). One worker's second phase under a row split."""
-        key = ("out", e, out.start, out.stop)
-        if key not in self.expert_slices:
-            rows = slice(e * self.n_embd + out.start, e * self.n_embd + out.stop)
-            self.expert_slices[key] = self.rows_linear(self.ffn_down_exps, rows)  # (len(out), n_ff_exp)
-        y[:, out.start : out.stop] = self.expert_slices[key](h)
-
-    def rows_linear(self, tensor: Tensor, rows: slice) -> Linear:
-        """Rows of a 3-D expert tensor as a Linear of their own, in the numerics the block's experts use."""
-        numerics = getattr(self, "numerics", None)  # the block's numerics, where Linear takes them
-        return Linear(tensor, rows) if numerics is None else Linear(tensor, rows, numerics)
+            return (swiglu(*self.expert(e), xe) for e, xe in zip(experts, inputs, strict=True))
+        futures = [self.dispatch(e, swiglu, *self.expert(e), xe) for e, xe in zip(experts, inputs, strict=True)]
+        return (f.result() for f in futures)

@@ -1,0 +1,324 @@
+"""K-quant matmuls in the float orders of llama.cpp's CPU backend (x86, AVX-512 build), for numerics="ggml".
+
+The integers are those of gemv_ggml.py, exact; what differs between ggml's three K-quant paths is how
+the floats meet them, and each is followed here:
+
+  vec_dot   ggml_vec_dot_q*_K_q8_K (arch/x86/quants.c), one token or a batch of fewer than 8: per
+            super-block an 8-lane integer sum, acc = fma(d_x * d_w, lanes, acc), hsum_float_8 at the
+            end; Q4_K and Q5_K add the mins apart (Q4_K in 4 float lanes, Q5_K in one float).
+  tiled     tiled/tiled-kernel.cpp, a batch of 8 tokens or more: per super-block the integers s1 (scaled
+            dot products) and s2 (mins times activation sums), then
+            buf += (s1 * d_w - d_min * s2) * d_x, super-block after super-block.
+  repack    Q4_K whose row count is a multiple of 8, which llama.cpp repacks at load (repack.cpp,
+            ggml_gemv/gemm_q4_K_8x8_q8_K), for any number of tokens: acc = fma(s1, d_w * d_x, acc),
+            acc_min = fma(s2, d_min * d_x, acc_min), then acc - acc_min.
+
+`matvec_<type>` and `matmul_<type>` pick the path as ggml_compute_forward_mul_mat does for the shape.
+Activations are quantized to Q8_K as for gemv_ggml.py's kernels (quantize_mat_q8_K, which the repacked
+batches use, gives the same values in another layout).
+"""
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from ._jit import kernel, prange
+from .gemv import prefetch_block
+from .gemv_ggml import activations_q8_k, half_at, pair_sums
+from .ops_ggml import fma32
+from .simd import (
+    add_lanes,
+    bit_bytes,
+    dot_bytes_scaled,
+    high_nibbles,
+    k4_mins,
+    k4_scales,
+    lane,
+    load_bytes,
+    load_lanes,
+    low_nibbles,
+    mask_bytes,
+    mul_lanes,
+    or_bytes,
+    shift_left,
+    shift_right,
+    sum_lanes,
+    zero_lanes,
+)
+
+f32 = np.float32
+TILED_MIN_BATCH = 8  # ggml_tiled_min_batch: the tiled path takes batches of 8 tokens or more
+
+
+@kernel
+def hsum8(v):  # (8,) float32 lanes -> hsum_float_8: high half + low half, then (0 + 2) + (1 + 3)
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+
+
+# ---------------------------------------------------------------- one super-block's integers
+
+
+@kernel(inline=True)
+def q4_k_super(rows, r, b, a, sums32):
+    """Q4_K super-block b of row r against activation super-block b: (lanes, mins) Int32x8, lane k of
+    `lanes` the scaled products of bytes 4k..4k+3 of every 32-value chunk, mins[s] = m_s * bsum32_s."""
+    base = 144 * b
+    scales = k4_scales(rows, r, base + 4)
+    lanes_low, lanes_high = zero_lanes(), zero_lanes()
+    for c in range(4):
+        packed = load_bytes(rows, r, base + 16 + 32 * c)
+        low, high = lane(scales, 2 * c), lane(scales, 2 * c + 1)
+        lanes_low = dot_bytes_scaled(lanes_low, low_nibbles(packed), load_bytes(a, b, 4 + 64 * c), low, low)
+        lanes_high = dot_bytes_scaled(lanes_high, high_nibbles(packed), load_bytes(a, b, 36 + 64 * c), high, high)
+    return add_lanes(lanes_low, lanes_high), mul_lanes(k4_mins(rows, r, base + 4), load_lanes(sums32, b, 0))
+
+
+@kernel(inline=True)
+def q5_k_super(rows, r, b, a, sums32):
+    """Q5_K super-block b of row r: (lanes, mins) as q4_k_super."""
+    base = 176 * b
+    scales = k4_scales(rows, r, base + 4)
+    high_bits = load_bytes(rows, r, base + 16)
+    lanes_low, lanes_high = zero_lanes(), zero_lanes()
+    for c in range(4):
+        packed = load_bytes(rows, r, base + 48 + 32 * c)
+        q_low = or_bytes(low_nibbles(packed), bit_bytes(high_bits, 1 << (2 * c), 16))
+        q_high = or_bytes(high_nibbles(packed), bit_bytes(high_bits, 2 << (2 * c), 16))
+        low, high = lane(scales, 2 * c), lane(scales, 2 * c + 1)
+        lanes_low = dot_bytes_scaled(lanes_low, q_low, load_bytes(a, b, 4 + 64 * c), low, low)
+        lanes_high = dot_bytes_scaled(lanes_high, q_high, load_bytes(a, b, 36 + 64 * c), high, high)
+    return add_lanes(lanes_low, lanes_high), mul_lanes(k4_mins(rows, r, base + 4), load_lanes(sums32, b, 0))
+
+
+@kernel(inline=True)
+def q6_k_super(rows, r, b, a):
+    """Q6_K super-block b of row r: lanes of the scaled products of the unsigned quants (0..63), before
+    the offset of 32 comes off (q6_k_offset)."""
+    signed_rows = rows.view(np.int8)
+    base = 210 * b
+    lanes0, lanes1, lanes2, lanes3 = zero_lanes(), zero_lanes(), zero_lanes(), zero_lanes()
+    for h in range(2):
+        scale_base = base + 192 + 8 * h
+        low = load_bytes(rows, r, base + 64 * h)
+        high = load_bytes(rows, r, base + 64 * h + 32)
+        bits = load_bytes(rows, r, base + 128 + 32 * h)
+        q0 = or_bytes(low_nibbles(low), mask_bytes(shift_left(bits, 4), 0x30))
+        q1 = or_bytes(low_nibbles(high), mask_bytes(shift_left(bits, 2), 0x30))
+        q2 = or_bytes(high_nibbles(low), mask_bytes(bits, 0x30))
+        q3 = or_bytes(high_nibbles(high), mask_bytes(shift_right(bits, 2), 0x30))
+        y = 4 + 128 * h
+        s = signed_rows[r, scale_base : scale_base + 8]
+        lanes0 = dot_bytes_scaled(lanes0, q0, load_bytes(a, b, y), np.int32(s[0]), np.int32(s[1]))
+        lanes1 = dot_bytes_scaled(lanes1, q1, load_bytes(a, b, y + 32), np.int32(s[2]), np.int32(s[3]))
+        lanes2 = dot_bytes_scaled(lanes2, q2, load_bytes(a, b, y + 64), np.int32(s[4]), np.int32(s[5]))
+        lanes3 = dot_bytes_scaled(lanes3, q3, load_bytes(a, b, y + 96), np.int32(s[6]), np.int32(s[7]))
+    return add_lanes(add_lanes(lanes0, lanes1), add_lanes(lanes2, lanes3))
+
+
+@kernel
+def q6_k_offset(rows, r, b, a_sums, k):
+    """32 * (sc_2k bsum_2k + sc_2k+1 bsum_2k+1): what ggml's q8sclsub takes off lane k of a Q6_K block."""
+    s = rows.view(np.int8)
+    base = 210 * b + 192
+    return np.int32(32) * (
+        np.int32(s[r, base + 2 * k]) * a_sums[b, 2 * k] + np.int32(s[r, base + 2 * k + 1]) * a_sums[b, 2 * k + 1]
+    )
+
+
+# ---------------------------------------------------------------- vec_dot: ggml_vec_dot_q*_K_q8_K
+
+
+@kernel
+def q4_k_vec_dot(rows, r, a, a_scales, sums32):
+    acc = np.zeros(8, dtype=np.float32)
+    acc_m = np.zeros(4, dtype=np.float32)
+    for b in range(a.shape[0]):
+        prefetch_block(rows, r, 144 * b, 144)
+        lanes, mins = q4_k_super(rows, r, b, a, sums32)
+        d = a_scales[b] * half_at(rows, r, 144 * b)
+        dmin = -(a_scales[b] * half_at(rows, r, 144 * b + 2))
+        for k in range(4):  # _mm_madd_epi16(mins, q8s): lane k the mins of sub-blocks 2k and 2k + 1
+            acc_m[k] = fma32(dmin, f32(lane(mins, 2 * k) + lane(mins, 2 * k + 1)), acc_m[k])
+        for k in range(8):
+            acc[k] = fma32(d, f32(lane(lanes, k)), acc[k])
+    return hsum8(acc) + ((acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]))
+
+
+@kernel
+def q5_k_vec_dot(rows, r, a, a_scales, sums32):
+    acc = np.zeros(8, dtype=np.float32)
+    summs = f32(0)
+    for b in range(a.shape[0]):
+        prefetch_block(rows, r, 176 * b, 176)
+        lanes, mins = q5_k_super(rows, r, b, a, sums32)
+        d = a_scales[b] * half_at(rows, r, 176 * b)
+        dmin = -(a_scales[b] * half_at(rows, r, 176 * b + 2))
+        summs = fma32(dmin, f32(sum_lanes(mins)), summs)
+        for k in range(8):
+            acc[k] = fma32(d, f32(lane(lanes, k)), acc[k])
+    return hsum8(acc) + summs
+
+
+@kernel
+def q6_k_vec_dot(rows, r, a, a_scales, a_sums):
+    acc = np.zeros(8, dtype=np.float32)
+    for b in range(a.shape[0]):
+        prefetch_block(rows, r, 210 * b, 210)
+        lanes = q6_k_super(rows, r, b, a)
+        d = a_scales[b] * half_at(rows, r, 210 * b + 208)
+        for k in range(8):
+            acc[k] = fma32(d, f32(lane(lanes, k) - q6_k_offset(rows, r, b, a_sums, k)), acc[k])
+    return hsum8(acc)
+
+
+# ---------------------------------------------------------------- tiled and repacked
+
+
+@kernel
+def q4_k_tiled(rows, r, a, a_scales, sums32):
+    total = f32(0)
+    for b in range(a.shape[0]):
+        lanes, mins = q4_k_super(rows, r, b, a, sums32)
+        result = fma32(
+            -half_at(rows, r, 144 * b + 2), f32(sum_lanes(mins)), f32(sum_lanes(lanes)) * half_at(rows, r, 144 * b)
+        )
+        total = fma32(result, a_scales[b], total)
+    return total
+
+
+@kernel
+def q5_k_tiled(rows, r, a, a_scales, sums32):
+    total = f32(0)
+    for b in range(a.shape[0]):
+        lanes, mins = q5_k_super(rows, r, b, a, sums32)
+        result = fma32(
+            -half_at(rows, r, 176 * b + 2), f32(sum_lanes(mins)), f32(sum_lanes(lanes)) * half_at(rows, r, 176 * b)
+        )
+        total = fma32(result, a_scales[b], total)
+    return total
+
+
+@kernel
+def q6_k_tiled(rows, r, a, a_scales, a_sums):
+    total = f32(0)
+    for b in range(a.shape[0]):
+        lanes = q6_k_super(rows, r, b, a)
+        offset = np.int32(0)
+        for k in range(8):
+            offset += q6_k_offset(rows, r, b, a_sums, k)
+        result = f32(sum_lanes(lanes) - offset) * half_at(rows, r, 210 * b + 208)
+        total = fma32(result, a_scales[b], total)
+    return total
+
+
+@kernel
+def q4_k_repacked_gemm(rows, r, a, a_scales, sums32):
+    """ggml_gemm_q4_K_8x8_q8_K (groups of 4 tokens): the float sums take each 64-value chunk's integers
+    (two sub-blocks) in turn, where the gemv takes a super-block's."""
+    acc = f32(0)
+    acc_min = f32(0)
+    for b in range(a.shape[0]):
+        base = 144 * b
+        prefetch_block(rows, r, base, 144)
+        scales = k4_scales(rows, r, base + 4)
+        mins = mul_lanes(k4_mins(rows, r, base + 4), load_lanes(sums32, b, 0))
+        d = half_at(rows, r, base) * a_scales[b]
+        dmin = half_at(rows, r, base + 2) * a_scales[b]
+        for c in range(4):
+            packed = load_bytes(rows, r, base + 16 + 32 * c)
+            low, high = lane(scales, 2 * c), lane(scales, 2 * c + 1)
+            lanes = dot_bytes_scaled(zero_lanes(), low_nibbles(packed), load_bytes(a, b, 4 + 64 * c), low, low)
+            lanes = dot_bytes_scaled(lanes, high_nibbles(packed), load_bytes(a, b, 36 + 64 * c), high, high)
+            acc = fma32(f32(sum_lanes(lanes)), d, acc)
+            acc_min = fma32(f32(lane(mins, 2 * c) + lane(mins, 2 * c + 1)), dmin, acc_min)
+    return acc - acc_min
+
+
+@kernel
+def q4_k_repacked(rows, r, a, a_scales, sums32):
+    """ggml_gemv_q4_K_8x8_q8_K (one token, the tokens past the last group of 4, and mul_mat_id)."""
+    acc = f32(0)
+    acc_min = f32(0)
+    for b in range(a.shape[0]):
+        prefetch_block(rows, r, 144 * b, 144)
+        lanes, mins = q4_k_super(rows, r, b, a, sums32)
+        acc = fma32(f32(sum_lanes(lanes)), half_at(rows, r, 144 * b) * a_scales[b], acc)
+        acc_min = fma32(f32(sum_lanes(mins)), half_at(rows, r, 144 * b + 2) * a_scales[b], acc_min)
+    return acc - acc_min
+
+
+# ---------------------------------------------------------------- the kernels, by ggml's choice of path
+
+
+@kernel(parallel=True)
+def matmul_q4_k(rows, x, out):  # (n_out, n_blocks * 144) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
+    a, a_scales, a_sums = activations_q8_k(x)
+    sums32 = pair_sums(a_sums)
+    n_tok = x.shape[0]
+    repacked = rows.shape[0] % 8 == 0  # ggml_repack_get_optimal_repack_type: q4_K_8x8 on AVX2 and up
+    n_gemm = n_tok - n_tok % 4 if n_tok > 3 else 0  # forward_mul_mat_one_chunk: gemm for groups of 4 rows
+    for r in prange(rows.shape[0]):
+        for t in range(n_tok):
+            if repacked and t < n_gemm:
+                out[t, r] = q4_k_repacked_gemm(rows, r, a[t], a_scales[t], sums32[t])
+            elif repacked:
+                out[t, r] = q4_k_repacked(rows, r, a[t], a_scales[t], sums32[t])
+            elif n_tok >= TILED_MIN_BATCH:
+                out[t, r] = q4_k_tiled(rows, r, a[t], a_scales[t], sums32[t])
+            else:
+                out[t, r] = q4_k_vec_dot(rows, r, a[t], a_scales[t], sums32[t])
+
+
+@kernel(parallel=True)
+def matmul_q5_k(rows, x, out):  # (n_out, n_blocks * 176) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
+    a, a_scales, a_sums = activations_q8_k(x)
+    sums32 = pair_sums(a_sums)
+    n_tok = x.shape[0]
+    for r in prange(rows.shape[0]):
+        for t in range(n_tok):
+            if n_tok >= TILED_MIN_BATCH:
+                out[t, r] = q5_k_tiled(rows, r, a[t], a_scales[t], sums32[t])
+            else:
+                out[t, r] = q5_k_vec_dot(rows, r, a[t], a_scales[t], sums32[t])
+
+
+@kernel(parallel=True)
+def matmul_q6_k(rows, x, out):  # (n_out, n_blocks * 210) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
+    a, a_scales, a_sums = activations_q8_k(x)
+    n_tok = x.shape[0]
+    for r in prange(rows.shape[0]):
+        for t in range(n_tok):
+            if n_tok >= TILED_MIN_BATCH:
+                out[t, r] = q6_k_tiled(rows, r, a[t], a_scales[t], a_sums[t])
+            else:
+                out[t, r] = q6_k_vec_dot(rows, r, a[t], a_scales[t], a_sums[t])
+
+
+@kernel(parallel=True)
+def matvec_q4_k(rows, x, out):  # (n_out, n_blocks * 144) uint8, (n_in,) float32 -> (n_out,)
+    a, a_scales, a_sums = activations_q8_k(x.reshape((1, x.shape[0])))
+    sums32 = pair_sums(a_sums)
+    repacked = rows.shape[0] % 8 == 0
+    for r in prange(rows.shape[0]):
+        if repacked:
+            out[r] = q4_k_repacked(rows, r, a[0], a_scales[0], sums32[0])
+        else:
+            out[r] = q4_k_vec_dot(rows, r, a[0], a_scales[0], sums32[0])
+
+
+@kernel(parallel=True)
+def matvec_q5_k(rows, x, out):  # (n_out, n_blocks * 176) uint8, (n_in,) float32 -> (n_out,)
+    a, a_scales, a_sums = activations_q8_k(x.reshape((1, x.shape[0])))
+    sums32 = pair_sums(a_sums)
+    for r in prange(rows.shape[0]):
+        out[r] = q5_k_vec_dot(rows, r, a[0], a_scales[0], sums32[0])
+
+
+@kernel(parallel=True)
+def matvec_q6_k(rows, x, out):  # (n_out, n_blocks * 210) uint8, (n_in,) float32 -> (n_out,)
+    a, a_scales, a_sums = activations_q8_k(x.reshape((1, x.shape[0])))
+    for r in prange(rows.shape[0]):
+        out[r] = q6_k_vec_dot(rows, r, a[0], a_scales[0], a_sums[0])
+
+
+KQUANT_MATVEC_KERNELS = {T.Q4_K: matvec_q4_k, T.Q5_K: matvec_q5_k, T.Q6_K: matvec_q6_k}
+KQUANT_MATMUL_KERNELS = {T.Q4_K: matmul_q4_k, T.Q5_K: matmul_q5_k, T.Q6_K: matmul_q6_k}

@@ -1,0 +1,260 @@
+"""ggml-cpu's float32 ops outside the matmuls, bit for bit: what numerics="ggml" computes between them.
+
+llama.cpp's CPU backend rounds activations to 8 bits at every quantized matmul, so a difference of
+one ulp anywhere before one (a norm summed in another order, a cosine from another library) moves
+a value across a rounding boundary now and then, and from there the two computations drift apart
+by the size of that rounding: llama.cpp against itself with its weight repacking turned off differs
+by a mean KL of 6e-3 on gemma3-270m. So these follow ggml-cpu's code operation for operation, as
+GCC compiles it for x86 with AVX-512 (ops.cpp, vec.h, vec.cpp; llama-cpp-python 0.3.36's ggml):
+
+  rms_norm     the squares summed in double, in order; scale = 1/sqrtf(mean + eps); x * scale * w
+  rope         per position, theta = p, then theta *= powf(base, -2/n_dims) pair by pair (a float32
+               running product); cosf and sinf of libm; x0 cos - x1 sin with GCC's fused multiply-add
+  softmax      ggml_v_expf (a polynomial, 16 lanes), its sums in double per 16-lane block
+               (_mm512_reduce_add_ps's tree), remainder by libm's expf; 1/sum in double, applied in float
+  silu         x / (1 + ggml_v_expf(-x)), and for ne % 16 leftovers x / (1 + expf(-x))
+  gelu         ggml's table: x rounded to f16, the table's f16 value of gelu at it (GGML_GELU_FP16)
+
+tests/test_ggml_ops.py holds each to ggml's own op, through ctypes on the libggml of llama-cpp-python.
+"""
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._jit import f16_to_f32, kernel, prange
+from .activations import cpu_fp32_to_fp16
+
+f32 = np.float32
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """a * b + c in float32 with one rounding (llvm.fma.f32: vfmadd on x86), as ggml's _mm512_fmadd_ps
+    and GCC's contracted a * b + c."""
+    if not all(isinstance(v, types.Float) and v.bitwidth == 32 for v in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        fn_type = ir.FunctionType(ir.FloatType(), [ir.FloatType()] * 3)
+        return builder.call(cgutils.get_or_insert_function(builder.module, fn_type, "llvm.fma.f32"), args)
+
+    return types.float32(a, b, c), codegen
+
+
+# ---------------------------------------------------------------- exp and the 16-lane sums
+
+EXP_SHIFTER = f32(float.fromhex("0x1.8p23"))
+EXP_LOG2E = f32(float.fromhex("0x1.715476p+0"))
+EXP_LN2_HI = f32(float.fromhex("0x1.62e4p-1"))
+EXP_LN2_LO = f32(float.fromhex("0x1.7f7d1cp-20"))
+EXP_C4 = f32(float.fromhex("0x1.0e4020p-7"))
+EXP_C3 = f32(float.fromhex("0x1.573e2ep-5"))
+EXP_C2 = f32(float.fromhex("0x1.555e66p-3"))
+EXP_C1 = f32(float.fromhex("0x1.fffdb6p-2"))
+EXP_C0 = f32(float.fromhex("0x1.ffffecp-1"))
+
+
+@kernel
+def v_expf(x):
+    """One lane of ggml_v_expf (vec.h, the AVX-512 version): n = round(x log2 e) by the 1.5 * 2^23
+    shifter, b = x - n ln 2 in two parts, exp(b) by a degree-5 polynomial, then scalef by 2^n;
+    |n| > 192 gives 0 or inf."""
+    z = fma32(x, EXP_LOG2E, EXP_SHIFTER)
+    n = z - EXP_SHIFTER
+    b = fma32(-n, EXP_LN2_LO, fma32(-n, EXP_LN2_HI, x))
+    u = b * b
+    j = fma32(fma32(fma32(EXP_C4, b, EXP_C3), u, fma32(EXP_C2, b, EXP_C1)), u, fma32(EXP_C0, b, f32(1)))
+    if abs(n) > f32(192):
+        return f32(0) if n <= f32(0) else f32(np.inf)
+    return f32(np.float64(j) * 2.0 ** np.float64(n))  # _mm512_scalef_ps: one rounding of j * 2^n
+
+
+@kernel
+def reduce_add_16(v, i):
+    """v[i] + ... + v[i + 15] (a float32 1-D array) in the tree of GCC's _mm512_reduce_add_ps: the
+    halves 8 apart added, then 4 apart, then lanes (0 + 2) + (1 + 3)."""
+    a0 = (v[i + 0] + v[i + 8]) + (v[i + 4] + v[i + 12])
+    a1 = (v[i + 1] + v[i + 9]) + (v[i + 5] + v[i + 13])
+    a2 = (v[i + 2] + v[i + 10]) + (v[i + 6] + v[i + 14])
+    a3 = (v[i + 3] + v[i + 11]) + (v[i + 7] + v[i + 15])
+    return (a0 + a2) + (a1 + a3)
+
+
+# ---------------------------------------------------------------- rms_norm
+
+
+@kernel(parallel=True)
+def rms_norm(x, weight, eps, out):  # (n_rows, n) f32, (n,) f32, f32 -> out (n_rows, n)
+    """ggml_rms_norm then ggml_mul by the weight (ops.cpp's rms_norm_f32, fused or not: the same)."""
+    n_rows, n = x.shape
+    for r in prange(n_rows):
+        total = 0.0
+        for i in range(n):
+            total += np.float64(x[r, i] * x[r, i])
+        mean = f32(total / n)
+        scale = f32(1) / np.sqrt(mean + eps)
+        for i in range(n):
+            out[r, i] = x[r, i] * scale * weight[i]
+
+
+# ---------------------------------------------------------------- rope
+
+
+@kernel
+def rope_yarn_corr_dims(n_dims, n_ctx_orig, base, beta_fast, beta_slow):
+    """ggml_rope_yarn_corr_dims (ggml.c): the pair indices where YaRN's ramp starts and ends, in float32."""
+    two_pi = f32(2) * f32(math.pi)
+    low = math.floor(
+        f32(n_dims) * f32(math.log(f32(n_ctx_orig) / (beta_fast * two_pi))) / (f32(2) * f32(math.log(base)))
+    )
+    high = math.ceil(
+        f32(n_dims) * f32(math.log(f32(n_ctx_orig) / (beta_slow * two_pi))) / (f32(2) * f32(math.log(base)))
+    )
+    return max(f32(0), f32(low)), min(f32(n_dims - 1), f32(high))
+
+
+@kernel
+def rope_tables(positions, n_dims, base, freq_scale, freq_factors, attn_factor, ext_factor, corr_low, corr_high):
+    """cos and sin of every position and pair, (n_tok, n_dims / 2) each, as ggml_rope_cache_init and
+    rope_yarn compute them. freq_factors (n_dims / 2,) divides each pair's angle (empty: none)."""
+    n_tok, half = positions.shape[0], n_dims // 2
+    cos = np.empty((n_tok, half), dtype=np.float32)
+    sin = np.empty((n_tok, half), dtype=np.float32)
+    theta_scale = base ** (f32(-2.0) / f32(n_dims))
+    for t in range(n_tok):
+        theta = f32(positions[t])
+        for k in range(half):
+            extrap = theta / freq_factors[k] if freq_factors.shape[0] else theta
+            angle = freq_scale * extrap
+            mscale = attn_factor
+            if ext_factor != f32(0):
+                y = (f32(k) - corr_low) / max(f32(0.001), corr_high - corr_low)
+                mix = (f32(1) - min(f32(1), max(f32(0), y))) * ext_factor
+                angle = fma32(angle, f32(1) - mix, extrap * mix)
+                mscale *= fma32(f32(0.1), f32(math.log(f32(1) / freq_scale)), f32(1))
+            cos[t, k] = f32(math.cos(angle)) * mscale
+            sin[t, k] = f32(math.sin(angle)) * mscale
+            theta *= theta_scale
+    return cos, sin
+
+
+@kernel(parallel=True)
+def rope_apply(x, cos, sin, n_dims, neox, out):  # (n_tok, n_head, head_dim) f32, (n_tok, n_dims / 2) -> out
+    """rotate_pairs: x0 cos - x1 sin and x0 sin + x1 cos with GCC's contraction (the second product
+    rounded, the first fused), over pairs (2k, 2k + 1) or, neox, (k, k + n_dims / 2); the rest copied."""
+    n_tok, n_head, head_dim = x.shape
+    half = n_dims // 2
+    for t in prange(n_tok):
+        for h in range(n_head):
+            for k in range(half):
+                i0, i1 = (k, k + half) if neox else (2 * k, 2 * k + 1)
+                x0, x1 = x[t, h, i0], x[t, h, i1]
+                c, s = cos[t, k], sin[t, k]
+                out[t, h, i0] = fma32(x0, c, -(x1 * s))
+                out[t, h, i1] = fma32(x0, s, x1 * c)
+            for i in range(n_dims, head_dim):
+                out[t, h, i] = x[t, h, i]
+
+
+# ---------------------------------------------------------------- softmax
+
+
+@kernel
+def softmax_row(w, begin, end, n, out):
+    """ggml_vec_max_f32, ggml_vec_soft_max_f32 and the scaling by 1/sum, for a row of n scores (already
+    scaled and masked) of which only w[begin:end] are not masked (-inf) and are read: the others are
+    exactly 0 and add nothing to the sums. ggml's 16-lane blocks run from index 0 to n - n % 16, the
+    rest by libm's expf; out[begin:end] gets the probabilities."""
+    m = f32(-np.inf)
+    for i in range(begin, end):
+        m = max(m, w[i])
+    total = 0.0
+    n_full = n - n % 16
+    block = np.zeros(16, dtype=np.float32)
+    i = begin - begin % 16
+    while i < min(end, n_full):
+        for lane in range(16):
+            p = i + lane
+            block[lane] = v_expf(w[p] - m) if begin <= p < end else f32(0)
+            if begin <= p < end:
+                out[p] = block[lane]
+        total += np.float64(reduce_add_16(block, 0))
+        i += 16
+    for p in range(max(n_full, begin), end):
+        e = f32(math.exp(w[p] - m))
+        total += np.float64(e)
+        out[p] = e
+    inv = f32(1.0 / total)
+    for p in range(begin, end):
+        out[p] *= inv
+
+
+@kernel(parallel=True)
+def softmax_rows(x, scale, out):  # (n_rows, n) f32 -> out: ggml_soft_max_ext(x, NULL, scale, 0) row by row
+    for r in prange(x.shape[0]):
+        w = np.empty(x.shape[1], dtype=np.float32)
+        for i in range(x.shape[1]):
+            w[i] = x[r, i] * scale
+        softmax_row(w, 0, x.shape[1], x.shape[1], out[r])
+
+
+# ---------------------------------------------------------------- silu, gelu
+
+
+@kernel
+def silu_lane(x):
+    return x / (f32(1) + v_expf(f32(0) - x))
+
+
+@kernel(parallel=True)
+def swiglu(gate, up, out):  # (n_rows, n) f32 each: ggml_swiglu_split, silu(gate) * up
+    """ggml_vec_swiglu_f32: ggml_v_silu 16 lanes at a time, the rest x / (1 + expf(-x))."""
+    n_rows, n = gate.shape
+    n_full = n - n % 16
+    for r in prange(n_rows):
+        for i in range(n_full):
+            out[r, i] = silu_lane(gate[r, i]) * up[r, i]
+        for i in range(n_full, n):
+            g = gate[r, i]
+            out[r, i] = g / (f32(1) + f32(math.exp(-g))) * up[r, i]
+
+
+GELU_COEF_A = f32(0.044715)
+SQRT_2_OVER_PI = f32(0.79788456080286535587989211986876)
+
+
+@kernel
+def gelu_f32(x):
+    """ggml_gelu_f32 as GCC compiles it: 0.5 x (1 + tanhf(sqrt(2/pi) x (1 + a x^2)))."""
+    inner = fma32(GELU_COEF_A * x, x, f32(1))
+    return f32(0.5) * x * (f32(1) + f32(math.tanh(SQRT_2_OVER_PI * x * inner)))
+
+
+@kernel
+def gelu_table():  # -> (65536,) uint16: ggml_table_gelu_f16, gelu at every half, rounded to half
+    table = np.empty(65536, dtype=np.uint16)
+    for h in range(65536):
+        table[h] = cpu_fp32_to_fp16(gelu_f32(f16_to_f32(h & 0xFF, h >> 8)))
+    return table
+
+
+@kernel(parallel=True)
+def geglu(gate, up, table, out):  # (n_rows, n) f32 each: ggml_geglu_split, gelu(gate) * up by the table
+    """ggml_vec_geglu_f32 with GGML_GELU_FP16: 0 below -10, x above 10, else the table's value at x
+    rounded to half, times up."""
+    n_rows, n = gate.shape
+    for r in prange(n_rows):
+        for i in range(n):
+            g = gate[r, i]
+            if g <= f32(-10):
+                out[r, i] = f32(0)
+            elif g >= f32(10):
+                out[r, i] = g * up[r, i]
+            else:
+                h = table[cpu_fp32_to_fp16(g)]
+                out[r, i] = f16_to_f32(h & 0xFF, h >> 8) * up[r, i]
