@@ -26,7 +26,9 @@ import numpy as np
 
 from refengine.arch.common import HParams, ModelError, check_shape, layer_tensors
 from refengine.gguf import GGUFFile, Tensor
+from refengine.kernels import ops_ggml
 from refengine.nn import Linear, silu, softmax
+from refengine.nn import swiglu as silu_times
 
 # A DecoderModel's emit(name, x, il): shows an intermediate tensor to the forward pass's observer.
 Emit = Callable[[str, np.ndarray, int | None], np.ndarray]
@@ -121,8 +123,8 @@ class MoEConfig:
 
 
 def swiglu(ffn_gate: Linear, ffn_up: Linear, ffn_down: Linear, x: np.ndarray) -> np.ndarray:
-    """ffn_down(silu(ffn_gate(x)) * ffn_up(x)): (n_tok, n_embd) -> (n_tok, n_embd)."""
-    return ffn_down(silu(ffn_gate(x)) * ffn_up(x))
+    """ffn_down(silu(ffn_gate(x)) * ffn_up(x)): (n_tok, n_embd) -> (n_tok, n_embd), in the numerics of ffn_gate."""
+    return ffn_down(silu_times(ffn_gate(x), ffn_up(x), ffn_gate.numerics))
 
 
 @dataclass
@@ -157,11 +159,22 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
 
 
-def route(logits: np.ndarray, c: MoEConfig, exp_probs_b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def route(
+    logits: np.ndarray, c: MoEConfig, exp_probs_b: np.ndarray | None, numerics: str = "exact"
+) -> tuple[np.ndarray, np.ndarray]:
     """Choose each token's experts from its router logits (n_tok, n_expert), as build_moe_ffn does.
-    Returns the chosen experts (n_tok, n_expert_used), best first, and their weights (same shape)."""
+    Returns the chosen experts (n_tok, n_expert_used), best first, and their weights (same shape).
+    numerics "ggml": the probabilities as ggml_soft_max / ggml_sigmoid compute them, and the weights'
+    sum in double, as ggml_sum_rows."""
     n_tok = logits.shape[0]
-    probs = softmax(logits) if c.gating == "softmax" else sigmoid(logits)  # (n_tok, n_expert)
+    if numerics == "ggml":
+        probs = np.empty_like(logits)  # (n_tok, n_expert)
+        if c.gating == "softmax":
+            ops_ggml.softmax_rows(np.ascontiguousarray(logits), np.float32(1), probs)
+        else:
+            ops_ggml.sigmoid_rows(np.ascontiguousarray(logits), probs)
+    else:
+        probs = softmax(logits) if c.gating == "softmax" else sigmoid(logits)  # (n_tok, n_expert)
     # DeepSeek-V3's bias moves which experts are chosen, not how much they weigh.
     scores = probs if exp_probs_b is None else probs + exp_probs_b  # (n_tok, n_expert)
     if c.grouped:
@@ -174,7 +187,14 @@ def route(logits: np.ndarray, c: MoEConfig, exp_probs_b: np.ndarray | None) -> t
     chosen = top_k(scores, c.n_expert_used)  # (n_tok, n_expert_used)
     weights = np.take_along_axis(probs, chosen, axis=-1)  # (n_tok, n_expert_used)
     if c.weights_norm:
-        weights = weights / np.maximum(weights.sum(axis=-1, keepdims=True), weights.dtype.type(MIN_WEIGHTS_SUM))
+        if numerics == "ggml":
+            total = np.zeros(n_tok)  # float64, the slots added in order, then rounded to float32
+            for k in range(weights.shape[1]):
+                total += weights[:, k]
+            total = total.astype(weights.dtype)[:, None]
+        else:
+            total = weights.sum(axis=-1, keepdims=True)
+        weights = weights / np.maximum(total, weights.dtype.type(MIN_WEIGHTS_SUM))
     if c.weights_scale != 1.0:
         weights = weights * weights.dtype.type(c.weights_scale)
     return chosen, weights
@@ -197,8 +217,12 @@ class MoE:
         self.ffn_up_exps: Tensor = check_shape(t["ffn_up_exps"], (c.n_expert, c.n_ff_exp, n_embd))
         self.ffn_down_exps: Tensor = check_shape(t["ffn_down_exps"], (c.n_expert, n_embd, c.n_ff_exp))
         self.experts: dict[int, tuple[Linear, Linear, Linear]] = {}
-        # --numa shard: refengine.numa sets an ExpertDispatch, which runs an expert on the worker pool of the
-        # node that holds its weights. None: every expert runs here, in turn.
+        self.expert_slices: dict[tuple, Linear | tuple[Linear, Linear]] = {}  # a worker's rows of an expert
+        # Who runs the routed experts: None, every expert here, in turn; or an object with
+        # run(moe, experts, inputs) -> outputs, layer_input(x) -> x and combine(routed sum) -> routed sum:
+        # refengine.numa's ExpertDispatch (--numa shard, each expert on the pool of the node that holds it)
+        # or SplitDispatch (--numa split, each node its rows of each), refengine.distributed's RankDispatch
+        # (MPI: each rank its own experts, rank 0's input, the partial sums added over the ranks).
         self.dispatch = None
         self.ffn_shexp = None  # ffn_{gate,up,down}_shexp: the shared experts, one FFN every token goes through
         if c.n_expert_shared:
@@ -211,17 +235,23 @@ class MoE:
         if e not in self.experts:
             ff, embd = self.config.n_ff_exp, self.n_embd
             self.experts[e] = (
-                Linear(self.ffn_gate_exps, slice(e * ff, (e + 1) * ff), self.numerics),  # (n_ff_exp, n_embd)
-                Linear(self.ffn_up_exps, slice(e * ff, (e + 1) * ff), self.numerics),  # (n_ff_exp, n_embd)
-                Linear(self.ffn_down_exps, slice(e * embd, (e + 1) * embd), self.numerics),  # (n_embd, n_ff_exp)
+                Linear(
+                    self.ffn_gate_exps, slice(e * ff, (e + 1) * ff), self.numerics, expert=True
+                ),  # (n_ff_exp, n_embd)
+                Linear(self.ffn_up_exps, slice(e * ff, (e + 1) * ff), self.numerics, expert=True),  # (n_ff_exp, n_embd)
+                Linear(
+                    self.ffn_down_exps, slice(e * embd, (e + 1) * embd), self.numerics, expert=True
+                ),  # (n_embd, n_ff_exp)
             )
         return self.experts[e]
 
     def __call__(self, x: np.ndarray, emit: Emit | None = None, il: int | None = None) -> np.ndarray:
         """(n_tok, n_embd) -> (n_tok, n_embd). emit(name, x, il), if given, sees the router's logits, the chosen
         experts and their weights (a DecoderModel's emit: llama.cpp's names)."""
+        if self.dispatch is not None:
+            x = self.dispatch.layer_input(x)  # MPI: every rank takes rank 0's input, and so routes as it does
         logits = self.ffn_gate_inp(x)  # (n_tok, n_expert)
-        chosen, weights = route(logits, self.config, self.exp_probs_b)  # (n_tok, n_expert_used) each
+        chosen, weights = route(logits, self.config, self.exp_probs_b, self.numerics)  # (n_tok, n_expert_used) each
         if emit is not None:
             emit("ffn_moe_logits", logits, il)
             emit("ffn_moe_topk", chosen, il)
@@ -235,17 +265,53 @@ class MoE:
             experts = np.unique(chosen).tolist()
             routed = [np.nonzero(chosen == e) for e in experts]  # (tokens, rank); a token picks an expert once
             ys = self.run_experts(experts, [x[tokens] for tokens, _ in routed])  # (n_routed, n_embd) each
+            weighted = np.empty((*chosen.shape, x.shape[1]), dtype=x.dtype)  # (n_tok, n_expert_used, n_embd)
             for (tokens, rank), y in zip(routed, ys, strict=True):
-                out[tokens] += weights[tokens, rank, None] * y
+                weighted[tokens, rank] = y * weights[tokens, rank, None]
+            # each token's experts added in the order it chose them, as build_moe_ffn's chain of ggml_add
+            out[:] = weighted[:, 0]
+            for rank in range(1, chosen.shape[1]):
+                out += weighted[:, rank]
+        if self.dispatch is not None:
+            out = self.dispatch.combine(out)  # MPI: the sum of the ranks' partial outputs (one allreduce)
         if self.ffn_shexp is not None:
             out += self.ffn_shexp(x)
         return out
 
     def run_experts(self, experts: list[int], inputs: list[np.ndarray]) -> Iterator[np.ndarray]:
-        """swiglu of each expert on its input, in order. With `dispatch` (--numa shard) they run at once,
-        each on the pool of its node; the caller sums them in the same order either way, so the result
-        is the same to the bit."""
+        """swiglu of each expert on its input (n_routed, n_embd) -> (n_routed, n_embd), in order. With
+        `dispatch` the workers compute them; every element is computed as run_expert computes it, and the
+        caller sums the outputs in the same order either way, so the result is the same to the bit."""
         if self.dispatch is None:
-            return (swiglu(*self.expert(e), xe) for e, xe in zip(experts, inputs, strict=True))
-        futures = [self.dispatch(e, swiglu, *self.expert(e), xe) for e, xe in zip(experts, inputs, strict=True)]
-        return (f.result() for f in futures)
+            return (self.run_expert(e, xe) for e, xe in zip(experts, inputs, strict=True))
+        return iter(self.dispatch.run(self, experts, inputs))
+
+    def run_expert(self, e: int, x: np.ndarray) -> np.ndarray:
+        return swiglu(*self.expert(e), x)
+
+    def gate_up_rows(self, e: int, ff: range, x: np.ndarray, h: np.ndarray) -> None:
+        """h[:, ff] = silu(ffn_gate[ff] x) * ffn_up[ff] x for expert e: rows ff of its intermediate features,
+        x (n_tok, n_embd), h (n_tok, n_ff_exp). One worker's first phase under a row split (refengine.partition)."""
+        key = ("ff", e, ff.start, ff.stop)
+        if key not in self.expert_slices:
+            first = e * self.config.n_ff_exp
+            rows = slice(first + ff.start, first + ff.stop)
+            self.expert_slices[key] = (
+                self.rows_linear(self.ffn_gate_exps, rows),  # (len(ff), n_embd)
+                self.rows_linear(self.ffn_up_exps, rows),  # (len(ff), n_embd)
+            )
+        gate, up = self.expert_slices[key]
+        h[:, ff.start : ff.stop] = silu(gate(x)) * up(x)
+
+    def down_rows(self, e: int, out: range, h: np.ndarray, y: np.ndarray) -> None:
+        """y[:, out] = ffn_down[out] h for expert e: rows out of its output from its whole intermediate
+        features h (n_tok, n_ff_exp), y (n_tok, n_embd). One worker's second phase under a row split."""
+        key = ("out", e, out.start, out.stop)
+        if key not in self.expert_slices:
+            rows = slice(e * self.n_embd + out.start, e * self.n_embd + out.stop)
+            self.expert_slices[key] = self.rows_linear(self.ffn_down_exps, rows)  # (len(out), n_ff_exp)
+        y[:, out.start : out.stop] = self.expert_slices[key](h)
+
+    def rows_linear(self, tensor: Tensor, rows: slice) -> Linear:
+        """Rows of a 3-D expert tensor as a Linear of their own, in the numerics the block's experts use."""
+        return Linear(tensor, rows, self.numerics)
