@@ -56,9 +56,15 @@ from refengine.errors import RefengineError
 from . import attention, floats, legacy
 from .gemv import MATVEC_KERNELS
 from .gemv_ggml import ACTIVATION_KERNELS, VEC_DOT_TYPES
+from .gemv_ggml import GGML_MATMUL_ID_KERNELS as _LEGACY_MATMUL_ID
 from .gemv_ggml import GGML_MATMUL_KERNELS as _LEGACY_MATMUL
 from .gemv_ggml import GGML_MATVEC_KERNELS as _LEGACY_MATVEC
-from .kquants_ggml import KQUANT_MATMUL_KERNELS, KQUANT_MATVEC_KERNELS
+from .kquants_ggml import (
+    KQUANT_MATMUL_ID_KERNELS,
+    KQUANT_MATMUL_KERNELS,
+    KQUANT_MATVEC_KERNELS,
+    KQUANT_UNREPACKED_KERNELS,
+)
 from .quantize import QUANTIZE_KERNELS
 
 _KERNEL_MODULES = [floats, legacy]
@@ -192,6 +198,8 @@ def quantize_rows(ggml_type, x: np.ndarray, out: np.ndarray | None = None) -> np
 # ggml numerics: ggml type -> kernel(rows, x (n_in,), out (n_out,)), and -> kernel(rows, x (n_tok, n_in), out).
 GGML_MATVEC_KERNELS = {**_LEGACY_MATVEC, **KQUANT_MATVEC_KERNELS}
 GGML_MATMUL_KERNELS = {**_LEGACY_MATMUL, **KQUANT_MATMUL_KERNELS}
+# an expert's batch (MUL_MAT_ID), whose path differs for repacked Q4_K and F32
+GGML_MATMUL_ID_KERNELS = {**GGML_MATMUL_KERNELS, **_LEGACY_MATMUL_ID, **KQUANT_MATMUL_ID_KERNELS}
 
 # numerics -> ggml type -> (matvec kernel, block_size, type_size), looked up once per call.
 #   exact  weights decoded exactly, x kept in float32, products summed in float32 (gemv.py)
@@ -235,7 +243,9 @@ def matvec(
     return out
 
 
-def bound_matvec(ggml_type, rows: np.ndarray, numerics: str = "exact") -> Callable[[np.ndarray, np.ndarray], None]:
+def bound_matvec(
+    ggml_type, rows: np.ndarray, numerics: str = "exact", repacked: bool = True
+) -> Callable[[np.ndarray, np.ndarray], None]:
     """`matvec` for one weight, its rows checked once: call it as f(x, out).
 
     Decoding calls the same few hundred weights every token, so the rows' checks move here and
@@ -263,16 +273,23 @@ def _matvec_kernel(ggml_type, rows: np.ndarray, numerics: str = "exact") -> tupl
     return kernel, rows.shape[1] // type_size * block_size
 
 
-def bound_matmul(ggml_type, rows: np.ndarray) -> Callable[[np.ndarray, np.ndarray], None]:
+def bound_matmul(
+    ggml_type, rows: np.ndarray, expert: bool = False, repacked: bool = True
+) -> Callable[[np.ndarray, np.ndarray], None]:
     """Y = X @ W.T in numerics="ggml" for one weight and a batch of tokens: call it as f(x, out), x a
     C-contiguous (n_tok, n_in) float32 array and out (n_tok, n_out) float32, each token's activations
     quantized as for `matvec` and every row read once for all the tokens (gemv_ggml.py). What ggml's
-    mul_mat computes for a batch, in the same integers; the exact numerics' batches are BLAS on
-    dequantized tiles (nn.Linear) instead."""
-    if ggml_type not in GGML_MATMUL_KERNELS:
+    mul_mat computes for a batch, in the same integers and float orders; expert=True: as mul_mat_id
+    computes one expert's tokens; repacked=False as for bound_matvec. The exact numerics' batches are BLAS
+    on dequantized tiles (nn.Linear)."""
+    kernels = GGML_MATMUL_ID_KERNELS if expert else GGML_MATMUL_KERNELS
+    if ggml_type not in kernels:
         raise KernelError(f"no ggml matmul kernel for ggml type {_type_name(ggml_type)}")
     _matvec_kernel(ggml_type, rows, "ggml")  # the same checks of the rows
-    return functools.partial(GGML_MATMUL_KERNELS[ggml_type], rows)
+    kernel = kernels[ggml_type]
+    if not (repacked or expert) and ggml_type in KQUANT_UNREPACKED_KERNELS:
+        kernel = KQUANT_UNREPACKED_KERNELS[ggml_type][1]
+    return functools.partial(kernel, rows)
 
 
 def _type_name(ggml_type) -> str:

@@ -108,6 +108,16 @@ def matmul_f32_ggml(rows, x, out):  # (n_out, 4 n_in) uint8, (n_tok, n_in) f32 -
 
 
 @kernel(parallel=True)
+def matmul_id_f32_ggml(rows, x, out):  # one expert of a MUL_MAT_ID: vec_dot per output (llamafile is not used)
+    n_tok, n_in = x.shape
+    w = rows.reshape(-1).view(np.float32).reshape((rows.shape[0], n_in))
+    for r in prange(w.shape[0]):
+        acc = np.empty(64, dtype=np.float32)
+        for t in range(n_tok):
+            out[t, r] = dot_vec_f32(w[r], x[t], n_in, acc)
+
+
+@kernel(parallel=True)
 def matmul_f16_ggml(rows, x, out):  # (n_out, 2 n_in) uint8, (n_tok, n_in) f32 -> (n_tok, n_out)
     """mul_mat of F16 weights: x rounded to f16, then tinyBLAS (F16 x F16) or ggml_vec_dot_f16."""
     n_tok, n_in = x.shape

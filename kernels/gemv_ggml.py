@@ -47,7 +47,7 @@ from .activations import (
     quantize_q8_1,
     quantize_q8_k,
 )
-from .float_ggml import matmul_f16_ggml, matmul_f32_ggml, matvec_f16_ggml, matvec_f32_ggml
+from .float_ggml import matmul_f16_ggml, matmul_f32_ggml, matmul_id_f32_ggml, matvec_f16_ggml, matvec_f32_ggml
 from .gemv import half_to_f32, prefetch_block
 from .quantize import f32_bits
 from .simd import (
@@ -597,6 +597,9 @@ GGML_MATMUL_KERNELS = {
     T.Q2_K: matmul_q2_k,
     T.Q3_K: matmul_q3_k,
 }
+
+# MUL_MAT_ID (an expert's tokens) where it differs from MUL_MAT: no llamafile sgemm for F32.
+GGML_MATMUL_ID_KERNELS = {T.F32: matmul_id_f32_ggml}
 
 # What each weight type's activations are quantized to (ggml-cpu.c's type_traits_cpu), and how.
 VEC_DOT_TYPES = {

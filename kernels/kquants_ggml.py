@@ -269,6 +269,24 @@ def matmul_q4_k(rows, x, out):  # (n_out, n_blocks * 144) uint8, (n_tok, n_in) f
 
 
 @kernel(parallel=True)
+def matmul_id_q4_k(rows, x, out):  # one expert of a MUL_MAT_ID: (n_out, n_blocks * 144) uint8, (n_tok, n_in) -> out
+    """An expert's tokens as ggml_compute_forward_mul_mat_id runs them: a repacked tensor's forward_mul_mat_id
+    takes every token through the gemv; otherwise tiled from 8 tokens routed to the expert, vec_dot below."""
+    a, a_scales, a_sums = activations_q8_k(x)
+    sums32 = pair_sums(a_sums)
+    n_tok = x.shape[0]
+    repacked = rows.shape[0] % 8 == 0
+    for r in prange(rows.shape[0]):
+        for t in range(n_tok):
+            if repacked:
+                out[t, r] = q4_k_repacked(rows, r, a[t], a_scales[t], sums32[t])
+            elif n_tok >= TILED_MIN_BATCH:
+                out[t, r] = q4_k_tiled(rows, r, a[t], a_scales[t], sums32[t])
+            else:
+                out[t, r] = q4_k_vec_dot(rows, r, a[t], a_scales[t], sums32[t])
+
+
+@kernel(parallel=True)
 def matmul_q5_k(rows, x, out):  # (n_out, n_blocks * 176) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
     a, a_scales, a_sums = activations_q8_k(x)
     sums32 = pair_sums(a_sums)
@@ -320,5 +338,31 @@ def matvec_q6_k(rows, x, out):  # (n_out, n_blocks * 210) uint8, (n_in,) float32
         out[r] = q6_k_vec_dot(rows, r, a[0], a_scales[0], a_sums[0])
 
 
+@kernel(parallel=True)
+def matmul_q4_k_plain(rows, x, out):  # Q4_K that llama.cpp does not repack (a 3-D tensor through mul_mat)
+    a, a_scales, a_sums = activations_q8_k(x)
+    sums32 = pair_sums(a_sums)
+    n_tok = x.shape[0]
+    for r in prange(rows.shape[0]):
+        for t in range(n_tok):
+            if n_tok >= TILED_MIN_BATCH:
+                out[t, r] = q4_k_tiled(rows, r, a[t], a_scales[t], sums32[t])
+            else:
+                out[t, r] = q4_k_vec_dot(rows, r, a[t], a_scales[t], sums32[t])
+
+
+@kernel(parallel=True)
+def matvec_q4_k_plain(rows, x, out):
+    a, a_scales, a_sums = activations_q8_k(x.reshape((1, x.shape[0])))
+    sums32 = pair_sums(a_sums)
+    for r in prange(rows.shape[0]):
+        out[r] = q4_k_vec_dot(rows, r, a[0], a_scales[0], sums32[0])
+
+
 KQUANT_MATVEC_KERNELS = {T.Q4_K: matvec_q4_k, T.Q5_K: matvec_q5_k, T.Q6_K: matvec_q6_k}
 KQUANT_MATMUL_KERNELS = {T.Q4_K: matmul_q4_k, T.Q5_K: matmul_q5_k, T.Q6_K: matmul_q6_k}
+# MUL_MAT_ID (an expert's tokens) where it differs from MUL_MAT
+KQUANT_MATMUL_ID_KERNELS = {T.Q4_K: matmul_id_q4_k}
+# Types llama.cpp repacks at load when the tensor is 2-D (or an expert tensor): their kernels for the tensors it
+# leaves alone (3-D ones that mul_mat broadcasts, as deepseek2's attn_v_b), (matvec, matmul).
+KQUANT_UNREPACKED_KERNELS = {T.Q4_K: (matvec_q4_k_plain, matmul_q4_k_plain)}

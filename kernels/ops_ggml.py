@@ -85,6 +85,11 @@ def reduce_add_16(v, i):
     return (a0 + a2) + (a1 + a3)
 
 
+@kernel
+def logf(x):  # libm's logf (math.log of a float32 is a call to it), for the float32 set-up llama.cpp does in C
+    return math.log(f32(x))
+
+
 # ---------------------------------------------------------------- rms_norm
 
 
@@ -133,7 +138,7 @@ def rope_tables(positions, n_dims, base, freq_scale, freq_factors, attn_factor, 
             angle = freq_scale * extrap
             mscale = attn_factor
             if ext_factor != f32(0):
-                y = (f32(k) - corr_low) / max(f32(0.001), corr_high - corr_low)
+                y = (f32(k) - f32(corr_low)) / max(f32(0.001), f32(corr_high) - f32(corr_low))
                 mix = (f32(1) - min(f32(1), max(f32(0), y))) * ext_factor
                 angle = fma32(angle, f32(1) - mix, extrap * mix)
                 mscale *= fma32(f32(0.1), f32(math.log(f32(1) / freq_scale)), f32(1))
@@ -201,6 +206,13 @@ def softmax_rows(x, scale, out):  # (n_rows, n) f32 -> out: ggml_soft_max_ext(x,
         for i in range(x.shape[1]):
             w[i] = x[r, i] * scale
         softmax_row(w, 0, x.shape[1], x.shape[1], out[r])
+
+
+@kernel
+def sigmoid_rows(x, out):  # (n_rows, n) f32 -> out: ggml_vec_sigmoid_f32, 1 / (1 + expf(-x)) with libm's expf
+    for r in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            out[r, i] = f32(1) / (f32(1) + f32(math.exp(-x[r, i])))
 
 
 # ---------------------------------------------------------------- silu, gelu

@@ -51,12 +51,13 @@ class Linear:
     numerics "ggml": float32 activations are quantized to the weight type's vec_dot_type and the
     dot products run on integers, as llama.cpp's CPU backend computes them, for one token
     (bound_matvec) and for a batch alike (bound_matmul, every row read once for all the tokens).
-    Types ggml numerics has no kernel for take the exact path.
+    Types ggml numerics has no kernel for take the exact path. expert=True: one expert of a 3-D
+    ffn_*_exps tensor, whose batches ggml computes as mul_mat_id (another float order for some types).
     `rows` may pick a slice of the tensor's rows, which is how one expert of a 3-D ffn_*_exps
     tensor becomes a Linear of its own.
     """
 
-    def __init__(self, weight: Tensor, rows: slice | None = None, numerics: str = "exact"):
+    def __init__(self, weight: Tensor, rows: slice | None = None, numerics: str = "exact", expert: bool = False):
         self.weight = weight
         self.ggml_type = weight.ggml_type
         self.rows = weight.data if rows is None else weight.data[rows]  # (n_out, row_bytes) uint8, the mapping
@@ -65,11 +66,13 @@ class Linear:
         self.numerics = numerics if numerics == "ggml" and self.ggml_type in GGML_MATVEC_KERNELS else "exact"
         kernels = GGML_MATVEC_KERNELS if self.numerics == "ggml" else MATVEC_KERNELS
         fused = self.ggml_type in kernels and self.n_out and self.n_in
+        # llama.cpp repacks 2-D weights and expert tensors of some types at load, which changes its float order
+        repacked = expert or len(weight.shape) == 2
         # f(x (n_in,), out (n_out,)), and in ggml numerics f(x (n_tok, n_in), out (n_tok, n_out))
-        self.matvec = bound_matvec(self.ggml_type, self.rows, self.numerics) if fused else None
+        self.matvec = bound_matvec(self.ggml_type, self.rows, self.numerics, repacked) if fused else None
         self.matmul = None
         if fused and self.numerics == "ggml" and self.ggml_type in GGML_MATMUL_KERNELS:
-            self.matmul = bound_matmul(self.ggml_type, self.rows)
+            self.matmul = bound_matmul(self.ggml_type, self.rows, expert, repacked)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         # x: (n_tok, n_in) -> (n_tok, n_out)

@@ -28,7 +28,7 @@ k_pe, with YaRN scaling (refengine.nn.YaRN) when rope.scaling.type is "yarn".
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -44,7 +44,8 @@ from refengine.arch.common import (
 )
 from refengine.arch.moe import MoE, MoEConfig, SwiGLU
 from refengine.gguf import GGUFFile, Tensor
-from refengine.nn import KVCache, LayerCache, Linear, Rope, YaRN, attention, lazy_zeros, rms_norm
+from refengine.kernels import ops_ggml
+from refengine.nn import KVCache, LayerCache, Linear, Rope, YaRN, attention, attention_ggml, lazy_zeros, rms_norm
 
 # convert_hf_to_gguf writes yarn_log_multiplier as 0.1 * mscale_all_dim; llama.cpp divides it back
 # out (TAG_DEEPSEEK2_YARN_LOG_MUL_FIX).
@@ -83,6 +84,37 @@ def rope_and_scale(hp: HParams, n_rot: int, head_k: int, n_ctx_train: int) -> tu
     # The temperature is applied to the scores, once for q and once for k (HF: softmax_scale * mscale**2).
     mscale = magnitude * yarn_mscale(factor, log_mul)
     return Rope(n_rot, base, neox=False, yarn=yarn), mscale * mscale / math.sqrt(head_k)
+
+
+def ggml_scales(rope: Rope, log_mul_key: float, head_k: int) -> tuple[Rope, float]:
+    """The rope and kq_scale as llama.cpp computes them in float32 (numerics ggml): llama_context's
+    yarn_attn_factor, the attn_factor it passes ggml_rope_ext, then llm_build_deepseek2's
+    mscale = attn_factor_org * (1 + 0.1 log_mul ln(1/freq_scale)) and kq_scale = mscale^2 / sqrtf(head_k)."""
+    f = np.float32
+
+    def ln(x):
+        return f(ops_ggml.logf(f(x)))
+
+    if rope.yarn is None:
+        return rope, float(f(1) / np.sqrt(f(head_k)))
+    freq_scale = f(1) / f(rope.yarn.factor)
+    factor = f(1) / freq_scale
+    log_mul = f(log_mul_key) / f(0.1) if log_mul_key else f(0)  # TAG_DEEPSEEK2_YARN_LOG_MUL_FIX
+
+    def get_mscale(scale, m):
+        return f(1) if scale <= f(1) else f(0.1) * m * ln(scale) + f(1)
+
+    if log_mul != f(0):
+        mscale_all_dims = log_mul
+        attn_factor = get_mscale(factor, mscale_all_dims if mscale_all_dims != f(1) else f(1))
+        attn_factor = attn_factor / get_mscale(factor, mscale_all_dims)
+    else:
+        attn_factor = get_mscale(factor, f(1))
+    attn_factor = attn_factor * (f(1) / (f(1) + f(0.1) * ln(factor)))
+    attn_factor_org = attn_factor * (f(1) + f(0.1) * ln(f(1) / freq_scale))
+    mscale = attn_factor_org * (f(1) + f(0.1) * log_mul * ln(f(1) / freq_scale))
+    kq_scale = f(1) * mscale * mscale / np.sqrt(f(head_k))
+    return replace(rope, yarn=replace(rope.yarn, attn_factor=float(attn_factor))), float(kq_scale)
 
 
 @dataclass(frozen=True)
@@ -174,6 +206,7 @@ class MLAWeights:
     attn_q_a: Linear | None = None  # (q_lora_rank, n_embd)
     attn_q_a_norm: np.ndarray | None = None  # (q_lora_rank,)
     attn_q_b: Linear | None = None  # (n_head * q_head, q_lora_rank)
+    attn_kv_b: Linear | None = None  # (n_head * (qk_nope_dim + v_head_dim), kv_lora_rank), the older layout
 
     @classmethod
     def load(cls, gguf: GGUFFile, il: int, c: Deepseek2Config, dtype, numerics: str = "exact") -> MLAWeights:
@@ -187,15 +220,19 @@ class MLAWeights:
             v_rows = [slice(h * v_dim, (h + 1) * v_dim) for h in range(c.n_head)]
         else:
             kv_b = check_shape(t["attn_kv_b"], (c.n_head * (nope + v_dim), kv_lora))
-            k_b, v_b = k_b_from_kv_b(kv_b, c), kv_b
+            k_b, v_b = (kv_b, kv_b) if numerics == "ggml" else (k_b_from_kv_b(kv_b, c), kv_b)
             v_rows = [slice(h * (nope + v_dim) + nope, (h + 1) * (nope + v_dim)) for h in range(c.n_head)]
         w = cls(
             attn_kv_a_mqa=Linear(check_shape(t["attn_kv_a_mqa"], (kv_lora + c.qk_rope_dim, c.n_embd)), None, numerics),
             attn_kv_a_norm=norm_weight(t["attn_kv_a_norm"], kv_lora, dtype),
-            attn_k_b=[Linear(k_b, slice(h * kv_lora, (h + 1) * kv_lora), numerics) for h in range(c.n_head)],
+            attn_k_b=[Linear(k_b, slice(h * kv_lora, (h + 1) * kv_lora), numerics) for h in range(c.n_head)]
+            if c.mla_split or numerics != "ggml"
+            else [],
             attn_v_b=[Linear(v_b, rows, numerics) for rows in v_rows],
             attn_output=Linear(check_shape(t["attn_output"], (c.n_embd, c.n_head * v_dim)), None, numerics),
         )
+        if not c.mla_split:
+            w.attn_kv_b = Linear(kv_b, None, numerics)
         if c.q_lora_rank:
             w.attn_q_a = Linear(check_shape(t["attn_q_a"], (c.q_lora_rank, c.n_embd)), None, numerics)
             w.attn_q_a_norm = norm_weight(t["attn_q_a_norm"], c.q_lora_rank, dtype)
@@ -218,6 +255,10 @@ class Deepseek2(DecoderModel):
         c = Deepseek2Config.from_gguf(gguf)
         super().__init__(gguf, c, dtype, numerics)
         n = self.numerics
+        self.rope, self.attn_scale = c.rope, c.attn_scale
+        if n == "ggml":  # llama.cpp's float32 set-up of YaRN and of kq_scale
+            log_mul = HParams(gguf).float("rope.scaling.yarn_log_multiplier", 0.0)
+            self.rope, self.attn_scale = ggml_scales(c.rope, log_mul, c.q_head)
         self.layers = []
         for il in range(c.n_layer):
             t = layer_tensors(gguf, il, ["attn_norm", "ffn_norm"])
@@ -236,37 +277,59 @@ class Deepseek2(DecoderModel):
 
     def new_cache(self, n_ctx: int) -> KVCache:
         c = self.config
-        return mla_cache(c.n_layer, n_ctx, c.kv_lora_rank, c.qk_rope_dim, self.dtype)
+        if self.numerics == "ggml" and not c.mla_split:  # llama.cpp's older layout: multi-head K and V caches
+            windows = [0] * c.n_layer
+            return KVCache.for_heads(n_ctx, c.n_head, c.q_head, c.v_head_dim, self.cache_dtype, windows, self.n_ubatch)
+        return mla_cache(c.n_layer, n_ctx, c.kv_lora_rank, c.qk_rope_dim, self.cache_dtype)
 
     def layer(self, il, x, positions, cache):
-        c, w = self.config, self.layers[il]
-        h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps), il)  # (n_tok, n_embd)
+        c, w, n = self.config, self.layers[il], self.numerics
+        h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps, n), il)  # (n_tok, n_embd)
         x = self.emit("ffn_inp", x + self.attention(w.attn, h, positions, cache, il), il)
-        h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps), il)
+        h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps, n), il)
         if isinstance(w.ffn, MoE):
             return x + self.emit("ffn_moe_out", w.ffn(h, self.emit, il), il)  # (n_tok, n_embd)
         return x + self.emit("ffn_out", w.ffn(h), il)  # (n_tok, n_embd)
 
     def attention(self, w: MLAWeights, x, positions, cache: KVCache, il: int) -> np.ndarray:
-        """MLA over the compressed cache (see the module docstring): (n_tok, n_embd) -> (n_tok, n_embd)."""
-        c, n_tok = self.config, x.shape[0]
+        """MLA over the compressed cache (see the module docstring): (n_tok, n_embd) -> (n_tok, n_embd).
+        In ggml numerics, a file of the older layout takes llama.cpp's path for it instead: keys and values
+        decompressed by attn_kv_b and attended as multi-head attention (attention_mha)."""
+        c, n_tok, n = self.config, x.shape[0], self.numerics
         if w.attn_q is not None:
             q = w.attn_q(x)
         else:
-            q = w.attn_q_b(rms_norm(w.attn_q_a(x), w.attn_q_a_norm, c.norm_eps))  # (n_tok, n_head * q_head)
+            q = w.attn_q_b(rms_norm(w.attn_q_a(x), w.attn_q_a_norm, c.norm_eps, n))  # (n_tok, n_head * q_head)
         q = q.reshape(n_tok, c.n_head, c.q_head)
         q_nope, q_pe = q[..., : c.qk_nope_dim], q[..., c.qk_nope_dim :]  # (n_tok, n_head, nope), (..., rope)
 
         kv = w.attn_kv_a_mqa(x)  # (n_tok, kv_lora_rank + qk_rope_dim)
-        latent = self.emit("kv_cmpr", rms_norm(kv[:, : c.kv_lora_rank], w.attn_kv_a_norm, c.norm_eps), il)
-        k_pe = self.emit("k_pe", c.rope.apply(kv[:, None, c.kv_lora_rank :], positions), il)  # (n_tok, 1, rope)
-        # One key/value head for all query heads: keys [latent; k_pe], values the latent.
+        latent = self.emit("kv_cmpr", rms_norm(kv[:, : c.kv_lora_rank], w.attn_kv_a_norm, c.norm_eps, n), il)
+        k_pe = self.emit("k_pe", self.rope.apply(kv[:, None, c.kv_lora_rank :], positions, n), il)  # (n_tok, 1, rope)
+        q_pe = self.rope.apply(q_pe, positions, n)  # (n_tok, n_head, rope)
         layer, first = cache.layers[il], int(positions[0])
+        if n == "ggml" and not c.mla_split:
+            return self.attention_mha(w, q_nope, q_pe, latent, k_pe, layer, first, il)
+        # One key/value head for all query heads: keys [latent; k_pe], values the latent.
         layer.store(first, np.concatenate([latent[:, None], k_pe], axis=-1), None)  # (n_tok, 1, kv_lora + rope)
 
         q_latent = per_head(w.attn_k_b, q_nope)  # (n_tok, n_head, kv_lora_rank)
-        q = np.concatenate([q_latent, c.rope.apply(q_pe, positions)], axis=-1)  # (n_tok, n_head, kv_lora + rope)
-        out = attention(q, layer, first, c.attn_scale)  # (n_tok, n_head, kv_lora_rank)
+        q = np.concatenate([q_latent, q_pe], axis=-1)  # (n_tok, n_head, kv_lora + rope)
+        attend = attention_ggml if n == "ggml" else attention
+        out = attend(q, layer, first, self.attn_scale)  # (n_tok, n_head, kv_lora_rank)
         out = per_head(w.attn_v_b, out)  # (n_tok, n_head, v_head_dim)
+        out = self.emit("kqv_out", out.reshape(n_tok, c.n_head * c.v_head_dim), il)
+        return w.attn_output(out)
+
+    def attention_mha(self, w: MLAWeights, q_nope, q_pe, latent, k_pe, layer: LayerCache, first: int, il: int):
+        """llm_build_deepseek2 without MLA (a file with attn_kv_b): every head's keys [k_nope; k_pe] and values
+        decompressed from the latent by attn_kv_b, cached and attended as multi-head attention (ggml numerics)."""
+        c, n_tok = self.config, latent.shape[0]
+        kv = w.attn_kv_b(latent).reshape(n_tok, c.n_head, c.qk_nope_dim + c.v_head_dim)  # (n_tok, n_head, nope + v)
+        k_pe = np.broadcast_to(k_pe, (n_tok, c.n_head, c.qk_rope_dim))
+        k = np.concatenate([kv[..., : c.qk_nope_dim], k_pe], axis=-1)  # (n_tok, n_head, q_head)
+        layer.store(first, k, kv[..., c.qk_nope_dim :])
+        q = np.concatenate([q_nope, q_pe], axis=-1)  # (n_tok, n_head, q_head)
+        out = attention_ggml(q, layer, first, self.attn_scale)  # (n_tok, n_head, v_head_dim)
         out = self.emit("kqv_out", out.reshape(n_tok, c.n_head * c.v_head_dim), il)
         return w.attn_output(out)
