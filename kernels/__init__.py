@@ -250,9 +250,13 @@ def bound_matvec(
 
     Decoding calls the same few hundred weights every token, so the rows' checks move here and
     the caller keeps only its promise: x a C-contiguous (n_in,) float32 vector and out a
-    (n_out,) float32 one. nn.Linear makes that promise after checking x's width.
+    (n_out,) float32 one. nn.Linear makes that promise after checking x's width. repacked=False (ggml
+    numerics): a tensor llama.cpp does not repack although its type would be (see kquants_ggml.py), as a
+    3-D weight that mul_mat broadcasts.
     """
     kernel, _ = _matvec_kernel(ggml_type, rows, numerics)
+    if numerics == "ggml" and not repacked and ggml_type in KQUANT_UNREPACKED_KERNELS:
+        kernel = KQUANT_UNREPACKED_KERNELS[ggml_type][0]
     return functools.partial(kernel, rows)
 
 
