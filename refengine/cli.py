@@ -171,6 +171,29 @@ PRECISION_OPTION = click.option(
 )
 
 
+def numerics_option(default: str):
+    """--numerics exact|ggml, with the command's default (`numerics_of` resolves it against --precision)."""
+    return click.option(
+        "--numerics",
+        type=click.Choice(["exact", "ggml"]),
+        default=None,
+        help=f"exact: the file's function in float32 (or float64). ggml: llama.cpp's CPU arithmetic, bit for bit "
+        f"(activations quantized to 8 bits for each matmul, an F16 KV cache; float32 only). Default: {default}, "
+        "exact with --precision f64.",
+    )
+
+
+def numerics_of(numerics: str | None, precision: str, default: str) -> str:
+    """--numerics as given, or the command's default; --precision f64 is always exact."""
+    if precision == "f64":
+        if numerics == "ggml":
+            raise click.BadParameter(
+                "ggml is llama.cpp's float32 arithmetic; --precision f64 is exact", param_hint="--numerics"
+            )
+        return "exact"
+    return numerics or default
+
+
 SYSROOT_OPTION_TYPE = click.Path(exists=True, file_okay=False, path_type=Path)
 SYSROOT_OPTION = click.option(
     "--sysroot",
@@ -214,7 +237,9 @@ def numa_options(command):
     )(command)
 
 
-def load_session(model: str | GGUFFile, precision: str, numa: str, numa_nodes, sysroot: Path = Path("/")):
+def load_session(
+    model: str | GGUFFile, precision: str, numa: str, numa_nodes, sysroot: Path = Path("/"), numerics: str = "exact"
+):
     """Session.load under --numa: threads are spread before the model loads, pages placed once it is
     loaded, and the node pools close with the command. --numa off touches nothing."""
     from refengine.distributed import DistributedError, World, place_share, start
@@ -226,13 +251,13 @@ def load_session(model: str | GGUFFile, precision: str, numa: str, numa_nodes, s
             raise DistributedError("--numa places experts on one host's nodes; under MPI use --numa off")
         gguf_file = model if isinstance(model, GGUFFile) else load_model(model)
         partition = place_share(gguf_file, world)  # before loading: see refengine.distributed
-        session = Session.load(gguf_file, precision)
+        session = Session.load(gguf_file, precision, numerics)
         status = start(session, world, partition, click.get_current_context())
         if status is not None:  # a rank other than 0: it has followed rank 0 to the end
             raise click.exceptions.Exit(status)
         return session
     if numa == "off" and numa_nodes is None:
-        return Session.load(model, precision)
+        return Session.load(model, precision, numerics)
     from refengine.numa import NumaRuntime, warn
     from refengine.system import read_system
 
@@ -240,7 +265,7 @@ def load_session(model: str | GGUFFile, precision: str, numa: str, numa_nodes, s
     context = click.get_current_context()
     context.call_on_close(runtime.close)
     context.meta["refengine.numa"] = runtime  # for --json reports: bytes placed and read per node
-    session = Session.load(model, precision)
+    session = Session.load(model, precision, numerics)
     warn(runtime.attach(session.gguf, session.model))
     return session
 
@@ -341,13 +366,15 @@ def parse_token_list(text: str) -> list[int]:
     help="Where to write the (n_tokens, n_vocab) float32 .npy.",
 )
 @PRECISION_OPTION
+@numerics_option("exact")
 @numa_options
-def logits(model: str, tokens: str, output: Path, precision: str, numa: str, numa_nodes) -> None:
+def logits(model: str, tokens: str, output: Path, precision: str, numerics, numa: str, numa_nodes) -> None:
     """Write the logits of every position of a token sequence, for comparing engines."""
     import numpy as np
 
     ids = parse_token_list(tokens)
-    session = load_session(model, precision, numa, numa_nodes)
+    numerics = numerics_of(numerics, precision, "exact")
+    session = load_session(model, precision, numa, numa_nodes, numerics=numerics)
     cache = session.new_cache(len(ids))
     result = session.model.forward(np.asarray(ids), cache).astype(np.float32)  # (n_tokens, n_vocab)
     write_npy(output, result, session.gguf)
@@ -372,6 +399,7 @@ def logits(model: str, tokens: str, output: Path, precision: str, numa: str, num
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the model's chat template.")
 @click.option("--system", default=None, metavar="TEXT", help="System message, with --chat.")
 @PRECISION_OPTION
+@numerics_option("ggml")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option(
     "--no-plan",
@@ -391,6 +419,7 @@ def generate(
     chat,
     system,
     precision,
+    numerics,
     as_json,
     no_plan,
     sysroot,
@@ -410,7 +439,7 @@ def generate(
         max_prompt_tokens = text_bytes + (512 if chat else 8)
         source = preflight(model, ctx, precision, sysroot, max_prompt_tokens=max_prompt_tokens, numa=numa)
     sampler = Sampler(sampling)
-    session = load_session(source, precision, numa, numa_nodes, sysroot)
+    session = load_session(source, precision, numa, numa_nodes, sysroot, numerics_of(numerics, precision, "ggml"))
     prompt_ids = prompt_tokens(session, prompt, chat, system)
     if len(prompt_ids) + n_predict > ctx:
         raise UserError(
@@ -459,14 +488,15 @@ def generate(
 @sampler_options
 @click.option("--system", default=None, metavar="TEXT", help="System message.")
 @PRECISION_OPTION
-def chat(model, n_predict, ctx, sampling, system, precision) -> None:
+@numerics_option("ggml")
+def chat(model, n_predict, ctx, sampling, system, precision, numerics) -> None:
     """Talk with the model. The KV cache is kept across turns; an empty line or Ctrl-D ends."""
     from refengine.chat import Conversation
     from refengine.sampler import Sampler
     from refengine.session import Session
 
     sampler = Sampler(sampling)
-    session = Session.load(model, precision)
+    session = Session.load(model, precision, numerics_of(numerics, precision, "ggml"))
     conversation = Conversation(session.model, session.tokenizer, session.gguf, session.new_cache(ctx), system)
     while True:
         try:
@@ -504,13 +534,17 @@ def bench() -> None:
     "-r", "--repetitions", default=3, show_default=True, type=click.IntRange(min=1), help="Timed runs per test."
 )
 @PRECISION_OPTION
+@numerics_option("ggml")
 @click.option("--json", "as_json", is_flag=True, help="Print llama-bench-style JSON records.")
 @numa_options
-def bench_model_command(model, n_prompt, n_gen, depth, repetitions, precision, as_json, numa, numa_nodes) -> None:
+def bench_model_command(
+    model, n_prompt, n_gen, depth, repetitions, precision, numerics, as_json, numa, numa_nodes
+) -> None:
     """Prompt processing and generation speed, as llama-bench reports them."""
     from refengine.bench import bench_model, markdown
 
-    session = load_session(model, precision, numa, numa_nodes)
+    numerics = numerics_of(numerics, precision, "ggml")
+    session = load_session(model, precision, numa, numa_nodes, numerics=numerics)
     records = [r for d in depth or (0,) for r in bench_model(session, n_prompt, n_gen, repetitions, precision, d)]
     click.echo(json.dumps([r.as_dict() for r in records], indent=2) if as_json else markdown(records))
 
@@ -691,18 +725,21 @@ B files are read and written by llama-perplexity too. MODEL: a .gguf path or gem
 )
 @click.option("--kl-divergence", "kl_divergence", is_flag=True, help="Score MODEL against --kl-divergence-base.")
 @PRECISION_OPTION
+@numerics_option("exact")
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as one JSON object.")
-def perplexity_command(model, text_file, ctx, chunks, base_file, kl_divergence, precision, as_json) -> None:
+def perplexity_command(model, text_file, ctx, chunks, base_file, kl_divergence, precision, numerics, as_json) -> None:
     """Perplexity of a text, and KL divergence against a base model, exactly as llama-perplexity."""
     import contextlib
-
-    import refengine
 
     if kl_divergence and base_file is None:
         raise click.UsageError("--kl-divergence needs --kl-divergence-base FILE")
     if not kl_divergence and text_file is None:
         raise click.UsageError("-f TEXT is required (except with --kl-divergence)")
-    loaded = refengine.load(model, precision)
+    # through load_session, so that under mpirun the ranks share the experts (refengine.distributed)
+    from refengine.api import Model
+
+    numerics = numerics_of(numerics, precision, "exact")
+    loaded = Model(load_session(model, precision, "off", None, numerics=numerics), precision)
     if base_file is not None and not kl_divergence:
         inputs = [text_file, *loaded.session.gguf.splits]
         if any(_same_file(base_file, p) for p in inputs):
@@ -744,8 +781,9 @@ def perplexity_command(model, text_file, ctx, chunks, base_file, kl_divergence, 
     "--positions", type=click.Choice(["all", "last"]), default="all", show_default=True, help="Positions kept."
 )
 @PRECISION_OPTION
+@numerics_option("exact")
 @click.option("--json", "as_json", is_flag=True, help="Print each tensor's name, shape and sum as JSON.")
-def trace_command(model, prompt, tokens, output, pattern, positions, precision, as_json) -> None:
+def trace_command(model, prompt, tokens, output, pattern, positions, precision, numerics, as_json) -> None:
     """Write every intermediate tensor of one forward pass, by llama.cpp's graph names (inp_embd,
     attn_norm-0, Qcur-0, ..., l_out-N, result_norm, result_output), to line up with llama-eval-callback."""
     import refengine
@@ -754,7 +792,7 @@ def trace_command(model, prompt, tokens, output, pattern, positions, precision, 
     if (prompt is None) == (tokens is None):
         raise click.UsageError("give one of -p PROMPT or --tokens IDS")
     compile_filter(pattern)  # a bad regex fails before the model loads
-    loaded = refengine.load(model, precision)
+    loaded = refengine.load(model, precision, numerics_of(numerics, precision, "exact"))
     ids = loaded.tokenize(prompt) if prompt is not None else parse_token_list(tokens)
     traced = loaded.trace(ids, filter=pattern, positions=positions)
     if any(_same_file(output, p) for p in loaded.session.gguf.splits):

@@ -94,6 +94,21 @@ def test_ranks_give_the_logits_of_one_process(capsys, tiny_model, tmp_path, arch
     np.testing.assert_allclose(several, one, rtol=0, atol=1e-5 * np.abs(one).max())
 
 
+def test_ranks_give_the_perplexity_and_bench_of_one_process(capsys, tiny_model, tmp_path):
+    path = tiny_model("qwen3moe", "q4_k_m")
+    text = tmp_path / "text.txt"
+    text.write_text("The history of the printing press begins with movable type. " * 60)
+    argv = ["perplexity", "-m", path, "-f", text, "-c", "64", "--chunks", "3", "--json"]
+    one = json.loads(one_process(capsys, *argv))
+    run = ranks(2, *argv)
+    assert run.returncode == 0, run.stderr
+    several = json.loads(run.stdout)
+    assert several["chunk_ppl"] == pytest.approx(one["chunk_ppl"], rel=1e-5)
+    run = ranks(2, "bench", "model", path, "-p", "8", "-n", "4", "-r", "1", "--json")
+    assert run.returncode == 0, run.stderr
+    assert [r["test"] for r in json.loads(run.stdout)] == ["pp8", "tg4"]
+
+
 def test_each_rank_reads_only_its_experts(tiny_model, tmp_path):
     """Each rank maps its own copy of the model (MPMD: one command per rank), written around the page cache,
     so that mincore on a copy shows what that rank alone brought in: its experts, and of the others' no
