@@ -37,6 +37,7 @@ class BenchRecord:
     samples_ts: list[float]
     backend: str = "refengine-numba"
     precision: str = "f32"
+    numerics: str = "exact"  # or "ggml": llama.cpp's CPU arithmetic (refengine.nn.NUMERICS)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +116,7 @@ def bench_model(
                 stddev_ts=statistics.stdev(speeds) if len(speeds) > 1 else 0.0,
                 samples_ts=speeds,
                 precision=precision,
+                numerics=session.numerics,
             )
         )
     return records
@@ -128,7 +130,7 @@ def markdown(records: list[BenchRecord]) -> str:
     ]
     for r in records:
         lines.append(
-            f"| {r.model_type} | {r.model_size / 2**20:.2f} MiB | {r.model_n_params / 1e6:.2f} M | {r.backend} "
-            f"| {r.n_threads} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} |"
+            f"| {r.model_type} | {r.model_size / 2**20:.2f} MiB | {r.model_n_params / 1e6:.2f} M "
+            f"| {r.backend} {r.numerics} | {r.n_threads} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} |"
         )
     return "\n".join(lines)
