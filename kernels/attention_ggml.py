@@ -24,9 +24,10 @@ ggml_vec_dot_f16; one token is ggml_vec_dot_f16 (float_ggml.py).
 import numpy as np
 
 from ._jit import kernel, prange
+from .activations import cpu_fp32_to_fp16
 from .float_ggml import round_to_f16, vec_dot_lanes
 from .gemv import half_to_f32
-from .ops_ggml import fma32, reduce_add_16, softmax_row
+from .ops_ggml import fma32, reduce_add_16, rms_norm_row, rope_token, softmax_row
 
 f32 = np.float32
 
@@ -111,3 +112,78 @@ def attend(q, k, v, first, window, scale, n_cells, out):
                 out[t, h, d] = dot_cells_tinyblas(v, g, d, p16, begin, end, n_slots)
             else:
                 out[t, h, d] = dot_cells_vec(v, g, d, p16, begin, end, n_slots, n_cells, lanes)
+
+
+@kernel
+def attend_token(q, k, v, position, window, scale, n_cells, out):
+    """One query token, on this thread: q (n_head, dk) f32, k, v (n_kv_head, n_slots, d) f16 bits, out (n_head, dv).
+    As `attend` for one token (ggml_vec_dot_f16 over head_dim, then over the n_cells cells)."""
+    n_head, dk = q.shape
+    n_kv_head, n_slots, dv = v.shape
+    group = n_head // n_kv_head
+    begin = first_visible(position, window)
+    end = position + 1
+    key = np.empty(dk, dtype=np.float32)
+    lanes = np.empty(64, dtype=np.float32)
+    scores = np.empty(end, dtype=np.float32)
+    probs = np.zeros(end, dtype=np.float32)
+    for h in range(n_head):
+        g = h // group
+        q16 = round_to_f16(q[h])
+        for p in range(begin, end):
+            for i in range(dk):
+                key[i] = half_to_f32(k[g, p % n_slots, i])
+            total, steps = vec_dot_lanes(key, q16, dk, lanes)
+            wide = np.float64(total)
+            for i in range(steps, dk):
+                wide += np.float64(key[i] * q16[i])
+            scores[p] = f32(wide) * scale
+        softmax_row(scores, begin, end, n_cells, probs)
+        p16 = round_to_f16(probs)
+        for d in range(dv):
+            out[h, d] = dot_cells_vec(v, g, d, p16, begin, end, n_slots, n_cells, lanes)
+
+
+@kernel
+def decode_attention(
+    q,
+    k,
+    v,
+    q_norm,
+    k_norm,
+    eps,
+    cos,
+    sin,
+    n_dims,
+    neox,
+    q_scale,
+    k_cache,
+    v_cache,
+    position,
+    window,
+    scale,
+    n_cells,
+    out,
+):
+    """What llama.cpp's graph does for one token between its Q/K/V matmuls and the output projection, in one
+    call (numerics ggml, decoding): QK-norm (when q_norm is not empty), rope, q * q_scale (gemma3), K and V
+    stored in the F16 cache at position % n_slots, then attend_token. q (n_head, dk), k (n_kv_head, dk),
+    v (n_kv_head, dv) f32; the caches' uint16 views; out (n_head, dv). q and k are overwritten."""
+    if q_norm.shape[0]:
+        for h in range(q.shape[0]):
+            rms_norm_row(q[h].copy(), q_norm, eps, q[h])
+        for h in range(k.shape[0]):
+            rms_norm_row(k[h].copy(), k_norm, eps, k[h])
+    rope_token(q.copy(), cos, sin, n_dims, neox, q)
+    rope_token(k.copy(), cos, sin, n_dims, neox, k)
+    if q_scale != f32(1):
+        for h in range(q.shape[0]):
+            for i in range(q.shape[1]):
+                q[h, i] *= q_scale
+    slot = position % k_cache.shape[1]
+    for g in range(k.shape[0]):
+        for i in range(k.shape[1]):
+            k_cache[g, slot, i] = cpu_fp32_to_fp16(k[g, i])
+        for i in range(v.shape[1]):
+            v_cache[g, slot, i] = cpu_fp32_to_fp16(v[g, i])
+    attend_token(q, k_cache, v_cache, position, window, scale, n_cells, out)

@@ -93,18 +93,37 @@ def logf(x):  # libm's logf (math.log of a float32 is a call to it), for the flo
 # ---------------------------------------------------------------- rms_norm
 
 
-@kernel(parallel=True)
-def rms_norm(x, weight, eps, out):  # (n_rows, n) f32, (n,) f32, f32 -> out (n_rows, n)
+@kernel
+def rms_norm_row(x, weight, eps, out):  # (n,) f32 -> out (n,)
     """ggml_rms_norm then ggml_mul by the weight (ops.cpp's rms_norm_f32, fused or not: the same)."""
-    n_rows, n = x.shape
-    for r in prange(n_rows):
-        total = 0.0
-        for i in range(n):
-            total += np.float64(x[r, i] * x[r, i])
-        mean = f32(total / n)
-        scale = f32(1) / np.sqrt(mean + eps)
-        for i in range(n):
-            out[r, i] = x[r, i] * scale * weight[i]
+    n = x.shape[0]
+    total = 0.0
+    for i in range(n):
+        total += np.float64(x[i] * x[i])
+    mean = f32(total / n)
+    scale = f32(1) / np.sqrt(mean + eps)
+    for i in range(n):
+        out[i] = x[i] * scale * weight[i]
+
+
+@kernel(parallel=True)
+def rms_norm(x, weight, eps, out):  # (n_rows, n) f32, (n,) f32, f32 -> out (n_rows, n), a batch
+    for r in prange(x.shape[0]):
+        rms_norm_row(x[r], weight, eps, out[r])
+
+
+@kernel
+def rms_norm_few(x, weight, eps, out):  # the same for a few rows (decoding), without waking the threads
+    for r in range(x.shape[0]):
+        rms_norm_row(x[r], weight, eps, out[r])
+
+
+@kernel
+def add_rms_norm(x, y, weight, eps, total, normed):  # (n,) f32 each: total = x + y, normed = rms_norm(total) * w
+    """ggml_add then ggml_rms_norm and ggml_mul, for one token: the residual stream and the next norm's input."""
+    for i in range(x.shape[0]):
+        total[i] = x[i] + y[i]
+    rms_norm_row(total, weight, eps, normed)
 
 
 # ---------------------------------------------------------------- rope
@@ -148,22 +167,33 @@ def rope_tables(positions, n_dims, base, freq_scale, freq_factors, attn_factor, 
     return cos, sin
 
 
-@kernel(parallel=True)
-def rope_apply(x, cos, sin, n_dims, neox, out):  # (n_tok, n_head, head_dim) f32, (n_tok, n_dims / 2) -> out
+@kernel
+def rope_token(x, cos, sin, n_dims, neox, out):  # (n_head, head_dim) f32, (n_dims / 2,) tables -> out
     """rotate_pairs: x0 cos - x1 sin and x0 sin + x1 cos with GCC's contraction (the second product
     rounded, the first fused), over pairs (2k, 2k + 1) or, neox, (k, k + n_dims / 2); the rest copied."""
-    n_tok, n_head, head_dim = x.shape
+    n_head, head_dim = x.shape
     half = n_dims // 2
-    for t in prange(n_tok):
-        for h in range(n_head):
-            for k in range(half):
-                i0, i1 = (k, k + half) if neox else (2 * k, 2 * k + 1)
-                x0, x1 = x[t, h, i0], x[t, h, i1]
-                c, s = cos[t, k], sin[t, k]
-                out[t, h, i0] = fma32(x0, c, -(x1 * s))
-                out[t, h, i1] = fma32(x0, s, x1 * c)
-            for i in range(n_dims, head_dim):
-                out[t, h, i] = x[t, h, i]
+    for h in range(n_head):
+        for k in range(half):
+            i0, i1 = (k, k + half) if neox else (2 * k, 2 * k + 1)
+            x0, x1 = x[h, i0], x[h, i1]
+            c, s = cos[k], sin[k]
+            out[h, i0] = fma32(x0, c, -(x1 * s))
+            out[h, i1] = fma32(x0, s, x1 * c)
+        for i in range(n_dims, head_dim):
+            out[h, i] = x[h, i]
+
+
+@kernel(parallel=True)
+def rope_apply(x, cos, sin, n_dims, neox, out):  # (n_tok, n_head, head_dim) f32, (n_tok, n_dims / 2) -> out
+    for t in prange(x.shape[0]):
+        rope_token(x[t], cos[t], sin[t], n_dims, neox, out[t])
+
+
+@kernel
+def rope_apply_few(x, cos, sin, n_dims, neox, out):  # the same for a few tokens (decoding), on this thread
+    for t in range(x.shape[0]):
+        rope_token(x[t], cos[t], sin[t], n_dims, neox, out[t])
 
 
 # ---------------------------------------------------------------- softmax
@@ -199,13 +229,24 @@ def softmax_row(w, begin, end, n, out):
         out[p] *= inv
 
 
+@kernel
+def softmax_scaled_row(x, scale, out):  # (n,) f32 -> out: ggml_soft_max_ext(x, NULL, scale, 0) of one row
+    w = np.empty(x.shape[0], dtype=np.float32)
+    for i in range(x.shape[0]):
+        w[i] = x[i] * scale
+    softmax_row(w, 0, x.shape[0], x.shape[0], out)
+
+
 @kernel(parallel=True)
-def softmax_rows(x, scale, out):  # (n_rows, n) f32 -> out: ggml_soft_max_ext(x, NULL, scale, 0) row by row
+def softmax_rows(x, scale, out):  # (n_rows, n) f32 -> out, row by row
     for r in prange(x.shape[0]):
-        w = np.empty(x.shape[1], dtype=np.float32)
-        for i in range(x.shape[1]):
-            w[i] = x[r, i] * scale
-        softmax_row(w, 0, x.shape[1], x.shape[1], out[r])
+        softmax_scaled_row(x[r], scale, out[r])
+
+
+@kernel
+def softmax_rows_few(x, scale, out):  # the same for a few rows (a router's, decoding), on this thread
+    for r in range(x.shape[0]):
+        softmax_scaled_row(x[r], scale, out[r])
 
 
 @kernel
@@ -223,17 +264,28 @@ def silu_lane(x):
     return x / (f32(1) + v_expf(f32(0) - x))
 
 
+@kernel
+def swiglu_row(gate, up, out):  # (n,) f32 each
+    """ggml_vec_swiglu_f32: ggml_v_silu 16 lanes at a time, the rest x / (1 + expf(-x))."""
+    n = gate.shape[0]
+    n_full = n - n % 16
+    for i in range(n_full):
+        out[i] = silu_lane(gate[i]) * up[i]
+    for i in range(n_full, n):
+        g = gate[i]
+        out[i] = g / (f32(1) + f32(math.exp(-g))) * up[i]
+
+
 @kernel(parallel=True)
 def swiglu(gate, up, out):  # (n_rows, n) f32 each: ggml_swiglu_split, silu(gate) * up
-    """ggml_vec_swiglu_f32: ggml_v_silu 16 lanes at a time, the rest x / (1 + expf(-x))."""
-    n_rows, n = gate.shape
-    n_full = n - n % 16
-    for r in prange(n_rows):
-        for i in range(n_full):
-            out[r, i] = silu_lane(gate[r, i]) * up[r, i]
-        for i in range(n_full, n):
-            g = gate[r, i]
-            out[r, i] = g / (f32(1) + f32(math.exp(-g))) * up[r, i]
+    for r in prange(gate.shape[0]):
+        swiglu_row(gate[r], up[r], out[r])
+
+
+@kernel
+def swiglu_few(gate, up, out):  # the same for a few rows (decoding), on this thread
+    for r in range(gate.shape[0]):
+        swiglu_row(gate[r], up[r], out[r])
 
 
 GELU_COEF_A = f32(0.044715)
@@ -255,18 +307,28 @@ def gelu_table():  # -> (65536,) uint16: ggml_table_gelu_f16, gelu at every half
     return table
 
 
-@kernel(parallel=True)
-def geglu(gate, up, table, out):  # (n_rows, n) f32 each: ggml_geglu_split, gelu(gate) * up by the table
+@kernel
+def geglu_row(gate, up, table, out):  # (n,) f32 each
     """ggml_vec_geglu_f32 with GGML_GELU_FP16: 0 below -10, x above 10, else the table's value at x
     rounded to half, times up."""
-    n_rows, n = gate.shape
-    for r in prange(n_rows):
-        for i in range(n):
-            g = gate[r, i]
-            if g <= f32(-10):
-                out[r, i] = f32(0)
-            elif g >= f32(10):
-                out[r, i] = g * up[r, i]
-            else:
-                h = table[cpu_fp32_to_fp16(g)]
-                out[r, i] = f16_to_f32(h & 0xFF, h >> 8) * up[r, i]
+    for i in range(gate.shape[0]):
+        g = gate[i]
+        if g <= f32(-10):
+            out[i] = f32(0)
+        elif g >= f32(10):
+            out[i] = g * up[i]
+        else:
+            h = table[cpu_fp32_to_fp16(g)]
+            out[i] = f16_to_f32(h & 0xFF, h >> 8) * up[i]
+
+
+@kernel(parallel=True)
+def geglu(gate, up, table, out):  # (n_rows, n) f32 each: ggml_geglu_split, gelu(gate) * up by the table
+    for r in prange(gate.shape[0]):
+        geglu_row(gate[r], up[r], table, out[r])
+
+
+@kernel
+def geglu_few(gate, up, table, out):  # the same for a few rows (decoding), on this thread
+    for r in range(gate.shape[0]):
+        geglu_row(gate[r], up[r], table, out[r])

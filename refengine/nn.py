@@ -35,6 +35,8 @@ from refengine.kernels import attention_ggml as ggml_attention
 #   ggml   llama.cpp's CPU arithmetic: activations quantized for each matmul as ggml-cpu does, integer
 #          dot products, and the roundings of its other ops (f16 KV cache, rope tables, GELU table, ...)
 NUMERICS = ("exact", "ggml")
+# Below this many rows (tokens) an element-wise op runs on the calling thread: waking the others costs more.
+FEW_ROWS = 16
 
 # Rows of a weight decoded per BLAS call: at most 8 MB of float32, whatever the model's size.
 # Wider tiles make fewer, larger sgemm calls: gemma3-270m's pp512 went from 535 tok/s with 1 MB
@@ -111,7 +113,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, numerics: str = "exa
     if numerics == "ggml":
         rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (n_rows, n)
         out = np.empty_like(rows)
-        ops_ggml.rms_norm(rows, weight, np.float32(eps), out)
+        (ops_ggml.rms_norm if len(rows) >= FEW_ROWS else ops_ggml.rms_norm_few)(rows, weight, np.float32(eps), out)
         return out.reshape(x.shape)
     # einsum's one pass over x is 30% faster than mean(square(x)), for one token and for a batch alike
     mean_square = np.einsum("...i,...i->...", x, x)[..., None] / x.dtype.type(x.shape[-1])
@@ -132,7 +134,8 @@ def swiglu(gate: np.ndarray, up: np.ndarray, numerics: str = "exact") -> np.ndar
     """silu(gate) * up, (n_tok, n) each: ggml_swiglu_split. ggml numerics: ggml_vec_swiglu_f32."""
     if numerics == "ggml":
         out = np.empty_like(gate)
-        ops_ggml.swiglu(np.ascontiguousarray(gate), np.ascontiguousarray(up), out)
+        kernel = ops_ggml.swiglu if len(gate) >= FEW_ROWS else ops_ggml.swiglu_few
+        kernel(np.ascontiguousarray(gate), np.ascontiguousarray(up), out)
         return out
     return silu(gate) * up
 
@@ -142,7 +145,8 @@ def geglu(gate: np.ndarray, up: np.ndarray, numerics: str = "exact") -> np.ndarr
     f16 values at every f16 input (GGML_GELU_FP16), which moves an FFN's output by ~1e-4."""
     if numerics == "ggml":
         out = np.empty_like(gate)
-        ops_ggml.geglu(np.ascontiguousarray(gate), np.ascontiguousarray(up), gelu_table(), out)
+        kernel = ops_ggml.geglu if len(gate) >= FEW_ROWS else ops_ggml.geglu_few
+        kernel(np.ascontiguousarray(gate), np.ascontiguousarray(up), gelu_table(), out)
         return out
     return gelu_tanh(gate) * up
 
@@ -287,7 +291,9 @@ class Rope:
         cos, sin = self.ggml_tables(positions)  # (n_tok, n_dims/2)
         x = np.ascontiguousarray(x)
         out = np.empty_like(x)
-        ops_ggml.rope_apply(x, cos, sin, self.n_dims, self.neox, out)
+        (ops_ggml.rope_apply if len(x) >= FEW_ROWS else ops_ggml.rope_apply_few)(
+            x, cos, sin, self.n_dims, self.neox, out
+        )
         return out
 
 
@@ -302,6 +308,36 @@ def attention_ggml(q: np.ndarray, layer: LayerCache, first: int, scale: float) -
     n_cells = -(-(first + n_tok) // 256) * 256  # llama.cpp's n_kv: the used cells, padded to 256
     k, v = layer.k.view(np.uint16), layer.v.view(np.uint16)
     ggml_attention.attend(np.ascontiguousarray(q), k, v, first, layer.window, np.float32(scale), n_cells, out)
+    return out
+
+
+EMPTY = np.zeros(0, dtype=np.float32)
+
+
+def decode_attention_ggml(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    layer: LayerCache,
+    position: int,
+    rope: Rope,
+    scale: float,
+    q_norm: np.ndarray | None = None,
+    k_norm: np.ndarray | None = None,
+    eps: float = 0.0,
+    q_scale: float = 1.0,
+) -> np.ndarray:
+    """One token's QK-norm, rope, cache store and attention in one call (numerics ggml, no observer): q
+    (n_head, dk), k (n_kv_head, dk), v (n_kv_head, dv) float32, overwritten -> (n_head, dv). The same
+    operations as rms_norm, Rope.apply, LayerCache.store and attention_ggml, to the bit."""
+    cos, sin = rope.ggml_tables(np.array([position]))  # (1, n_dims/2)
+    out = np.empty((q.shape[0], layer.v.shape[2]), dtype=np.float32)
+    n_cells = -(-(position + 1) // 256) * 256
+    ggml_attention.decode_attention(
+        q, k, v, EMPTY if q_norm is None else q_norm, EMPTY if k_norm is None else k_norm, np.float32(eps),
+        cos[0], sin[0], rope.n_dims, rope.neox, np.float32(q_scale), layer.k.view(np.uint16), layer.v.view(np.uint16),
+        position, layer.window, np.float32(scale), n_cells, out,
+    )  # fmt: skip
     return out
 
 

@@ -97,9 +97,9 @@ def recorded_routing_margins() -> Iterator[list[np.ndarray]]:
     margins: list[np.ndarray] = []
     route = moe.route
 
-    def recording(logits, c, exp_probs_b):
+    def recording(logits, c, exp_probs_b, *numerics):
         margins.append(routing_margin(logits, c, exp_probs_b))
-        return route(logits, c, exp_probs_b)
+        return route(logits, c, exp_probs_b, *numerics)
 
     moe.route = recording
     try:

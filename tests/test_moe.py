@@ -217,8 +217,8 @@ def test_decode_token_by_token_matches_the_batch(q4_k_m, arch, monkeypatch):
     """One token at a time (fused matvec kernels, MLA's compressed cache) gives the batch's logits."""
     calls, bind = [], nn.bound_matvec
 
-    def counting(ggml_type, rows):  # every Linear's kernel, counted when a token goes through it
-        kernel = bind(ggml_type, rows)
+    def counting(ggml_type, rows, *args):  # every Linear's kernel, counted when a token goes through it
+        kernel = bind(ggml_type, rows, *args)
         return lambda x, out: calls.append(ggml_type) or kernel(x, out)
 
     monkeypatch.setattr(nn, "bound_matvec", counting)

@@ -13,7 +13,17 @@ import numpy as np
 
 from refengine.errors import RefengineError
 from refengine.gguf import GGUFFile, Tensor
-from refengine.nn import N_UBATCH, NUMERICS, KVCache, Linear, attention, attention_ggml, embed, rms_norm
+from refengine.nn import (
+    N_UBATCH,
+    NUMERICS,
+    KVCache,
+    Linear,
+    attention,
+    attention_ggml,
+    decode_attention_ggml,
+    embed,
+    rms_norm,
+)
 from refengine.threads import step_threads
 from refengine.tokenizer import describe_value
 
@@ -334,6 +344,13 @@ def self_attention(
     q, k, v = w.attn_q(x), w.attn_k(x), w.attn_v(x)  # (n_tok, heads * head_dim)
     if w.bias_q is not None:
         q, k, v = q + w.bias_q, k + w.bias_k, v + w.bias_v
+    if numerics == "ggml" and n_tok == 1 and model.observer is None:  # decoding: the rest in one kernel call
+        out = decode_attention_ggml(
+            q.reshape(c.n_head, c.head_dim), k.reshape(c.n_head_kv, c.head_dim), v.reshape(c.n_head_kv, c.head_dim),
+            cache.layers[il], int(positions[0]), rope, 1.0 if scale_q else scale, w.attn_q_norm, w.attn_k_norm,
+            c.norm_eps, scale if scale_q else 1.0,
+        )  # fmt: skip
+        return w.attn_output(out.reshape(1, -1))
     q = q.reshape(n_tok, c.n_head, c.head_dim)
     k = k.reshape(n_tok, c.n_head_kv, c.head_dim)
     v = v.reshape(n_tok, c.n_head_kv, c.head_dim)
