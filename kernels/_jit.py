@@ -6,14 +6,36 @@ decide exactness (no fastmath: no reassociation, no fused multiply-add) and
 start-up time (cache=True) are set once for all of them.
 """
 
+import hashlib
+import os
+from pathlib import Path
+
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types  # noqa: F401  (prange is re-exported for kernels)
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+
+def source_digest(folder: Path = Path(__file__).parent) -> str:
+    """A digest of every kernel module's source: the key of the compiled code that matches it."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# numba invalidates a cached kernel when its own source file changes, not when a function it calls
+# from another file does (a half-to-float in _jit.py, a SIMD intrinsic in simd.py): the old machine
+# code would keep running. So the cache lives in a folder named by the digest of all of this
+# package's sources, and any change to any of them starts a new one. NUMBA_CACHE_DIR, if the user
+# set it, is theirs to keep consistent.
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    numba.config.CACHE_DIR = str(Path(__file__).parent / "__pycache__" / f"numba-{source_digest()}")
+
 _FLAGS = dict(
-    cache=True,  # the second process loads machine code from __pycache__ instead of compiling
+    cache=True,  # the second process loads machine code from the cache instead of compiling (see above)
     nogil=True,  # NUMA worker threads run kernels concurrently
     fastmath=False,  # bit-exact results need IEEE order of operations, with no FMA contraction
     error_model="numpy",  # no Python exception checks inside loops, so LLVM can vectorise them

@@ -143,3 +143,21 @@ def test_wrapper_rejects_bad_arguments():
         dequantize_rows(T.Q8_0, raw, out=np.empty((2, 31), np.float32))
     with pytest.raises(KernelError, match="no dequantization kernel"):
         dequantize_rows(9999, raw)
+
+
+def test_numba_cache_is_keyed_by_every_kernel_source(tmp_path):
+    """numba only notices edits to a kernel's own file; the cache folder is named by all of them, so
+    an edit to a helper another file calls (here simd.py) starts a new cache."""
+    import shutil
+    from pathlib import Path
+
+    import numba
+    from refengine.kernels import _jit
+
+    folder = Path(_jit.__file__).parent
+    copy = shutil.copytree(folder, tmp_path / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    assert _jit.source_digest(copy) == _jit.source_digest(folder)
+    with open(copy / "simd.py", "a") as fh:
+        fh.write("\n# an edit\n")
+    assert _jit.source_digest(copy) != _jit.source_digest(folder)
+    assert numba.config.CACHE_DIR.endswith(f"numba-{_jit.source_digest()}")
