@@ -48,6 +48,7 @@ POLL_SECONDS = 50e-6  # the sleep between tests after that: a follower waits for
 TAG_SIGNAL = 77  # a follower's point-to-point note to rank 0: a stop signal came to it alone
 FORWARD, STOP, REPORT = 1, 2, 3  # commands
 CACHES_KEPT = 4  # a follower keeps the KV caches of the last few caches rank 0 used
+EVICT_TRIES = 20  # rounds of DONTNEED over other ranks' expert pages, while readahead still brings some in
 
 
 class DistributedError(RefengineError):
@@ -189,17 +190,31 @@ def share_ranges(gguf, partition: ExpertPartition, rank: int, experts_only: bool
 
 def evict_others(gguf, partition: ExpertPartition, rank: int) -> None:
     """posix_fadvise(DONTNEED) over the whole pages of every other rank's experts: what readahead brought in
-    of them is dropped (pages that a process maps, or that are dirty, the kernel keeps)."""
+    of them is dropped (pages that a process maps, or that are dirty, the kernel keeps). Pages still being
+    read (readahead is asynchronous) are locked and not dropped either, so this is repeated, a few
+    milliseconds apart, until mincore finds none of them cached (or EVICT_TRIES have passed)."""
+    from refengine.numa import Kernel
+
     page = os.sysconf("SC_PAGE_SIZE")
+    ranges = [
+        (split, -(-first // page) * page, end // page * page)  # whole pages only: ours stay
+        for other in partition.workers
+        if other != rank
+        for split, first, end in share_ranges(gguf, partition, other, experts_only=True)
+    ]
+    ranges = [(split, start, stop) for split, start, stop in ranges if stop > start]
+    views = [np.frombuffer(m, dtype=np.uint8) for m in gguf._maps]  # the model's mapping of each split
     fds = [os.open(path, os.O_RDONLY) for path in gguf.splits]
     try:
-        for other in partition.workers:
-            if other == rank:
-                continue
-            for split, first, end in share_ranges(gguf, partition, other, experts_only=True):
-                start, stop = -(-first // page) * page, end // page * page  # whole pages only: ours stay
-                if stop > start:
-                    os.posix_fadvise(fds[split], start, stop - start, os.POSIX_FADV_DONTNEED)
+        for attempt in range(EVICT_TRIES):
+            for split, start, stop in ranges:
+                os.posix_fadvise(fds[split], start, stop - start, os.POSIX_FADV_DONTNEED)
+            cached = any(
+                Kernel.mincore(views[split].ctypes.data + start, stop - start).any() for split, start, stop in ranges
+            )
+            if not cached:
+                return
+            time.sleep(0.005 * (attempt + 1))
     finally:
         for fd in fds:
             os.close(fd)

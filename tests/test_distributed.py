@@ -39,14 +39,14 @@ def mpiexec() -> str:
     launcher = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
     if launcher is None:
         pytest.skip("no mpiexec: install the mpi extra (pip install -e '.[mpi]', as make install does)")
-    probe = "from mpi4py import MPI; c = MPI.COMM_WORLD; print(c.allreduce(1))"
+    probe = "from mpi4py import MPI; c = MPI.COMM_WORLD; n = c.allreduce(1); c.rank or print(n)"
     try:
         run = subprocess.run(
             [launcher, "-np", "2", sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
         )
     except subprocess.TimeoutExpired:
         pytest.skip("mpiexec -np 2 did not start two ranks within 60 s")
-    if run.returncode != 0 or run.stdout.split() != ["2", "2"]:
+    if run.returncode != 0 or run.stdout.split() != ["2"]:
         pytest.skip(f"MPI cannot start two ranks here: {(run.stderr or run.stdout).strip()[-300:]}")
     return launcher
 
