@@ -731,13 +731,15 @@ def perplexity_command(model, text_file, ctx, chunks, base_file, kl_divergence, 
     """Perplexity of a text, and KL divergence against a base model, exactly as llama-perplexity."""
     import contextlib
 
-    import refengine
-
     if kl_divergence and base_file is None:
         raise click.UsageError("--kl-divergence needs --kl-divergence-base FILE")
     if not kl_divergence and text_file is None:
         raise click.UsageError("-f TEXT is required (except with --kl-divergence)")
-    loaded = refengine.load(model, precision, numerics_of(numerics, precision, "exact"))
+    # through load_session, so that under mpirun the ranks share the experts (refengine.distributed)
+    from refengine.api import Model
+
+    numerics = numerics_of(numerics, precision, "exact")
+    loaded = Model(load_session(model, precision, "off", None, numerics=numerics), precision)
     if base_file is not None and not kl_divergence:
         inputs = [text_file, *loaded.session.gguf.splits]
         if any(_same_file(base_file, p) for p in inputs):

@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from refengine.kernels import ops_ggml
 
 from refengine.arch.common import HParams, ModelError, check_shape, layer_tensors
 from refengine.gguf import GGUFFile, Tensor
-from refengine.nn import Linear, softmax
+from refengine.kernels import ops_ggml
+from refengine.nn import Linear, silu, softmax
 from refengine.nn import swiglu as silu_times
 
 # A DecoderModel's emit(name, x, il): shows an intermediate tensor to the forward pass's observer.
@@ -217,8 +217,12 @@ class MoE:
         self.ffn_up_exps: Tensor = check_shape(t["ffn_up_exps"], (c.n_expert, c.n_ff_exp, n_embd))
         self.ffn_down_exps: Tensor = check_shape(t["ffn_down_exps"], (c.n_expert, n_embd, c.n_ff_exp))
         self.experts: dict[int, tuple[Linear, Linear, Linear]] = {}
-        # --numa shard: refengine.numa sets an ExpertDispatch, which runs an expert on the worker pool of the
-        # node that holds its weights. None: every expert runs here, in turn.
+        self.expert_slices: dict[tuple, Linear | tuple[Linear, Linear]] = {}  # a worker's rows of an expert
+        # Who runs the routed experts: None, every expert here, in turn; or an object with
+        # run(moe, experts, inputs) -> outputs, layer_input(x) -> x and combine(routed sum) -> routed sum:
+        # refengine.numa's ExpertDispatch (--numa shard, each expert on the pool of the node that holds it)
+        # or SplitDispatch (--numa split, each node its rows of each), refengine.distributed's RankDispatch
+        # (MPI: each rank its own experts, rank 0's input, the partial sums added over the ranks).
         self.dispatch = None
         self.ffn_shexp = None  # ffn_{gate,up,down}_shexp: the shared experts, one FFN every token goes through
         if c.n_expert_shared:
@@ -244,6 +248,8 @@ class MoE:
     def __call__(self, x: np.ndarray, emit: Emit | None = None, il: int | None = None) -> np.ndarray:
         """(n_tok, n_embd) -> (n_tok, n_embd). emit(name, x, il), if given, sees the router's logits, the chosen
         experts and their weights (a DecoderModel's emit: llama.cpp's names)."""
+        if self.dispatch is not None:
+            x = self.dispatch.layer_input(x)  # MPI: every rank takes rank 0's input, and so routes as it does
         logits = self.ffn_gate_inp(x)  # (n_tok, n_expert)
         chosen, weights = route(logits, self.config, self.exp_probs_b, self.numerics)  # (n_tok, n_expert_used) each
         if emit is not None:
@@ -266,15 +272,46 @@ class MoE:
             out[:] = weighted[:, 0]
             for rank in range(1, chosen.shape[1]):
                 out += weighted[:, rank]
+        if self.dispatch is not None:
+            out = self.dispatch.combine(out)  # MPI: the sum of the ranks' partial outputs (one allreduce)
         if self.ffn_shexp is not None:
             out += self.ffn_shexp(x)
         return out
 
     def run_experts(self, experts: list[int], inputs: list[np.ndarray]) -> Iterator[np.ndarray]:
-        """swiglu of each expert on its input, in order. With `dispatch` (--numa shard) they run at once,
-        each on the pool of its node; the caller sums them in the same order either way, so the result
-        is the same to the bit."""
+        """swiglu of each expert on its input (n_routed, n_embd) -> (n_routed, n_embd), in order. With
+        `dispatch` the workers compute them; every element is computed as run_expert computes it, and the
+        caller sums the outputs in the same order either way, so the result is the same to the bit."""
         if self.dispatch is None:
-            return (swiglu(*self.expert(e), xe) for e, xe in zip(experts, inputs, strict=True))
-        futures = [self.dispatch(e, swiglu, *self.expert(e), xe) for e, xe in zip(experts, inputs, strict=True)]
-        return (f.result() for f in futures)
+            return (self.run_expert(e, xe) for e, xe in zip(experts, inputs, strict=True))
+        return iter(self.dispatch.run(self, experts, inputs))
+
+    def run_expert(self, e: int, x: np.ndarray) -> np.ndarray:
+        return swiglu(*self.expert(e), x)
+
+    def gate_up_rows(self, e: int, ff: range, x: np.ndarray, h: np.ndarray) -> None:
+        """h[:, ff] = silu(ffn_gate[ff] x) * ffn_up[ff] x for expert e: rows ff of its intermediate features,
+        x (n_tok, n_embd), h (n_tok, n_ff_exp). One worker's first phase under a row split (refengine.partition)."""
+        key = ("ff", e, ff.start, ff.stop)
+        if key not in self.expert_slices:
+            first = e * self.config.n_ff_exp
+            rows = slice(first + ff.start, first + ff.stop)
+            self.expert_slices[key] = (
+                self.rows_linear(self.ffn_gate_exps, rows),  # (len(ff), n_embd)
+                self.rows_linear(self.ffn_up_exps, rows),  # (len(ff), n_embd)
+            )
+        gate, up = self.expert_slices[key]
+        h[:, ff.start : ff.stop] = silu(gate(x)) * up(x)
+
+    def down_rows(self, e: int, out: range, h: np.ndarray, y: np.ndarray) -> None:
+        """y[:, out] = ffn_down[out] h for expert e: rows out of its output from its whole intermediate
+        features h (n_tok, n_ff_exp), y (n_tok, n_embd). One worker's second phase under a row split."""
+        key = ("out", e, out.start, out.stop)
+        if key not in self.expert_slices:
+            rows = slice(e * self.n_embd + out.start, e * self.n_embd + out.stop)
+            self.expert_slices[key] = self.rows_linear(self.ffn_down_exps, rows)  # (len(out), n_ff_exp)
+        y[:, out.start : out.stop] = self.expert_slices[key](h)
+
+    def rows_linear(self, tensor: Tensor, rows: slice) -> Linear:
+        """Rows of a 3-D expert tensor as a Linear of their own, in the numerics the block's experts use."""
+        return Linear(tensor, rows, self.numerics)
