@@ -217,6 +217,9 @@ def q8_0_dots(rows, r0, r1, r2, r3, a0, a1, a2, a3, s0, s1, s2, s3):
     acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
     for b in range(a0.shape[0]):
         prefetch_block(rows, r0, 34 * b, 34)
+        prefetch_block(rows, r1, 34 * b, 34)
+        prefetch_block(rows, r2, 34 * b, 34)
+        prefetch_block(rows, r3, 34 * b, 34)
         acc0 = q8_0_block(acc0, rows, r0, b, a0, s0)
         acc1 = q8_0_block(acc1, rows, r1, b, a1, s1)
         acc2 = q8_0_block(acc2, rows, r2, b, a2, s2)
@@ -255,6 +258,9 @@ def q4_0_dots(rows, r0, r1, r2, r3, a0, a1, a2, a3, s0, s1, s2, s3, o0, o1, o2, 
     acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
     for b in range(a0.shape[0]):
         prefetch_block(rows, r0, 18 * b, 18)
+        prefetch_block(rows, r1, 18 * b, 18)
+        prefetch_block(rows, r2, 18 * b, 18)
+        prefetch_block(rows, r3, 18 * b, 18)
         acc0 = q4_0_block(acc0, rows, r0, b, a0, s0, o0)
         acc1 = q4_0_block(acc1, rows, r1, b, a1, s1, o1)
         acc2 = q4_0_block(acc2, rows, r2, b, a2, s2, o2)
@@ -296,6 +302,9 @@ def q5_0_dots(rows, r0, r1, r2, r3, a0, a1, a2, a3, s0, s1, s2, s3, o0, o1, o2, 
     acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
     for b in range(a0.shape[0]):
         prefetch_block(rows, r0, 22 * b, 22)
+        prefetch_block(rows, r1, 22 * b, 22)
+        prefetch_block(rows, r2, 22 * b, 22)
+        prefetch_block(rows, r3, 22 * b, 22)
         acc0 = q5_0_block(acc0, rows, r0, b, a0, s0, o0)
         acc1 = q5_0_block(acc1, rows, r1, b, a1, s1, o1)
         acc2 = q5_0_block(acc2, rows, r2, b, a2, s2, o2)
@@ -339,6 +348,9 @@ def q4_1_dots(rows, r0, r1, r2, r3, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, 
     sum0 = sum1 = sum2 = sum3 = f32(0)
     for b in range(a0.shape[0]):
         prefetch_block(rows, r0, 20 * b, 20)
+        prefetch_block(rows, r1, 20 * b, 20)
+        prefetch_block(rows, r2, 20 * b, 20)
+        prefetch_block(rows, r3, 20 * b, 20)
         sum0 += half_at(rows, r0, 20 * b + 2) * m0[b]
         sum1 += half_at(rows, r1, 20 * b + 2) * m1[b]
         sum2 += half_at(rows, r2, 20 * b + 2) * m2[b]
@@ -382,6 +394,9 @@ def q5_1_dots(rows, r0, r1, r2, r3, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, 
     sum0 = sum1 = sum2 = sum3 = f32(0)
     for b in range(a0.shape[0]):
         prefetch_block(rows, r0, 24 * b, 24)
+        prefetch_block(rows, r1, 24 * b, 24)
+        prefetch_block(rows, r2, 24 * b, 24)
+        prefetch_block(rows, r3, 24 * b, 24)
         sum0 += half_at(rows, r0, 24 * b + 2) * m0[b]
         sum1 += half_at(rows, r1, 24 * b + 2) * m1[b]
         sum2 += half_at(rows, r2, 24 * b + 2) * m2[b]

@@ -29,6 +29,7 @@ from .simd import (
     add_lanes,
     bit_bytes,
     dot_bytes_scaled,
+    fma_lanes,
     high_nibbles,
     k4_mins,
     k4_scales,
@@ -39,19 +40,20 @@ from .simd import (
     mask_bytes,
     mul_lanes,
     or_bytes,
+    pair_products,
+    shift_lanes_left,
     shift_left,
     shift_right,
+    sub_lanes,
+    sum_floats,
     sum_lanes,
+    widen_bytes,
+    zero_floats,
     zero_lanes,
 )
 
 f32 = np.float32
 TILED_MIN_BATCH = 8  # ggml_tiled_min_batch: the tiled path takes batches of 8 tokens or more
-
-
-@kernel
-def hsum8(v):  # (8,) float32 lanes -> hsum_float_8: high half + low half, then (0 + 2) + (1 + 3)
-    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
 
 
 # ---------------------------------------------------------------- one super-block's integers
@@ -92,12 +94,12 @@ def q5_k_super(rows, r, b, a, sums32):
 @kernel(inline=True)
 def q6_k_super(rows, r, b, a):
     """Q6_K super-block b of row r: lanes of the scaled products of the unsigned quants (0..63), before
-    the offset of 32 comes off (q6_k_offset)."""
+    the offset of 32 comes off."""
     signed_rows = rows.view(np.int8)
     base = 210 * b
     lanes0, lanes1, lanes2, lanes3 = zero_lanes(), zero_lanes(), zero_lanes(), zero_lanes()
     for h in range(2):
-        scale_base = base + 192 + 8 * h
+        scales = widen_bytes(signed_rows, r, base + 192 + 8 * h)  # sub-blocks 8h .. 8h + 7
         low = load_bytes(rows, r, base + 64 * h)
         high = load_bytes(rows, r, base + 64 * h + 32)
         bits = load_bytes(rows, r, base + 128 + 32 * h)
@@ -106,22 +108,11 @@ def q6_k_super(rows, r, b, a):
         q2 = or_bytes(high_nibbles(low), mask_bytes(bits, 0x30))
         q3 = or_bytes(high_nibbles(high), mask_bytes(shift_right(bits, 2), 0x30))
         y = 4 + 128 * h
-        s = signed_rows[r, scale_base : scale_base + 8]
-        lanes0 = dot_bytes_scaled(lanes0, q0, load_bytes(a, b, y), np.int32(s[0]), np.int32(s[1]))
-        lanes1 = dot_bytes_scaled(lanes1, q1, load_bytes(a, b, y + 32), np.int32(s[2]), np.int32(s[3]))
-        lanes2 = dot_bytes_scaled(lanes2, q2, load_bytes(a, b, y + 64), np.int32(s[4]), np.int32(s[5]))
-        lanes3 = dot_bytes_scaled(lanes3, q3, load_bytes(a, b, y + 96), np.int32(s[6]), np.int32(s[7]))
+        lanes0 = dot_bytes_scaled(lanes0, q0, load_bytes(a, b, y), lane(scales, 0), lane(scales, 1))
+        lanes1 = dot_bytes_scaled(lanes1, q1, load_bytes(a, b, y + 32), lane(scales, 2), lane(scales, 3))
+        lanes2 = dot_bytes_scaled(lanes2, q2, load_bytes(a, b, y + 64), lane(scales, 4), lane(scales, 5))
+        lanes3 = dot_bytes_scaled(lanes3, q3, load_bytes(a, b, y + 96), lane(scales, 6), lane(scales, 7))
     return add_lanes(add_lanes(lanes0, lanes1), add_lanes(lanes2, lanes3))
-
-
-@kernel
-def q6_k_offset(rows, r, b, a_sums, k):
-    """32 * (sc_2k bsum_2k + sc_2k+1 bsum_2k+1): what ggml's q8sclsub takes off lane k of a Q6_K block."""
-    s = rows.view(np.int8)
-    base = 210 * b + 192
-    return np.int32(32) * (
-        np.int32(s[r, base + 2 * k]) * a_sums[b, 2 * k] + np.int32(s[r, base + 2 * k + 1]) * a_sums[b, 2 * k + 1]
-    )
 
 
 # ---------------------------------------------------------------- vec_dot: ggml_vec_dot_q*_K_q8_K
@@ -129,23 +120,24 @@ def q6_k_offset(rows, r, b, a_sums, k):
 
 @kernel
 def q4_k_vec_dot(rows, r, a, a_scales, sums32):
-    acc = np.zeros(8, dtype=np.float32)
-    acc_m = np.zeros(4, dtype=np.float32)
+    acc = zero_floats()
+    m0 = m1 = m2 = m3 = f32(0)  # _mm_madd_epi16(mins, q8s): lane k the mins of sub-blocks 2k and 2k + 1
     for b in range(a.shape[0]):
         prefetch_block(rows, r, 144 * b, 144)
         lanes, mins = q4_k_super(rows, r, b, a, sums32)
         d = a_scales[b] * half_at(rows, r, 144 * b)
         dmin = -(a_scales[b] * half_at(rows, r, 144 * b + 2))
-        for k in range(4):  # _mm_madd_epi16(mins, q8s): lane k the mins of sub-blocks 2k and 2k + 1
-            acc_m[k] = fma32(dmin, f32(lane(mins, 2 * k) + lane(mins, 2 * k + 1)), acc_m[k])
-        for k in range(8):
-            acc[k] = fma32(d, f32(lane(lanes, k)), acc[k])
-    return hsum8(acc) + ((acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]))
+        m0 = fma32(dmin, f32(lane(mins, 0) + lane(mins, 1)), m0)
+        m1 = fma32(dmin, f32(lane(mins, 2) + lane(mins, 3)), m1)
+        m2 = fma32(dmin, f32(lane(mins, 4) + lane(mins, 5)), m2)
+        m3 = fma32(dmin, f32(lane(mins, 6) + lane(mins, 7)), m3)
+        acc = fma_lanes(acc, lanes, d)
+    return sum_floats(acc) + ((m0 + m2) + (m1 + m3))
 
 
 @kernel
 def q5_k_vec_dot(rows, r, a, a_scales, sums32):
-    acc = np.zeros(8, dtype=np.float32)
+    acc = zero_floats()
     summs = f32(0)
     for b in range(a.shape[0]):
         prefetch_block(rows, r, 176 * b, 176)
@@ -153,21 +145,21 @@ def q5_k_vec_dot(rows, r, a, a_scales, sums32):
         d = a_scales[b] * half_at(rows, r, 176 * b)
         dmin = -(a_scales[b] * half_at(rows, r, 176 * b + 2))
         summs = fma32(dmin, f32(sum_lanes(mins)), summs)
-        for k in range(8):
-            acc[k] = fma32(d, f32(lane(lanes, k)), acc[k])
-    return hsum8(acc) + summs
+        acc = fma_lanes(acc, lanes, d)
+    return sum_floats(acc) + summs
 
 
 @kernel
 def q6_k_vec_dot(rows, r, a, a_scales, a_sums):
-    acc = np.zeros(8, dtype=np.float32)
+    """Lane k takes off 32 (sc_2k bsum_2k + sc_2k+1 bsum_2k+1), as ggml's q8sclsub."""
+    signed_rows = rows.view(np.int8)
+    acc = zero_floats()
     for b in range(a.shape[0]):
         prefetch_block(rows, r, 210 * b, 210)
         lanes = q6_k_super(rows, r, b, a)
-        d = a_scales[b] * half_at(rows, r, 210 * b + 208)
-        for k in range(8):
-            acc[k] = fma32(d, f32(lane(lanes, k) - q6_k_offset(rows, r, b, a_sums, k)), acc[k])
-    return hsum8(acc)
+        offsets = shift_lanes_left(pair_products(signed_rows, r, 210 * b + 192, a_sums, b), 5)
+        acc = fma_lanes(acc, sub_lanes(lanes, offsets), a_scales[b] * half_at(rows, r, 210 * b + 208))
+    return sum_floats(acc)
 
 
 # ---------------------------------------------------------------- tiled and repacked
@@ -202,10 +194,8 @@ def q6_k_tiled(rows, r, a, a_scales, a_sums):
     total = f32(0)
     for b in range(a.shape[0]):
         lanes = q6_k_super(rows, r, b, a)
-        offset = np.int32(0)
-        for k in range(8):
-            offset += q6_k_offset(rows, r, b, a_sums, k)
-        result = f32(sum_lanes(lanes) - offset) * half_at(rows, r, 210 * b + 208)
+        offsets = shift_lanes_left(pair_products(rows.view(np.int8), r, 210 * b + 192, a_sums, b), 5)
+        result = f32(sum_lanes(sub_lanes(lanes, offsets))) * half_at(rows, r, 210 * b + 208)
         total = fma32(result, a_scales[b], total)
     return total
 

@@ -642,6 +642,32 @@ def q3k_scales(typingctx, arr, i, j, half):
 
 
 @intrinsic
+def pair_products(typingctx, arr, i, j, sums, b):
+    """Lane k = arr[i, j + 2k] * sums[b, 2k] + arr[i, j + 2k + 1] * sums[b, 2k + 1], k = 0..7: 16 bytes of a
+    2-D byte array (sign-extended if int8) against 16 int32 of a 2-D C-contiguous int32 array, products
+    added in pairs as vpmaddwd adds them (ggml's _mm256_madd_epi16 of 16 scales by 16 block sums)."""
+    if not (_is_byte_matrix(arr) and _are_integers(i, j, b) and _is_int32_matrix(sums)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v16i8, v16i32 = ir.VectorType(_I8, 16), ir.VectorType(_I32, 16)
+        arr_type, sums_type = signature.args[0], signature.args[3]
+        pointer = _element_pointer(context, builder, arr_type, args[0], args[1:3], signature.args[1:3], v16i8)
+        loaded = builder.load(pointer, align=1)
+        widened = builder.sext(loaded, v16i32) if arr_type.dtype.signed else builder.zext(loaded, v16i32)
+        index = [args[4], ir.Constant(ir.IntType(64), 0)]
+        sums_pointer = _element_pointer(
+            context, builder, sums_type, args[3], index, [signature.args[4], types.int64], v16i32
+        )
+        products = builder.mul(widened, builder.load(sums_pointer, align=4))
+        even = _pick(builder, products, list(range(0, 16, 2)))
+        odd = _pick(builder, products, list(range(1, 16, 2)))
+        return builder.add(even, odd)
+
+    return Int32x8(arr, i, j, sums, b), codegen
+
+
+@intrinsic
 def sub_lanes(typingctx, a, b):
     if not (a is Int32x8 and b is Int32x8):
         return None

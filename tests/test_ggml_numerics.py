@@ -214,7 +214,11 @@ def assert_within_reassociation(weight_type, rows, x, ours, label):
     """ours within RTOL of float64 (on the terms we add) and of ggml's vec_dot (on the terms it adds)."""
     expected = oracle.vec_dot_rows(weight_type, rows, x)
     value, tight, loose = reference(weight_type, rows, x)
-    for name, other, magnitude in (("float64", value, tight), ("ggml", expected, loose)):
+    # Q3_K and Q6_K take off their quant offset lane by lane in float32, as ggml does (tests/test_ggml_ops.py
+    # holds them to ggml's vec_dot bit for bit): the larger terms that cancel there count for float64 too.
+    offset_types = (T.Q3_K, T.Q6_K)
+    own = loose if weight_type in offset_types else tight
+    for name, other, magnitude in (("float64", value, own), ("ggml", expected, loose)):
         error = np.abs(ours.astype(np.float64) - other)
         bad = ~(error <= RTOL * magnitude)  # NaN is bad
         if bad.any():
