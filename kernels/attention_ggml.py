@@ -38,35 +38,46 @@ def first_visible(position, window):
 
 
 @kernel
-def dot_cells_tinyblas(v16, head, d, p16, begin, end, n_slots):
-    """sum over cells begin..end-1 of v16[head, slot, d] * p16[cell], tinyBLAS's 16 lanes from cell 0."""
-    acc = np.zeros(16, dtype=np.float32)
-    for chunk in range(begin - begin % 16, end, 16):
-        for lane in range(16):
-            p = chunk + lane
-            if begin <= p < end:
-                acc[lane] = fma32(half_to_f32(v16[head, p % n_slots, d]), p16[p], acc[lane])
-    return reduce_add_16(acc, 0)
+def reduce_lanes_16(acc, d):
+    """acc[0, d] + ... + acc[15, d] in _mm512_reduce_add_ps's tree (ops_ggml.reduce_add_16), a column."""
+    a0 = (acc[0, d] + acc[8, d]) + (acc[4, d] + acc[12, d])
+    a1 = (acc[1, d] + acc[9, d]) + (acc[5, d] + acc[13, d])
+    a2 = (acc[2, d] + acc[10, d]) + (acc[6, d] + acc[14, d])
+    a3 = (acc[3, d] + acc[11, d]) + (acc[7, d] + acc[15, d])
+    return (a0 + a2) + (a1 + a3)
 
 
 @kernel
-def dot_cells_vec(v16, head, d, p16, begin, end, n_slots, n_cells, acc):
-    """The same sum as ggml_vec_dot_f16 over n_cells cells (0 outside begin..end-1)."""
-    acc[:] = 0
+def weighted_values(v16, g, p16, begin, end, n_slots, n_cells, tinyblas, acc, out):
+    """out[d] = sum over cells begin..end-1 of v16[g, slot, d] * p16[cell], for every d at once: per d the
+    lanes of one output of tinyBLAS (16, cell % 16) or of ggml_vec_dot_f16 (64, cell % 64, then reduced as
+    GGML_F32x16_REDUCE), each lane adding its cells in order from cell 0. acc: (64, dv) float32 scratch."""
+    dv = out.shape[0]
+    n_lanes = 16 if tinyblas else 64
+    acc[:n_lanes] = 0
     steps = n_cells - n_cells % 64
-    for i in range(begin - begin % 64, min(end, steps), 64):
-        for k in range(64):
-            p = i + k
-            if begin <= p < end:
-                acc[k] = fma32(half_to_f32(v16[head, p % n_slots, d]), p16[p], acc[k])
+    stop = end if tinyblas else min(end, steps)
+    for p in range(begin, stop):
+        lane = p % n_lanes
+        weight = p16[p]
+        slot = p % n_slots
+        for d in range(dv):
+            acc[lane, d] = fma32(half_to_f32(v16[g, slot, d]), weight, acc[lane, d])
+    if tinyblas:
+        for d in range(dv):
+            out[d] = reduce_lanes_16(acc, d)
+        return
     for k in range(32):
-        acc[k] = acc[k] + acc[k + 32]
+        for d in range(dv):
+            acc[k, d] = acc[k, d] + acc[k + 32, d]
     for k in range(16):
-        acc[k] = acc[k] + acc[k + 16]
-    wide = np.float64(reduce_add_16(acc, 0))
-    for p in range(max(steps, begin), end):
-        wide += np.float64(half_to_f32(v16[head, p % n_slots, d]) * p16[p])
-    return f32(wide)
+        for d in range(dv):
+            acc[k, d] = acc[k, d] + acc[k + 16, d]
+    for d in range(dv):
+        wide = np.float64(reduce_lanes_16(acc, d))
+        for p in range(max(steps, begin), end):
+            wide += np.float64(half_to_f32(v16[g, p % n_slots, d]) * p16[p])
+        out[d] = f32(wide)
 
 
 @kernel(parallel=True)
@@ -107,11 +118,7 @@ def attend(q, k, v, first, window, scale, n_cells, out):
         probs = np.zeros(last, dtype=np.float32)
         softmax_row(scores, begin, end, n_cells, probs)
         p16 = round_to_f16(probs)
-        for d in range(dv):
-            if batch:
-                out[t, h, d] = dot_cells_tinyblas(v, g, d, p16, begin, end, n_slots)
-            else:
-                out[t, h, d] = dot_cells_vec(v, g, d, p16, begin, end, n_slots, n_cells, lanes)
+        weighted_values(v, g, p16, begin, end, n_slots, n_cells, batch, np.empty((64, dv), dtype=np.float32), out[t, h])
 
 
 @kernel
@@ -127,6 +134,7 @@ def attend_token(q, k, v, position, window, scale, n_cells, out):
     lanes = np.empty(64, dtype=np.float32)
     scores = np.empty(end, dtype=np.float32)
     probs = np.zeros(end, dtype=np.float32)
+    values = np.empty((64, dv), dtype=np.float32)
     for h in range(n_head):
         g = h // group
         q16 = round_to_f16(q[h])
@@ -139,9 +147,7 @@ def attend_token(q, k, v, position, window, scale, n_cells, out):
                 wide += np.float64(key[i] * q16[i])
             scores[p] = f32(wide) * scale
         softmax_row(scores, begin, end, n_cells, probs)
-        p16 = round_to_f16(probs)
-        for d in range(dv):
-            out[h, d] = dot_cells_vec(v, g, d, p16, begin, end, n_slots, n_cells, lanes)
+        weighted_values(v, g, round_to_f16(probs), begin, end, n_slots, n_cells, False, values, out[h])
 
 
 @kernel

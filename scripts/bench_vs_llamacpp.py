@@ -62,9 +62,9 @@ def ours(session, test: str, n: int, depth: int, repetitions: int, rng) -> list[
     return [n / timed(context, n, rng) for _ in range(repetitions)]
 
 
-def compare(model, tests, repetitions: int, rounds: int, n_threads: int, binary) -> list[dict]:
+def compare(model, tests, repetitions: int, rounds: int, n_threads: int, binary, numerics: str = "ggml") -> list[dict]:
     path = resolve_model(model)
-    session = Session.load(model)
+    session = Session.load(model, "f32", numerics)
     n_ctx_train = session.model.config.n_ctx_train
     rng = np.random.default_rng(0)
     rows = []
@@ -80,6 +80,7 @@ def compare(model, tests, repetitions: int, rounds: int, n_threads: int, binary)
         rows.append(
             {
                 "model": model,
+                "numerics": numerics,
                 "test": name,
                 "n_depth": depth,
                 "n_threads": n_threads,
@@ -90,7 +91,7 @@ def compare(model, tests, repetitions: int, rounds: int, n_threads: int, binary)
                 "llama_cpp_samples_ts": theirs_ts,
             }
         )
-        click.echo(f"{model} {name}: {max(ours_ts):.1f} vs {max(theirs_ts):.1f} t/s", err=True)
+        click.echo(f"{model} {numerics} {name}: {max(ours_ts):.1f} vs {max(theirs_ts):.1f} t/s", err=True)
     return rows
 
 
@@ -125,8 +126,14 @@ def cpu_name() -> str:
 @click.option("-r", "--repetitions", default=3, show_default=True, help="Timed runs of a test per engine per round.")
 @click.option("--rounds", default=2, show_default=True, help="Rounds of alternating the two engines.")
 @click.option("--startup/--no-startup", default=False, show_default=True, help="Also time cold and warm start-up.")
+@click.option(
+    "--numerics",
+    default="ggml",
+    show_default=True,
+    help="refengine's numerics, comma-separated: ggml (llama.cpp's arithmetic), exact, or both.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def main(models, n_prompt, n_gen, n_depth, repetitions, rounds, startup, as_json) -> None:
+def main(models, n_prompt, n_gen, n_depth, repetitions, rounds, startup, numerics, as_json) -> None:
     """Print refengine's and llama-bench's pp/tg tokens/s on the same models, and their ratio."""
     import numba
 
@@ -137,7 +144,8 @@ def main(models, n_prompt, n_gen, n_depth, repetitions, rounds, startup, as_json
     tests = [("pp", n, d) for d in n_depth for n in n_prompt if n] + [("tg", n, d) for d in n_depth for n in n_gen if n]
     rows, starts = [], []
     for model in models.split(","):
-        rows += compare(model, tests, repetitions, rounds, n_threads, binary)
+        for kind in numerics.split(","):
+            rows += compare(model, tests, repetitions, rounds, n_threads, binary, kind)
         if startup:
             starts.append(globals()["startup"](model))
     meta = {"llama_bench": str(binary), "cpu": cpu_name(), "n_threads": n_threads, "best_of": repetitions * rounds}
@@ -145,11 +153,12 @@ def main(models, n_prompt, n_gen, n_depth, repetitions, rounds, startup, as_json
         click.echo(json.dumps({"meta": meta, "speed": rows, "startup": starts}, indent=2))
         return
     click.echo(f"{meta['cpu']}, {n_threads} threads, best of {meta['best_of']} each, alternating")
-    click.echo("| model | test | refengine t/s | llama.cpp t/s | ratio |")
-    click.echo("| ----- | ---: | ------------: | ------------: | ----: |")
+    click.echo("| model | numerics | test | refengine t/s | llama.cpp t/s | ratio |")
+    click.echo("| ----- | -------- | ---: | ------------: | ------------: | ----: |")
     for r in rows:
         click.echo(
-            f"| {r['model']} | {r['test']} | {r['refengine_ts']:.1f} | {r['llama_cpp_ts']:.1f} | {r['ratio']:.2f} |"
+            f"| {r['model']} | {r['numerics']} | {r['test']} | {r['refengine_ts']:.1f} | {r['llama_cpp_ts']:.1f} "
+            f"| {r['ratio']:.2f} |"
         )
     for s in starts:
         click.echo(
