@@ -59,10 +59,12 @@ from .gemv_ggml import ACTIVATION_KERNELS, VEC_DOT_TYPES
 from .gemv_ggml import GGML_MATMUL_ID_KERNELS as _LEGACY_MATMUL_ID
 from .gemv_ggml import GGML_MATMUL_KERNELS as _LEGACY_MATMUL
 from .gemv_ggml import GGML_MATVEC_KERNELS as _LEGACY_MATVEC
+from .gemv_ggml import GGML_MATVEC_SLICES_KERNELS as _LEGACY_SLICES
 from .kquants_ggml import (
     KQUANT_MATMUL_ID_KERNELS,
     KQUANT_MATMUL_KERNELS,
     KQUANT_MATVEC_KERNELS,
+    KQUANT_MATVEC_SLICES_KERNELS,
     KQUANT_UNREPACKED_KERNELS,
 )
 from .quantize import QUANTIZE_KERNELS
@@ -198,6 +200,8 @@ def quantize_rows(ggml_type, x: np.ndarray, out: np.ndarray | None = None) -> np
 # ggml numerics: ggml type -> kernel(rows, x (n_in,), out (n_out,)), and -> kernel(rows, x (n_tok, n_in), out).
 GGML_MATVEC_KERNELS = {**_LEGACY_MATVEC, **KQUANT_MATVEC_KERNELS}
 GGML_MATMUL_KERNELS = {**_LEGACY_MATMUL, **KQUANT_MATMUL_KERNELS}
+# one token through several slices of a 3-D tensor in one call: f(rows, n_out, slices, x, out)
+GGML_MATVEC_SLICES_KERNELS = {**_LEGACY_SLICES, **KQUANT_MATVEC_SLICES_KERNELS}
 # an expert's batch (MUL_MAT_ID), whose path differs for repacked Q4_K and F32
 GGML_MATMUL_ID_KERNELS = {**GGML_MATMUL_KERNELS, **_LEGACY_MATMUL_ID, **KQUANT_MATMUL_ID_KERNELS}
 
@@ -294,6 +298,22 @@ def bound_matmul(
     if not (repacked or expert) and ggml_type in KQUANT_UNREPACKED_KERNELS:
         kernel = KQUANT_UNREPACKED_KERNELS[ggml_type][1]
     return functools.partial(kernel, rows)
+
+
+def bound_matvec_slices(
+    ggml_type, rows: np.ndarray, n_out: int, repacked: bool = True
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None:
+    """One token through several slices of a 3-D tensor in ggml numerics, as f(slices, x, out): slices (k,) int64
+    indices of n_out-row slices of `rows` (experts of an ffn_*_exps tensor, heads of a 3-D attention weight),
+    x (k, n_in) float32 (one row per slice) or (1, n_in) (the same for all), out (k, n_out) float32. Each
+    output equals bound_matvec's for its slice and row, to the bit. None for a type without such a kernel."""
+    kernel = GGML_MATVEC_SLICES_KERNELS.get(ggml_type)
+    if kernel is None or rows.shape[0] % n_out:
+        return None
+    if not repacked and ggml_type in KQUANT_UNREPACKED_KERNELS:
+        kernel = KQUANT_UNREPACKED_KERNELS[ggml_type][2]
+    _matvec_kernel(ggml_type, rows, "ggml")  # the rows' checks
+    return functools.partial(kernel, rows, n_out)
 
 
 def _type_name(ggml_type) -> str:

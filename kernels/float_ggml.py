@@ -138,3 +138,13 @@ def matvec_f16_ggml(rows, x, out):  # (n_out, 2 n_in) uint8, (n_in,) f32 -> (n_o
     for r in prange(w.shape[0]):
         acc = np.empty(64, dtype=np.float32)
         out[r] = dot_vec_f16(halves_to_f32(w[r]), x16, x.shape[0], acc)
+
+
+@kernel(parallel=True)
+def matvec_slices_f32_ggml(rows, n_out, slices, x, out):  # gemv_ggml.py's matvec_slices_* for F32 rows
+    n_in = x.shape[1]
+    w = rows.reshape(-1).view(np.float32).reshape((rows.shape[0], n_in))
+    for job in prange(slices.shape[0] * n_out):
+        j, r = job // n_out, job % n_out
+        acc = np.empty(64, dtype=np.float32)
+        out[j, r] = dot_vec_f32(w[slices[j] * n_out + r], x[j if x.shape[0] > 1 else 0], n_in, acc)

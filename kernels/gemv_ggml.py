@@ -47,7 +47,14 @@ from .activations import (
     quantize_q8_1,
     quantize_q8_k,
 )
-from .float_ggml import matmul_f16_ggml, matmul_f32_ggml, matmul_id_f32_ggml, matvec_f16_ggml, matvec_f32_ggml
+from .float_ggml import (
+    matmul_f16_ggml,
+    matmul_f32_ggml,
+    matmul_id_f32_ggml,
+    matvec_f16_ggml,
+    matvec_f32_ggml,
+    matvec_slices_f32_ggml,
+)
 from .gemv import half_to_f32, prefetch_block
 from .quantize import f32_bits
 from .simd import (
@@ -433,6 +440,87 @@ def matmul_q5_1(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float3
                 out[t + k, r] = y[k]
 
 
+# ---------------------------------------------------------------- slices of a 3-D tensor, one token
+# matvec_slices_<type>(rows, n_out, slices, x, out): for each j, out[j] = W_j @ x[j] (or @ x[0] when x has one
+# row), W_j the rows slices[j] * n_out .. (slices[j] + 1) * n_out of `rows`: the chosen experts of an ffn_*_exps
+# tensor, or every head of deepseek2's attn_k_b / attn_v_b, in one call. Each output is its row's dot product
+# as the matvec computes it, to the bit: only the calls are fewer.
+
+
+@kernel
+def slice_rows(slices, j, g, n_out):
+    """The four rows of group g of slice j (the last ones clamped to the slice's end), and how many count."""
+    base, r = slices[j] * n_out, 4 * g
+    return base + r, base + pick(r, 1, n_out), base + pick(r, 2, n_out), base + pick(r, 3, n_out), min(4, n_out - r)
+
+
+@kernel(parallel=True)
+def matvec_slices_q8_0(rows, n_out, slices, x, out):
+    a, s, _ = activations_q8_0(x)
+    n_groups = (n_out + 3) // 4
+    for job in prange(slices.shape[0] * n_groups):
+        j, g = job // n_groups, job % n_groups
+        i = j if x.shape[0] > 1 else 0
+        r0, r1, r2, r3, n = slice_rows(slices, j, g, n_out)
+        y = q8_0_dots(rows, r0, r1, r2, r3, a[i], a[i], a[i], a[i], s[i], s[i], s[i], s[i])
+        for k in range(n):
+            out[j, 4 * g + k] = y[k]
+
+
+@kernel(parallel=True)
+def matvec_slices_q4_0(rows, n_out, slices, x, out):
+    a, s, a_sums = activations_q8_0(x)
+    o = scaled(a_sums, -8)
+    n_groups = (n_out + 3) // 4
+    for job in prange(slices.shape[0] * n_groups):
+        j, g = job // n_groups, job % n_groups
+        i = j if x.shape[0] > 1 else 0
+        r0, r1, r2, r3, n = slice_rows(slices, j, g, n_out)
+        y = q4_0_dots(rows, r0, r1, r2, r3, a[i], a[i], a[i], a[i], s[i], s[i], s[i], s[i], o[i], o[i], o[i], o[i])
+        for k in range(n):
+            out[j, 4 * g + k] = y[k]
+
+
+@kernel(parallel=True)
+def matvec_slices_q5_0(rows, n_out, slices, x, out):
+    a, s, a_sums = activations_q8_0(x)
+    o = scaled(a_sums, -16)
+    n_groups = (n_out + 3) // 4
+    for job in prange(slices.shape[0] * n_groups):
+        j, g = job // n_groups, job % n_groups
+        i = j if x.shape[0] > 1 else 0
+        r0, r1, r2, r3, n = slice_rows(slices, j, g, n_out)
+        y = q5_0_dots(rows, r0, r1, r2, r3, a[i], a[i], a[i], a[i], s[i], s[i], s[i], s[i], o[i], o[i], o[i], o[i])
+        for k in range(n):
+            out[j, 4 * g + k] = y[k]
+
+
+@kernel(parallel=True)
+def matvec_slices_q4_1(rows, n_out, slices, x, out):
+    a, s, m = activations_q8_1(x)
+    n_groups = (n_out + 3) // 4
+    for job in prange(slices.shape[0] * n_groups):
+        j, g = job // n_groups, job % n_groups
+        i = j if x.shape[0] > 1 else 0
+        r0, r1, r2, r3, n = slice_rows(slices, j, g, n_out)
+        y = q4_1_dots(rows, r0, r1, r2, r3, a[i], a[i], a[i], a[i], s[i], s[i], s[i], s[i], m[i], m[i], m[i], m[i])
+        for k in range(n):
+            out[j, 4 * g + k] = y[k]
+
+
+@kernel(parallel=True)
+def matvec_slices_q5_1(rows, n_out, slices, x, out):
+    a, s, m = activations_q8_1(x)
+    n_groups = (n_out + 3) // 4
+    for job in prange(slices.shape[0] * n_groups):
+        j, g = job // n_groups, job % n_groups
+        i = j if x.shape[0] > 1 else 0
+        r0, r1, r2, r3, n = slice_rows(slices, j, g, n_out)
+        y = q5_1_dots(rows, r0, r1, r2, r3, a[i], a[i], a[i], a[i], s[i], s[i], s[i], s[i], m[i], m[i], m[i], m[i])
+        for k in range(n):
+            out[j, 4 * g + k] = y[k]
+
+
 # ---------------------------------------------------------------- k-quants, 256-value super-blocks, by Q8_K
 # Activation super-block b: d = a_scales[b], qs at a[b, 4:260] (value v at 4 + v), bsums a_sums[b, k]
 # (sum of the quants of values 16k .. 16k + 15). In ggml_vec_dot_q*_K_q8_K a super-block adds
@@ -611,6 +699,15 @@ GGML_MATMUL_KERNELS = {
     T.Q5_1: matmul_q5_1,
     T.Q2_K: matmul_q2_k,
     T.Q3_K: matmul_q3_k,
+}
+
+GGML_MATVEC_SLICES_KERNELS = {
+    T.F32: matvec_slices_f32_ggml,
+    T.Q8_0: matvec_slices_q8_0,
+    T.Q4_0: matvec_slices_q4_0,
+    T.Q4_1: matvec_slices_q4_1,
+    T.Q5_0: matvec_slices_q5_0,
+    T.Q5_1: matvec_slices_q5_1,
 }
 
 # MUL_MAT_ID (an expert's tokens) where it differs from MUL_MAT: no llamafile sgemm for F32.

@@ -349,10 +349,59 @@ def matvec_q4_k_plain(rows, x, out):
         out[r] = q4_k_vec_dot(rows, r, a[0], a_scales[0], sums32[0])
 
 
+# Slices of a 3-D tensor for one token (gemv_ggml.py's matvec_slices_*): experts through mul_mat_id (Q4_K
+# repacked: the gemv), or the heads of a 3-D tensor through mul_mat (Q4_K not repacked: vec_dot).
+
+
+@kernel(parallel=True)
+def matvec_slices_q4_k(rows, n_out, slices, x, out):
+    a, a_scales, a_sums = activations_q8_k(x)
+    sums32 = pair_sums(a_sums)
+    repacked = n_out % 8 == 0
+    for job in prange(slices.shape[0] * n_out):
+        j, r = job // n_out, job % n_out
+        i = j if x.shape[0] > 1 else 0
+        row = slices[j] * n_out + r
+        if repacked:
+            out[j, r] = q4_k_repacked(rows, row, a[i], a_scales[i], sums32[i])
+        else:
+            out[j, r] = q4_k_vec_dot(rows, row, a[i], a_scales[i], sums32[i])
+
+
+@kernel(parallel=True)
+def matvec_slices_q4_k_plain(rows, n_out, slices, x, out):
+    a, a_scales, a_sums = activations_q8_k(x)
+    sums32 = pair_sums(a_sums)
+    for job in prange(slices.shape[0] * n_out):
+        j, r = job // n_out, job % n_out
+        i = j if x.shape[0] > 1 else 0
+        out[j, r] = q4_k_vec_dot(rows, slices[j] * n_out + r, a[i], a_scales[i], sums32[i])
+
+
+@kernel(parallel=True)
+def matvec_slices_q5_k(rows, n_out, slices, x, out):
+    a, a_scales, a_sums = activations_q8_k(x)
+    sums32 = pair_sums(a_sums)
+    for job in prange(slices.shape[0] * n_out):
+        j, r = job // n_out, job % n_out
+        i = j if x.shape[0] > 1 else 0
+        out[j, r] = q5_k_vec_dot(rows, slices[j] * n_out + r, a[i], a_scales[i], sums32[i])
+
+
+@kernel(parallel=True)
+def matvec_slices_q6_k(rows, n_out, slices, x, out):
+    a, a_scales, a_sums = activations_q8_k(x)
+    for job in prange(slices.shape[0] * n_out):
+        j, r = job // n_out, job % n_out
+        i = j if x.shape[0] > 1 else 0
+        out[j, r] = q6_k_vec_dot(rows, slices[j] * n_out + r, a[i], a_scales[i], a_sums[i])
+
+
+KQUANT_MATVEC_SLICES_KERNELS = {T.Q4_K: matvec_slices_q4_k, T.Q5_K: matvec_slices_q5_k, T.Q6_K: matvec_slices_q6_k}
 KQUANT_MATVEC_KERNELS = {T.Q4_K: matvec_q4_k, T.Q5_K: matvec_q5_k, T.Q6_K: matvec_q6_k}
 KQUANT_MATMUL_KERNELS = {T.Q4_K: matmul_q4_k, T.Q5_K: matmul_q5_k, T.Q6_K: matmul_q6_k}
 # MUL_MAT_ID (an expert's tokens) where it differs from MUL_MAT
 KQUANT_MATMUL_ID_KERNELS = {T.Q4_K: matmul_id_q4_k}
 # Types llama.cpp repacks at load when the tensor is 2-D (or an expert tensor): their kernels for the tensors it
 # leaves alone (3-D ones that mul_mat broadcasts, as deepseek2's attn_v_b), (matvec, matmul).
-KQUANT_UNREPACKED_KERNELS = {T.Q4_K: (matvec_q4_k_plain, matmul_q4_k_plain)}
+KQUANT_UNREPACKED_KERNELS = {T.Q4_K: (matvec_q4_k_plain, matmul_q4_k_plain, matvec_slices_q4_k_plain)}

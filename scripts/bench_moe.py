@@ -1,32 +1,27 @@
 #!/usr/bin/env python3
-"""Decode speed of the mixture-of-experts forward pass, on tiny DeepSeek-layout models
-(refengine.testing.moe_spec: 2 layers, the second with n experts of which 8 are used, as Q4_K_M).
+"""Mixture-of-experts speed beside llama.cpp's llama-bench, on models the tiny-model writer makes
+(refengine.testing), quantized Q4_K_M: the issue's MoE targets, ratios from one run.
 
-1. Cost follows active parameters, not total ones: moe_spec(8), moe_spec(64) and moe_spec(256)
-   use the same 8 experts' worth of weights per token (from 64 experts on, routed through 8
-   groups of which 4 are used, as DeepSeek-R1 is), so their tokens/s must be within
-   MAX_SPREAD of each other.
-2. Against llama.cpp: the same decode through llama-cpp-python with the same 2 threads on one of
-   them (--llama-cpp-experts, default 8); the ratio refengine / llama.cpp (the issue's target: 0.7).
+    qwen3moe-bigger    hidden 1024, 4 layers, 16 experts, 4 used              tg128
+    mixtral-bigger     hidden 1024, 4 layers, 8 experts, 2 used               tg128
+    deepseek2-bigger   MLA, hidden 1024, 4 layers, 16 experts, 4 used, shared  tg128
+    qwen3moe-1.3b      hidden 1024, 12 layers, 64 experts, 8 used (1.34 B)    tg128, pp16, pp64, pp512
 
-Decode speed is llama-bench's tgN: N tokens evaluated one at a time from an empty context, random
-ids, one untimed run first; the best of --runs runs is reported, since other processes on a
-shared machine only ever slow a run down. llama.cpp is timed through its Python binding, whose
-per-token cost (building the batch, copying the logits out) is included, as ours is.
+Each test alternates the two engines a round of --repetitions at a time (a busy moment of a shared
+machine hits both) and keeps each one's best; refengine runs in this process through refengine.bench
+as `refengine bench model` does, llama.cpp through llama-bench (scripts/build_llama_tools.sh) on the
+same threads. The models are written (seed 0) and quantized by refengine's quantizer, whose files are
+llama.cpp's byte for byte, into --dir, where they are kept for the next run (the 1.3B F32 source, 5.4 GB,
+is deleted once quantized).
 
-Models are written (seed 0) and quantized by llama.cpp's quantizer when installed, else by
-refengine's (the same bytes), into --dir, where they are kept for the next run.
-
-    .venv/bin/python scripts/bench_moe.py
-    .venv/bin/python scripts/bench_moe.py --experts 8,64,256 -n 64 --runs 5 --json
+    .venv/bin/python scripts/bench_moe.py [--models qwen3moe-bigger,...] [--numerics ggml,exact] [--json]
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import tempfile
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -35,119 +30,107 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dequant import OtherProcesses, cpu_model  # noqa: E402
+from bench_vs_llamacpp import cpu_name, llama_bench, ours  # noqa: E402
 
-from refengine.bench import Context, time_generation  # noqa: E402
 from refengine.session import Session  # noqa: E402
-from refengine.testing import moe_spec, write_tiny_model  # noqa: E402
+from refengine.testing import spec_for, write_tiny_model  # noqa: E402
+from refengine.testing.llama_tools import find_tool  # noqa: E402
+from refengine.testing.tiny import quantize_q4_k_m  # noqa: E402
 
-MAX_SPREAD = 1.2  # fastest / slowest tokens/s across expert counts
-TARGET_VS_LLAMA_CPP = 0.7
-OTHERS_WARNING = 0.05  # share of the CPUs other processes took while timing, past which figures are noise
+# name -> (architecture, spec, tests: (kind, n) of llama-bench's pp/tg, target ratio of each)
+MODELS = {
+    "qwen3moe-bigger": ("qwen3moe", spec_for("qwen3moe", "bigger"), {("tg", 128): 0.6}),
+    "mixtral-bigger": ("mixtral", spec_for("mixtral", "bigger"), {("tg", 128): 0.6}),
+    "deepseek2-bigger": ("deepseek2", spec_for("deepseek2", "bigger"), {("tg", 128): 0.6}),
+    "qwen3moe-1.3b": (
+        "qwen3moe",
+        replace(
+            spec_for("qwen3moe", "bigger"),
+            n_vocab=32000,
+            n_layer=12,
+            n_expert=64,
+            n_expert_used=8,
+            n_ff_exp=512,
+            n_ctx_train=4096,
+        ),
+        {("tg", 128): 0.6, ("pp", 16): 0.6, ("pp", 64): 0.6, ("pp", 512): 0.8},
+    ),
+}
 
 
-def model_file(n_expert: int, folder: Path) -> Path:
-    """moe_spec(n_expert) as Q4_K_M in `folder`, made once."""
-    path = folder / f"moe{n_expert}-q4_k_m.gguf"
-    if path.exists():
-        return path
-    f32 = write_tiny_model("deepseek2", folder / f"moe{n_expert}-f32.gguf", spec=moe_spec(n_expert))
-    try:
-        from refengine.testing import quantize_q4_k_m
-
+def model_file(name: str, folder: Path) -> Path:
+    """MODELS[name] as Q4_K_M in `folder`, made once."""
+    path = folder / f"{name}-q4_k_m.gguf"
+    if not path.exists():
+        arch, spec, _ = MODELS[name]
+        f32 = write_tiny_model(arch, folder / f"{name}-f32.gguf", spec=spec)
         quantize_q4_k_m(f32, path)
-    except ImportError:
-        from refengine.quantize import quantize_file
-
-        quantize_file(f32, path, "Q4_K_M")
-    f32.unlink()
+        f32.unlink()
     return path
 
 
-def refengine_tok_s(path: Path, n_tokens: int, runs: int) -> list[float]:
-    model = Session.load(str(path)).model
-    rng = np.random.default_rng(0)
-    context = Context(model, n_tokens, 0, rng)
-    time_generation(context, n_tokens, rng)  # warm-up: kernels load, pages fault in, experts are built
-    return [n_tokens / time_generation(context, n_tokens, rng) for _ in range(runs)]
-
-
-def llama_cpp_tok_s(path: Path, n_tokens: int, runs: int) -> list[float]:
-    from llama_cpp import Llama
-
-    llm = Llama(str(path), n_ctx=n_tokens + 16, n_threads=2, n_threads_batch=2, verbose=False)
-    rng = np.random.default_rng(0)
-
-    def run() -> float:
-        llm.reset()
-        tokens = rng.integers(0, llm.n_vocab() - 2, size=n_tokens).tolist()
-        start = time.perf_counter()
-        for token in tokens:
-            llm.eval([token])
-        return n_tokens / (time.perf_counter() - start)
-
-    try:
-        run()
-        return [run() for _ in range(runs)]
-    finally:
-        llm.close()
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--experts", default="8,64,256", show_default=True, help="Expert counts of the models compared.")
-@click.option("--llama-cpp-experts", default=8, show_default=True, help="The model timed against llama.cpp.")
-@click.option("-n", "n_tokens", default=64, show_default=True, help="Tokens decoded per run.")
-@click.option("--runs", default=5, show_default=True, help="Timed runs per engine and model; the best counts.")
-@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), help="Where the models are kept.")
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def main(experts: str, llama_cpp_experts: int, n_tokens: int, runs: int, folder: Path | None, as_json: bool) -> None:
-    """Decode tokens/s on tiny MoE models of 8, 64 and 256 experts, and against llama.cpp."""
-    counts = [int(n) for n in experts.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = folder or Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = {n: model_file(n, folder) for n in sorted(set(counts) | {llama_cpp_experts})}
-        watch = OtherProcesses()
-        ours = {n: refengine_tok_s(paths[n], n_tokens, runs) for n in counts}
-        try:
-            theirs = llama_cpp_tok_s(paths[llama_cpp_experts], n_tokens, runs)
-        except ImportError:
-            theirs = None
-        others = watch.share()
-    best = {n: max(speeds) for n, speeds in ours.items()}
-    spread = max(best.values()) / min(best.values())
-    ours_vs = best.get(llama_cpp_experts) or max(refengine_tok_s(paths[llama_cpp_experts], n_tokens, runs))
-    result = {
-        "cpu": cpu_model(),
-        "threads": numba.config.NUMBA_NUM_THREADS,
-        "n_tokens": n_tokens,
-        "runs": runs,
-        "other_cpu_share": round(others, 3),
-        "refengine_tok_s": {str(n): round(best[n], 1) for n in counts},
-        "refengine_samples_tok_s": {str(n): [round(s, 1) for s in ours[n]] for n in counts},
-        "spread": round(spread, 3),
-        "spread_ok": spread <= MAX_SPREAD,
-        "llama_cpp_experts": llama_cpp_experts,
-        "llama_cpp_tok_s": None if theirs is None else round(max(theirs), 1),
-        "ratio_vs_llama_cpp": None if theirs is None else round(ours_vs / max(theirs), 3),
-    }
+@click.option("--models", default=",".join(MODELS), show_default=True, help="Comma-separated, of: " + ", ".join(MODELS))
+@click.option("--numerics", default="ggml", show_default=True, help="refengine's numerics, comma-separated.")
+@click.option("-r", "--repetitions", default=3, show_default=True, help="Timed runs per engine per round.")
+@click.option("--rounds", default=2, show_default=True, help="Rounds of alternating the two engines.")
+@click.option(
+    "--dir",
+    "folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path.home() / ".cache" / "refengine" / "bench-moe",
+    show_default=True,
+    help="Where the models are kept.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def main(models, numerics, repetitions, rounds, folder, as_json) -> None:
+    """refengine's MoE tg/pp tokens/s beside llama-bench's, their ratio and the issue's target for it."""
+    binary = find_tool("llama-bench")
+    if binary is None:
+        raise click.ClickException("llama-bench is not built: run scripts/build_llama_tools.sh first")
+    unknown = [m for m in models.split(",") if m not in MODELS]
+    if unknown:
+        raise click.BadParameter(f"unknown model {unknown[0]!r}", param_hint="--models")
+    folder.mkdir(parents=True, exist_ok=True)
+    n_threads = numba.get_num_threads()
+    rows = []
+    for name in models.split(","):
+        path = model_file(name, folder)
+        for kind in numerics.split(","):
+            session = Session.load(str(path), "f32", kind)
+            rng = np.random.default_rng(0)
+            for (test, n), target in MODELS[name][2].items():
+                ours_ts, theirs_ts = [], []
+                for _ in range(rounds):
+                    theirs_ts += llama_bench(binary, path, test, n, 0, repetitions, n_threads)
+                    ours_ts += ours(session, test, n, 0, repetitions, rng)
+                row = {
+                    "model": name,
+                    "numerics": kind,
+                    "test": f"{test}{n}",
+                    "refengine_ts": max(ours_ts),
+                    "llama_cpp_ts": max(theirs_ts),
+                    "ratio": max(ours_ts) / max(theirs_ts),
+                    "target": target,
+                    "refengine_samples_ts": ours_ts,
+                    "llama_cpp_samples_ts": theirs_ts,
+                }
+                rows.append(row)
+                speeds = f"{row['refengine_ts']:.1f} vs {row['llama_cpp_ts']:.1f} t/s"
+                click.echo(f"{name} {kind} {test}{n}: {speeds}", err=True)
+    meta = {"cpu": cpu_name(), "n_threads": n_threads, "best_of": repetitions * rounds, "llama_bench": str(binary)}
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps({"meta": meta, "speed": rows}, indent=2))
         return
-    click.echo(f"{result['cpu']}, {result['threads']} threads; tg{n_tokens}, best of {runs} runs")
-    for n in counts:
-        click.echo(f"  {n:4d} experts, 8 used: refengine {best[n]:8.1f} tok/s")
-    verdict = "ok" if result["spread_ok"] else f"over {MAX_SPREAD}"
-    click.echo(f"  spread fastest / slowest: {spread:.3f} ({verdict})")
-    if theirs is None:
-        click.echo("  llama.cpp: llama-cpp-python is not installed")
-    else:
+    click.echo(f"{meta['cpu']}, {n_threads} threads, best of {meta['best_of']} each, alternating")
+    click.echo("| model | numerics | test | refengine t/s | llama-bench t/s | ratio | target |")
+    click.echo("| ----- | -------- | ---: | ------------: | --------------: | ----: | -----: |")
+    for r in rows:
+        met = "met" if r["ratio"] >= r["target"] else "missed"
         click.echo(
-            f"  {llama_cpp_experts} experts: llama.cpp {max(theirs):.1f} tok/s; refengine / llama.cpp "
-            f"{result['ratio_vs_llama_cpp']:.2f} (target {TARGET_VS_LLAMA_CPP})"
+            f"| {r['model']} | {r['numerics']} | {r['test']} | {r['refengine_ts']:.1f} | {r['llama_cpp_ts']:.1f} "
+            f"| {r['ratio']:.2f} | {r['target']} ({met}) |"
         )
-    if others > OTHERS_WARNING:
-        click.echo(f"  warning: other processes took {others:.0%} of the CPUs while timing; figures are noisy")
 
 
 if __name__ == "__main__":

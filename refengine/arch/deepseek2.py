@@ -28,6 +28,7 @@ k_pe, with YaRN scaling (refengine.nn.YaRN) when rope.scaling.type is "yarn".
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -44,7 +45,7 @@ from refengine.arch.common import (
 )
 from refengine.arch.moe import MoE, MoEConfig, SwiGLU
 from refengine.gguf import GGUFFile, Tensor
-from refengine.kernels import ops_ggml
+from refengine.kernels import bound_matvec_slices, ops_ggml
 from refengine.nn import KVCache, LayerCache, Linear, Rope, YaRN, attention, attention_ggml, lazy_zeros, rms_norm
 
 # convert_hf_to_gguf writes yarn_log_multiplier as 0.1 * mscale_all_dim; llama.cpp divides it back
@@ -179,8 +180,13 @@ def mla_cache(n_layer: int, n_ctx: int, kv_lora_rank: int, n_rot: int, dtype) ->
     return KVCache(layers, n_ctx)
 
 
-def per_head(heads: list[Linear], x: np.ndarray) -> np.ndarray:
-    """Each head's own matrix on its slice: (n_tok, n_head, n_in) -> (n_tok, n_head, n_out)."""
+def per_head(heads: list[Linear], x: np.ndarray, all_heads: Callable | None = None) -> np.ndarray:
+    """Each head's own matrix on its slice: (n_tok, n_head, n_in) -> (n_tok, n_head, n_out). One token with
+    all_heads (ggml numerics: the heads' slices in one call, the same numbers)."""
+    if all_heads is not None and x.shape[0] == 1:
+        out = np.empty((1, len(heads), heads[0].n_out), dtype=np.float32)
+        all_heads(np.arange(len(heads)), np.ascontiguousarray(x[0]), out[0])
+        return out
     return np.stack([w(x[:, h]) for h, w in enumerate(heads)], axis=1)
 
 
@@ -207,6 +213,9 @@ class MLAWeights:
     attn_q_a_norm: np.ndarray | None = None  # (q_lora_rank,)
     attn_q_b: Linear | None = None  # (n_head * q_head, q_lora_rank)
     attn_kv_b: Linear | None = None  # (n_head * (qk_nope_dim + v_head_dim), kv_lora_rank), the older layout
+    # ggml numerics, decoding: every head of attn_k_b / attn_v_b in one call, f(heads, x, out) (bound_matvec_slices)
+    k_b_heads: Callable | None = None
+    v_b_heads: Callable | None = None
 
     @classmethod
     def load(cls, gguf: GGUFFile, il: int, c: Deepseek2Config, dtype, numerics: str = "exact") -> MLAWeights:
@@ -233,6 +242,9 @@ class MLAWeights:
         )
         if not c.mla_split:
             w.attn_kv_b = Linear(kv_b, None, numerics)
+        elif numerics == "ggml":  # 3-D weights that llama.cpp multiplies by mul_mat, so never repacked
+            w.k_b_heads = bound_matvec_slices(k_b.ggml_type, k_b.data, kv_lora, repacked=False)
+            w.v_b_heads = bound_matvec_slices(v_b.ggml_type, v_b.data, v_dim, repacked=False)
         if c.q_lora_rank:
             w.attn_q_a = Linear(check_shape(t["attn_q_a"], (c.q_lora_rank, c.n_embd)), None, numerics)
             w.attn_q_a_norm = norm_weight(t["attn_q_a_norm"], c.q_lora_rank, dtype)
@@ -313,11 +325,11 @@ class Deepseek2(DecoderModel):
         # One key/value head for all query heads: keys [latent; k_pe], values the latent.
         layer.store(first, np.concatenate([latent[:, None], k_pe], axis=-1), None)  # (n_tok, 1, kv_lora + rope)
 
-        q_latent = per_head(w.attn_k_b, q_nope)  # (n_tok, n_head, kv_lora_rank)
+        q_latent = per_head(w.attn_k_b, q_nope, w.k_b_heads)  # (n_tok, n_head, kv_lora_rank)
         q = np.concatenate([q_latent, q_pe], axis=-1)  # (n_tok, n_head, kv_lora + rope)
         attend = attention_ggml if n == "ggml" else attention
         out = attend(q, layer, first, self.attn_scale)  # (n_tok, n_head, kv_lora_rank)
-        out = per_head(w.attn_v_b, out)  # (n_tok, n_head, v_head_dim)
+        out = per_head(w.attn_v_b, out, w.v_b_heads)  # (n_tok, n_head, v_head_dim)
         out = self.emit("kqv_out", out.reshape(n_tok, c.n_head * c.v_head_dim), il)
         return w.attn_output(out)
 

@@ -26,8 +26,8 @@ import numpy as np
 
 from refengine.arch.common import HParams, ModelError, check_shape, layer_tensors
 from refengine.gguf import GGUFFile, Tensor
-from refengine.kernels import ops_ggml
-from refengine.nn import Linear, silu, softmax
+from refengine.kernels import bound_matvec_slices, ops_ggml
+from refengine.nn import FEW_ROWS, Linear, silu
 from refengine.nn import swiglu as silu_times
 
 # A DecoderModel's emit(name, x, il): shows an intermediate tensor to the forward pass's observer.
@@ -170,7 +170,8 @@ def route(
     if numerics == "ggml":
         probs = np.empty_like(logits)  # (n_tok, n_expert)
         if c.gating == "softmax":
-            ops_ggml.softmax_rows(np.ascontiguousarray(logits), np.float32(1), probs)
+            kernel = ops_ggml.softmax_rows if n_tok >= FEW_ROWS else ops_ggml.softmax_rows_few
+            kernel(np.ascontiguousarray(logits), np.float32(1), probs)
         else:
             ops_ggml.sigmoid_rows(np.ascontiguousarray(logits), probs)
     else:
@@ -224,6 +225,12 @@ class MoE:
         # or SplitDispatch (--numa split, each node its rows of each), refengine.distributed's RankDispatch
         # (MPI: each rank its own experts, rank 0's input, the partial sums added over the ranks).
         self.dispatch = None
+        # ggml numerics: a decoded token's experts in one call per tensor (decode_experts), or None
+        self.slices = None
+        if numerics == "ggml":
+            bound = [bound_matvec_slices(t.ggml_type, t.data, t.shape[1]) for t in
+                     (self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps)]  # fmt: skip
+            self.slices = tuple(bound) if all(b is not None for b in bound) else None
         self.ffn_shexp = None  # ffn_{gate,up,down}_shexp: the shared experts, one FFN every token goes through
         if c.n_expert_shared:
             self.ffn_shexp = SwiGLU.load(gguf, il, c.n_expert_shared * c.n_ff_exp, n_embd, "_shexp", numerics)
@@ -257,7 +264,9 @@ class MoE:
             emit("ffn_moe_topk", chosen, il)
             emit("ffn_moe_weights", weights, il)
         out = np.zeros_like(x)  # (n_tok, n_embd)
-        if len(x) == 1:  # decoding: the token's experts in turn, each a fused matvec
+        if len(x) == 1 and self.dispatch is None and self.slices is not None:  # decoding, ggml numerics
+            self.decode_experts(chosen[0], weights[0], x, out[0])
+        elif len(x) == 1:  # decoding: the token's experts in turn, each a fused matvec
             experts = chosen[0].tolist()
             for weight, y in zip(weights[0], self.run_experts(experts, [x] * len(experts)), strict=True):
                 out += weight * y
@@ -277,6 +286,22 @@ class MoE:
         if self.ffn_shexp is not None:
             out += self.ffn_shexp(x)
         return out
+
+    def decode_experts(self, experts: np.ndarray, weights: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        """One token's chosen experts (n_used,) in four kernel calls, whatever their number: every gate, every up,
+        the activations, every down (kernels.bound_matvec_slices); out (n_embd,) = the weighted outputs added in
+        the order chosen. The same numbers as the experts' Linears one by one, to the bit."""
+        gate_exps, up_exps, down_exps = self.slices
+        k, ff = len(experts), self.config.n_ff_exp
+        gate, up = np.empty((k, ff), dtype=np.float32), np.empty((k, ff), dtype=np.float32)
+        gate_exps(experts, x, gate)
+        up_exps(experts, x, up)
+        h = silu_times(gate, up, self.numerics)  # (n_used, n_ff_exp)
+        y = np.empty((k, self.n_embd), dtype=np.float32)
+        down_exps(experts, h, y)
+        out[:] = y[0] * weights[0]
+        for j in range(1, k):
+            out += y[j] * weights[j]
 
     def run_experts(self, experts: list[int], inputs: list[np.ndarray]) -> Iterator[np.ndarray]:
         """swiglu of each expert on its input (n_routed, n_embd) -> (n_routed, n_embd), in order. With
