@@ -27,7 +27,7 @@ import numpy as np
 from refengine.arch.common import HParams, ModelError, check_shape, layer_tensors
 from refengine.gguf import GGUFFile, Tensor
 from refengine.kernels import bound_matvec_slices, ops_ggml
-from refengine.nn import FEW_ROWS, Linear, silu
+from refengine.nn import FEW_ROWS, Linear, silu, softmax
 from refengine.nn import swiglu as silu_times
 
 # A DecoderModel's emit(name, x, il): shows an intermediate tensor to the forward pass's observer.
