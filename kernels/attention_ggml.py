@@ -122,32 +122,55 @@ def attend(q, k, v, first, window, scale, n_cells, out):
 
 
 @kernel
+def attend_head(q, k, v, h, begin, end, scale, n_cells, key, lanes, scores, probs, values, out):
+    """Query head h of one token (ggml_vec_dot_f16 over head_dim, then over the n_cells cells) into out (dv,).
+    key (dk,), lanes (64,), scores and probs (end,), values (64, dv): scratch."""
+    n_head, dk = q.shape
+    n_kv_head, n_slots, _ = v.shape
+    g = h // (n_head // n_kv_head)
+    q16 = round_to_f16(q[h])
+    for p in range(begin, end):
+        for i in range(dk):
+            key[i] = half_to_f32(k[g, p % n_slots, i])
+        total, steps = vec_dot_lanes(key, q16, dk, lanes)
+        wide = np.float64(total)
+        for i in range(steps, dk):
+            wide += np.float64(key[i] * q16[i])
+        scores[p] = f32(wide) * scale
+    softmax_row(scores, begin, end, n_cells, probs)
+    weighted_values(v, g, round_to_f16(probs), begin, end, n_slots, n_cells, False, values, out)
+
+
+@kernel
 def attend_token(q, k, v, position, window, scale, n_cells, out):
     """One query token, on this thread: q (n_head, dk) f32, k, v (n_kv_head, n_slots, d) f16 bits, out (n_head, dv).
-    As `attend` for one token (ggml_vec_dot_f16 over head_dim, then over the n_cells cells)."""
+    As `attend` for one token."""
     n_head, dk = q.shape
-    n_kv_head, n_slots, dv = v.shape
-    group = n_head // n_kv_head
-    begin = first_visible(position, window)
-    end = position + 1
-    key = np.empty(dk, dtype=np.float32)
-    lanes = np.empty(64, dtype=np.float32)
-    scores = np.empty(end, dtype=np.float32)
-    probs = np.zeros(end, dtype=np.float32)
+    dv = v.shape[2]
+    begin, end = first_visible(position, window), position + 1
+    key, lanes = np.empty(dk, dtype=np.float32), np.empty(64, dtype=np.float32)
+    scores, probs = np.empty(end, dtype=np.float32), np.zeros(end, dtype=np.float32)
     values = np.empty((64, dv), dtype=np.float32)
     for h in range(n_head):
-        g = h // group
-        q16 = round_to_f16(q[h])
-        for p in range(begin, end):
-            for i in range(dk):
-                key[i] = half_to_f32(k[g, p % n_slots, i])
-            total, steps = vec_dot_lanes(key, q16, dk, lanes)
-            wide = np.float64(total)
-            for i in range(steps, dk):
-                wide += np.float64(key[i] * q16[i])
-            scores[p] = f32(wide) * scale
-        softmax_row(scores, begin, end, n_cells, probs)
-        weighted_values(v, g, round_to_f16(probs), begin, end, n_slots, n_cells, False, values, out[h])
+        attend_head(q, k, v, h, begin, end, scale, n_cells, key, lanes, scores, probs, values, out[h])
+
+
+@kernel(parallel=True)
+def attend_token_heads(q, k, v, position, window, scale, n_cells, out):
+    """attend_token with the heads shared among the threads: for a long context, where a head's work is large."""
+    n_head, dk = q.shape
+    dv = v.shape[2]
+    begin, end = first_visible(position, window), position + 1
+    for h in prange(n_head):
+        key, lanes = np.empty(dk, dtype=np.float32), np.empty(64, dtype=np.float32)
+        scores, probs = np.empty(end, dtype=np.float32), np.zeros(end, dtype=np.float32)
+        values = np.empty((64, dv), dtype=np.float32)
+        attend_head(q, k, v, h, begin, end, scale, n_cells, key, lanes, scores, probs, values, out[h])
+
+
+# Multiply-adds of one token's attention (heads x visible cells x (dk + dv)) from which its heads are shared
+# among the threads rather than computed on the calling one (waking them costs a few microseconds).
+PARALLEL_ATTENTION_WORK = 1 << 17
 
 
 @kernel
@@ -169,12 +192,14 @@ def decode_attention(
     window,
     scale,
     n_cells,
+    attend_here,
     out,
 ):
     """What llama.cpp's graph does for one token between its Q/K/V matmuls and the output projection, in one
     call (numerics ggml, decoding): QK-norm (when q_norm is not empty), rope, q * q_scale (gemma3), K and V
-    stored in the F16 cache at position % n_slots, then attend_token. q (n_head, dk), k (n_kv_head, dk),
-    v (n_kv_head, dv) f32; the caches' uint16 views; out (n_head, dv). q and k are overwritten."""
+    stored in the F16 cache at position % n_slots, then attend_token if attend_here (else the caller runs
+    attend_token_heads). q (n_head, dk), k (n_kv_head, dk), v (n_kv_head, dv) f32; the caches' uint16 views;
+    out (n_head, dv). q and k are overwritten (q ends roped and scaled, as attention takes it)."""
     if q_norm.shape[0]:
         for h in range(q.shape[0]):
             rms_norm_row(q[h].copy(), q_norm, eps, q[h])
@@ -192,4 +217,5 @@ def decode_attention(
             k_cache[g, slot, i] = cpu_fp32_to_fp16(k[g, i])
         for i in range(v.shape[1]):
             v_cache[g, slot, i] = cpu_fp32_to_fp16(v[g, i])
-    attend_token(q, k_cache, v_cache, position, window, scale, n_cells, out)
+    if attend_here:
+        attend_token(q, k_cache, v_cache, position, window, scale, n_cells, out)

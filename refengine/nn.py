@@ -307,7 +307,13 @@ def attention_ggml(q: np.ndarray, layer: LayerCache, first: int, scale: float) -
     out = np.empty((n_tok, n_head, layer.v.shape[2]), dtype=np.float32)
     n_cells = -(-(first + n_tok) // 256) * 256  # llama.cpp's n_kv: the used cells, padded to 256
     k, v = layer.k.view(np.uint16), layer.v.view(np.uint16)
-    ggml_attention.attend(np.ascontiguousarray(q), k, v, first, layer.window, np.float32(scale), n_cells, out)
+    q = np.ascontiguousarray(q)
+    if n_tok == 1 and attention_work(q.shape, layer, first) < ggml_attention.PARALLEL_ATTENTION_WORK:
+        ggml_attention.attend_token(q[0], k, v, first, layer.window, np.float32(scale), n_cells, out[0])
+    elif n_tok == 1:
+        ggml_attention.attend_token_heads(q[0], k, v, first, layer.window, np.float32(scale), n_cells, out[0])
+    else:
+        ggml_attention.attend(q, k, v, first, layer.window, np.float32(scale), n_cells, out)
     return out
 
 
@@ -333,12 +339,22 @@ def decode_attention_ggml(
     cos, sin = rope.ggml_tables(np.array([position]))  # (1, n_dims/2)
     out = np.empty((q.shape[0], layer.v.shape[2]), dtype=np.float32)
     n_cells = -(-(position + 1) // 256) * 256
+    k_cache, v_cache = layer.k.view(np.uint16), layer.v.view(np.uint16)
+    serial = attention_work(q.shape, layer, position) < ggml_attention.PARALLEL_ATTENTION_WORK
     ggml_attention.decode_attention(
         q, k, v, EMPTY if q_norm is None else q_norm, EMPTY if k_norm is None else k_norm, np.float32(eps),
-        cos[0], sin[0], rope.n_dims, rope.neox, np.float32(q_scale), layer.k.view(np.uint16), layer.v.view(np.uint16),
-        position, layer.window, np.float32(scale), n_cells, out,
+        cos[0], sin[0], rope.n_dims, rope.neox, np.float32(q_scale), k_cache, v_cache,
+        position, layer.window, np.float32(scale), n_cells, serial, out,
     )  # fmt: skip
+    if not serial:  # a long context: the heads on every thread
+        ggml_attention.attend_token_heads(q, k_cache, v_cache, position, layer.window, np.float32(scale), n_cells, out)
     return out
+
+
+def attention_work(q_shape: tuple[int, ...], layer: LayerCache, position: int) -> int:
+    """Multiply-adds of one query token's attention at `position`: heads x visible cells x (dk + dv)."""
+    visible = position + 1 - layer.first_visible(position)
+    return q_shape[-2] * visible * (q_shape[-1] + layer.v.shape[2])
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:

@@ -234,3 +234,8 @@ def test_attention_is_ggmls(n_tok, dk):
     ours = np.empty((n_tok, n_head, dv), dtype=np.float32)
     ggml_attention.attend(q, k16.view(np.uint16), v16.view(np.uint16), first, 0, f32(0.125), n_kv, ours)
     assert_bitwise(ours, expected, f"attention of {n_tok} tokens, dk {dk}")
+    if n_tok == 1:  # decoding's two kernels: the heads on this thread, or shared among the threads
+        for kernel in (ggml_attention.attend_token, ggml_attention.attend_token_heads):
+            ours = np.empty((n_head, dv), dtype=np.float32)
+            kernel(q[0], k16.view(np.uint16), v16.view(np.uint16), first, 0, f32(0.125), n_kv, ours)
+            assert_bitwise(ours, expected[0], f"{kernel.__name__}, dk {dk}")
