@@ -147,10 +147,6 @@ class RankDispatch:
         return self.world.allreduce(np.ascontiguousarray(routed))  # (n_tok, n_embd)
 
 
-def moe_blocks(model) -> list[tuple[int, object]]:
-    return [(il, b) for il, layer in enumerate(model.layers) for b in vars(layer).values() if hasattr(b, "dispatch")]
-
-
 def place_share(gguf, world: World) -> ExpertPartition:
     """This rank's share of the experts, its pages brought in, before the model is loaded.
 
@@ -395,7 +391,7 @@ def start(session, world: World, partition: ExpertPartition, context) -> int | N
     model announcing each pass, the others following. Returns None on rank 0, which goes on with the
     command; on the others, once rank 0 has said stop, rank 0's exit status. `context` (a click.Context)
     runs rank 0's stop when the command ends, however it ends."""
-    for il, block in moe_blocks(session.model):
+    for il, block in session.model.moe_blocks():
         block.dispatch = RankDispatch(il, partition, world)
     if not world.leader:
         return follow(session.model, world, session.gguf, partition)

@@ -124,6 +124,10 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1 + np.exp(-x))
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU with the tanh approximation, as gemma's `gelu_pytorch_tanh` and ggml_gelu."""
     c = x.dtype.type(math.sqrt(2 / math.pi))
@@ -161,8 +165,17 @@ def gelu_table() -> np.ndarray:
     return _GELU_TABLE[0]
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+def softmax(x: np.ndarray, axis: int = -1, temperature: float = 1.0) -> np.ndarray:
+    """exp(x / temperature) normalised over `axis`. The maximum is subtracted before dividing, so a tiny
+    temperature (1e-310) sharpens towards argmax instead of overflowing (the sampler's); where the
+    maximum is infinite (a repetition penalty can push logits past float64), the entries equal to it
+    share the mass."""
+    top = np.max(x, axis=axis, keepdims=True)
+    with np.errstate(over="ignore", invalid="ignore"):  # (x - top) / 1e-310 is -inf for all but the top
+        e = np.exp((x - top) / temperature) if temperature != 1.0 else np.exp(x - top)
+    finite = np.isfinite(top)
+    if not finite.all():
+        e = np.where(finite, e, (x == top).astype(e.dtype))
     return e / np.sum(e, axis=axis, keepdims=True)
 
 

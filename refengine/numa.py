@@ -844,12 +844,7 @@ class NumaRuntime:
             self.report = place(pages, placement, self.pools)
         if dispatch is None:
             dispatch = len(self.pools.nodes) > 1
-        blocks = [
-            (il, block)
-            for il, layer in enumerate(getattr(model, "layers", ()) if dispatch else ())
-            for block in vars(layer).values()
-            if hasattr(block, "dispatch")  # an arch.moe.MoE
-        ]
+        blocks = model.moe_blocks() if dispatch and model is not None else []
         if blocks:
             self.meter = ReadMeter(placement.expert_nodes, len(blocks))
         kind = SplitDispatch if self.mode == "split" else ExpertDispatch

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refengine.errors import RefengineError
+from refengine.nn import softmax
 
 
 class SamplerError(RefengineError):
@@ -85,7 +86,7 @@ class Sampler:
         if c.min_p > 0.0:
             keep = probs >= c.min_p * probs[0]
             ids, logits = ids[keep], logits[keep]
-        probs = softmax(logits, c.temperature)
+        probs = softmax(logits, temperature=c.temperature)
         return int(ids[self.rng.choice(len(ids), p=probs)])
 
 
@@ -115,16 +116,3 @@ def apply_repetition_penalty(logits: np.ndarray, recent: list[int], penalty: flo
     values = logits[seen]
     with np.errstate(over="ignore"):  # a tiny penalty may push a logit to inf: softmax takes care of it
         logits[seen] = np.where(values > 0, values / penalty, values * penalty)
-
-
-def softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """exp(x / temperature), normalised. The maximum is subtracted before dividing, so a tiny temperature
-    (1e-310) sharpens towards argmax instead of overflowing. A repetition penalty can push logits past
-    float64 (x / 1e-320): if the maximum is infinite, the logits equal to it share the mass."""
-    top = np.max(x)
-    if not np.isfinite(top):
-        e = (x == top).astype(np.float64)
-    else:
-        with np.errstate(over="ignore"):  # (x - top) / 1e-310 is -inf for all but the top: exp gives 0
-            e = np.exp((x - top) / temperature)
-    return e / e.sum()

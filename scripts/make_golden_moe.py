@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from moe_oracle import (  # noqa: E402  (needs the path above)
     GOLDEN_PATH,
-    MOE_MODELS,
     N_CTX,
     PROMPTS,
     load_golden_moe,
@@ -39,7 +38,7 @@ from moe_oracle import (  # noqa: E402  (needs the path above)
 )
 from oracle_utils import N_GENERATE, TOP_K, llama_cpp_generate_and_score, log_softmax, logsumexp  # noqa: E402
 
-from refengine.testing import quantize_q4_k_m, write_tiny_model  # noqa: E402
+from refengine.testing import MOE_MODELS, quantize_q4_k_m, write_tiny_model  # noqa: E402
 
 
 def top_k(logp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

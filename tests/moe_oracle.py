@@ -33,7 +33,6 @@ import refengine.arch.moe as moe
 from refengine.quantize import quantize_file
 from refengine.testing import write_tiny_model
 
-MOE_MODELS = ["qwen3moe", "mixtral", "deepseek2", "deepseek2-kvb", "deepseek2-lite"]
 PROMPTS = [
     Prompt("words", "the number 1234 is hello world and the model of the expert layer"),
     Prompt("list", "one two three, then the first layer and the little water"),

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from moe_oracle import (
-    MOE_MODELS,
     N_CTX,
     PROMPTS,
     Scores,
@@ -37,7 +36,7 @@ from refengine.cli import main
 from refengine.errors import RefengineError
 from refengine.gguf import open_gguf
 from refengine.session import Session
-from refengine.testing import spec_for, to_hf_state_dict, write_tiny_model
+from refengine.testing import MOE_MODELS, spec_for, to_hf_state_dict, write_tiny_model
 
 SEQUENCE = np.random.default_rng(7).integers(0, 510, size=48)  # random ids below the tiny vocabularies' BOS/EOS
 MAX_DIFF_F32 = 1e-3  # max |d log-softmax| against transformers in float32; seen 1.1-2.3e-5
@@ -132,8 +131,7 @@ def test_batch_grouped_by_expert_matches_token_by_token(q4_k_m, arch):
     per-token dense reference, and only the chosen experts were ever built."""
     model = Session.load(str(q4_k_m(arch)), "f64").model
     il = model.config.n_layer - 1
-    layer = model.layers[il]
-    moe_layer: MoE = layer.ffn if hasattr(layer, "ffn") else layer.ffn_moe
+    moe_layer: MoE = model.layers[il].ffn
     x = np.random.default_rng(1).standard_normal((24, model.config.n_embd))
     ours = moe_layer(x)
     np.testing.assert_allclose(ours, naive_moe(model.gguf, il, moe_layer.config, x), rtol=1e-9, atol=1e-12)

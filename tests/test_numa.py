@@ -453,10 +453,6 @@ def test_experts_run_on_the_pools_give_the_bits_of_off(tiny_model, arch):
     assert np.array_equal(shard[0], off[0]) and np.array_equal(shard[1], off[1])
 
 
-def moe_blocks(model) -> list[tuple[int, object]]:
-    return [(il, b) for il, layer in enumerate(model.layers) for b in vars(layer).values() if hasattr(b, "dispatch")]
-
-
 def greedy_tokens(session, prompt: str, n: int) -> list[int]:
     from refengine.generate import generate
     from refengine.sampler import Sampler, SamplerConfig
@@ -489,15 +485,15 @@ def test_split_on_two_pools_computes_what_off_does_and_evens_the_reads(tiny_mode
     with numa.NodePools(cpus) as pools:
         for mode, kind in (("split", numa.SplitDispatch), ("shard", numa.ExpertDispatch)):
             placement = numa.Placement.for_mode(mode, session.gguf, cpus)
-            meter = numa.ReadMeter(placement.expert_nodes, len(moe_blocks(session.model)))
-            for il, block in moe_blocks(session.model):
+            meter = numa.ReadMeter(placement.expert_nodes, len(session.model.moe_blocks()))
+            for il, block in session.model.moe_blocks():
                 block.dispatch = kind(il, placement, pools, meter)
             try:
                 batch, one = logits()
                 meter.one_token.clear()  # count the greedy run's tokens only
                 tokens = greedy_tokens(session, "hello world", 12)
             finally:
-                for _, block in moe_blocks(session.model):
+                for _, block in session.model.moe_blocks():
                     block.dispatch = None
             np.testing.assert_allclose(batch, off_logits[0], rtol=0, atol=1e-5 * np.abs(off_logits[0]).max())
             if mode == "shard" or arch != "mixtral":  # mixtral's batch already differs in the last bits
@@ -614,7 +610,7 @@ def test_split_generates_exactly_the_tokens_of_off_on_two_nodes(tiny_model, two_
         try:
             assert runtime.attach(session.gguf, session.model) is None  # nothing refused, nothing left behind
             assert runtime.report.stayed == 0 and all(runtime.report.experts.values())
-            assert all(isinstance(b.dispatch, numa.SplitDispatch) for _, b in moe_blocks(session.model))
+            assert all(isinstance(b.dispatch, numa.SplitDispatch) for _, b in session.model.moe_blocks())
             split = greedy_tokens(session, "hello world", 8)
             reads = runtime.meter.as_dict()
         finally:

@@ -5,7 +5,8 @@ llama.cpp is the judge of well-formedness: its loader fails on any key it needs 
 on any tensor whose name or shape differs from what it creates, and on any tensor left over. So
 each model, F32 and Q4_K_M, must load there and evaluate a prompt to finite, spread-out logits.
 The other checks are independent of llama.cpp: names against gguf-py's per-architecture tensor
-lists, shapes against a transcription of llama.cpp's load_arch_tensors, and the Q4_K_M file
+lists, shapes against the declarations (refengine.arch.declarations, a transcription of llama.cpp's
+load_arch_tensors), and the Q4_K_M file
 against the F32 one it was made from.
 """
 
@@ -25,9 +26,8 @@ from refengine.gguf import open_gguf
 from refengine.testing import (
     GGUF_ARCH,
     MODELS,
-    QK_NORM,
-    TinySpec,
     check_spec,
+    expected_shapes,
     moe_spec,
     spec_for,
     to_hf_state_dict,
@@ -38,76 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["f32", "q4_k_m"]
 PROMPT = b"the number 1234 is hello world"
 MAX_Q4_K_M_ERROR = 0.1  # relative RMS error of any tensor after Q4_K_M; Q4_K on Gaussian weights is ~0.072
-
-
-def expected_shapes(arch: str, s: TinySpec) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> numpy shape, as llama.cpp's load_arch_tensors creates them (its ne reversed):
-    llama_model_{llama,qwen2,qwen3,qwen3moe,gemma3,deepseek2}::load_arch_tensors."""
-    shapes = {
-        "token_embd.weight": (s.n_vocab, s.n_embd),
-        "output_norm.weight": (s.n_embd,),
-        "output.weight": (s.n_vocab, s.n_embd),
-    }
-    for il in range(s.n_layer):
-        layer = {"attn_norm": (s.n_embd,), "ffn_norm": (s.n_embd,)}
-        if GGUF_ARCH[arch] == "deepseek2":
-            n_q = s.n_head * (s.qk_nope_dim + s.qk_rope_dim)
-            if s.q_lora_rank:
-                layer |= {
-                    "attn_q_a": (s.q_lora_rank, s.n_embd),
-                    "attn_q_a_norm": (s.q_lora_rank,),
-                    "attn_q_b": (n_q, s.q_lora_rank),
-                }
-            else:
-                layer["attn_q"] = (n_q, s.n_embd)
-            layer |= {
-                "attn_kv_a_mqa": (s.kv_lora_rank + s.qk_rope_dim, s.n_embd),
-                "attn_kv_a_norm": (s.kv_lora_rank,),
-                "attn_output": (s.n_embd, s.n_head * s.v_head_dim),
-            }
-            if s.mla_split:
-                layer["attn_k_b"] = (s.n_head, s.kv_lora_rank, s.qk_nope_dim)
-                layer["attn_v_b"] = (s.n_head, s.v_head_dim, s.kv_lora_rank)
-            else:
-                layer["attn_kv_b"] = (s.n_head * (s.qk_nope_dim + s.v_head_dim), s.kv_lora_rank)
-        else:
-            layer |= {
-                "attn_q": (s.n_head * s.head_dim, s.n_embd),
-                "attn_k": (s.n_head_kv * s.head_dim, s.n_embd),
-                "attn_v": (s.n_head_kv * s.head_dim, s.n_embd),
-                "attn_output": (s.n_embd, s.n_head * s.head_dim),
-            }
-            if arch in QK_NORM:
-                layer |= {"attn_q_norm": (s.head_dim,), "attn_k_norm": (s.head_dim,)}
-            if arch == "qwen2":
-                shapes |= {
-                    f"blk.{il}.attn_q.bias": (s.n_head * s.head_dim,),
-                    f"blk.{il}.attn_k.bias": (s.n_head_kv * s.head_dim,),
-                    f"blk.{il}.attn_v.bias": (s.n_head_kv * s.head_dim,),
-                }
-        if arch == "gemma3":
-            layer |= {"post_attention_norm": (s.n_embd,), "post_ffw_norm": (s.n_embd,)}
-        if s.n_expert and il >= s.n_leading_dense:
-            n_ff = s.n_ff if arch == "mixtral" else s.n_ff_exp
-            layer |= {
-                "ffn_gate_inp": (s.n_expert, s.n_embd),
-                "ffn_gate_exps": (s.n_expert, n_ff, s.n_embd),
-                "ffn_up_exps": (s.n_expert, n_ff, s.n_embd),
-                "ffn_down_exps": (s.n_expert, s.n_embd, n_ff),
-            }
-            if GGUF_ARCH[arch] == "deepseek2":
-                n_shared = n_ff * s.n_expert_shared
-                layer |= {
-                    "ffn_gate_shexp": (n_shared, s.n_embd),
-                    "ffn_up_shexp": (n_shared, s.n_embd),
-                    "ffn_down_shexp": (s.n_embd, n_shared),
-                }
-                if s.exp_probs_b:
-                    shapes[f"blk.{il}.exp_probs_b.bias"] = (s.n_expert,)
-        else:
-            layer |= {"ffn_gate": (s.n_ff, s.n_embd), "ffn_up": (s.n_ff, s.n_embd), "ffn_down": (s.n_embd, s.n_ff)}
-        shapes |= {f"blk.{il}.{name}.weight": shape for name, shape in layer.items()}
-    return shapes
 
 
 # -- the files as our reader and gguf-py see them -------------------------------------------------

@@ -1,29 +1,20 @@
-"""Architectures, chosen from `general.architecture` through one small table."""
+"""Architectures, each declared once in refengine.arch.declarations; `load_model` builds the one a file names.
+
+Importing this package loads no numba: the model classes are imported when a model is built.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from refengine.arch.common import DecoderModel, ModelError
-from refengine.arch.deepseek2 import Deepseek2
-from refengine.arch.gemma3 import Gemma3
-from refengine.arch.llama import Llama
+from refengine.arch.declarations import ARCHITECTURES, Architecture, architecture
 from refengine.gguf import GGUFFile
+from refengine.hparams import ModelError
 
-ARCHITECTURES: dict[str, type[DecoderModel]] = {
-    "llama": Llama,  # and mixtral, which is llama with expert_count
-    "qwen2": Llama,
-    "qwen3": Llama,
-    "qwen3moe": Llama,
-    "gemma3": Gemma3,
-    "deepseek2": Deepseek2,
-}
+__all__ = ["ARCHITECTURES", "Architecture", "ModelError", "architecture", "load_model"]
 
 
-def load_model(gguf: GGUFFile, dtype=np.float32, numerics: str = "exact") -> DecoderModel:
-    """The file's model computing in `dtype`, float32 or float64, with `numerics` "exact" or "ggml"
-    (llama.cpp's CPU arithmetic; float32 only): see refengine.nn.NUMERICS."""
-    arch = gguf.architecture
-    if arch not in ARCHITECTURES:
-        raise ModelError(f"{gguf.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
-    return ARCHITECTURES[arch](gguf, dtype, numerics)
+def load_model(gguf_file: GGUFFile, dtype=np.float32, numerics: str = "exact"):
+    """The file's model (a refengine.arch.common.DecoderModel) computing in `dtype`, float32 or float64,
+    with `numerics` "exact" or "ggml" (llama.cpp's CPU arithmetic; float32 only): see refengine.nn.NUMERICS."""
+    return architecture(gguf_file).model_class()(gguf_file, dtype, numerics)

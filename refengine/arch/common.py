@@ -1,18 +1,22 @@
-"""What every decoder-only architecture shares: reading hyper-parameters from
-GGUF keys, the weights of one layer, and the embed -> layers -> norm -> head loop."""
+"""What every decoder-only architecture shares: the sizes read from `{arch}.*` keys, grouped-query
+attention, and the embed -> layers -> norm -> head loop. Tensors are found and shape-checked through
+the architecture's declaration (refengine.arch.declarations)."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from refengine.errors import RefengineError
+from refengine.arch.declarations import Architecture, Sizes, architecture
+from refengine.arch.ffn import GLU
+from refengine.arch.moe import MoE
 from refengine.gguf import GGUFFile, Tensor
+from refengine.hparams import HParams, ModelError
 from refengine.nn import (
     N_UBATCH,
     NUMERICS,
@@ -25,11 +29,8 @@ from refengine.nn import (
     rms_norm,
 )
 from refengine.threads import step_threads
-from refengine.tokenizer import describe_value
 
-
-class ModelError(RefengineError):
-    """Missing keys or tensors, or an architecture we do not support."""
+__all__ = ["HParams", "ModelError"]  # re-exported: the architectures' errors and key reader
 
 
 def check_numerics(numerics: str, dtype: np.dtype) -> str:
@@ -39,52 +40,6 @@ def check_numerics(numerics: str, dtype: np.dtype) -> str:
     if numerics == "ggml" and dtype != np.float32:
         raise ModelError("numerics ggml is llama.cpp's float32 arithmetic: it needs precision f32 (f64 is exact)")
     return numerics
-
-
-class HParams:
-    """`{arch}.*` keys of one file, each read with a clear error naming the key when it is missing, of
-    the wrong type, or out of range (so that no size of 0, no NaN and no string reaches the model)."""
-
-    def __init__(self, gguf: GGUFFile):
-        self.gguf = gguf
-        self.arch = gguf.architecture
-
-    def fail(self, key: str, problem: str) -> ModelError:
-        return ModelError(f"{self.gguf.path}: {self.arch}.{key} {problem}")
-
-    def _get(self, key: str, default: Any, kinds: tuple[type, ...], expected: str) -> Any:
-        full = f"{self.arch}.{key}"
-        value = self.gguf.get(full, default)
-        if value is None:
-            raise ModelError(f"{self.gguf.path}: missing metadata key {full!r}")
-        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":  # per-layer arrays must be uniform here
-            if value.size == 0 or (value != value.flat[0]).any():
-                raise self.fail(key, "varies per layer, which is not supported")
-            value = value.flat[0].item()
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise self.fail(key, f"is {describe_value(value)}, expected {expected}")
-        return value
-
-    def int(self, key: str, default: int | None = None, minimum: int = 0) -> int:
-        value = self._get(key, default, (int,), "an integer")
-        if value < minimum:
-            raise self.fail(key, f"is {value}, must be at least {minimum}")
-        return value
-
-    def float(self, key: str, default: float | None = None, minimum: float | None = None, above: bool = False) -> float:
-        """A finite number, at least `minimum` (or above it, with above=True)."""
-        value = float(self._get(key, default, (int, float), "a number"))
-        if not math.isfinite(value):
-            raise self.fail(key, f"is {value}, not a finite number")
-        if minimum is not None and (value <= minimum if above else value < minimum):
-            raise self.fail(key, f"is {value}, must be {'above' if above else 'at least'} {minimum}")
-        return value
-
-    def str(self, key: str, default: str | None = None) -> str:
-        return self._get(key, default, (str,), "a string")
-
-    def bool(self, key: str, default: bool | None = None) -> bool:
-        return self._get(key, default, (bool,), "a boolean")
 
 
 @dataclass(frozen=True)
@@ -103,7 +58,7 @@ class DecoderConfig:
     @staticmethod
     def read_keys(hp: HParams) -> dict[str, Any]:
         """The fields above, as keyword arguments for a subclass's constructor."""
-        token_embd = hp.gguf.tensor("token_embd.weight")
+        token_embd = hp.gguf.tensor(architecture(hp.gguf).tensor_name("token_embd"))
         keys = dict(
             arch=hp.arch,
             n_vocab=token_embd.shape[0],
@@ -157,20 +112,6 @@ def read_rope_dims(hp: HParams, head_dim: int) -> int:
     return n_rot
 
 
-def layer_tensors(gguf: GGUFFile, layer: int, names: list[str], optional: set[str] = frozenset()) -> dict:
-    """The `blk.{layer}.{name}.weight` tensors, by their GGUF names (no key mapping needed)."""
-    found = {}
-    for name in names:
-        full = f"blk.{layer}.{name}.weight"
-        if full in gguf.tensors:
-            found[name] = gguf.tensors[full]
-        elif name in optional:
-            found[name] = None
-        else:
-            raise ModelError(f"{gguf.path}: missing tensor {full!r}")
-    return found
-
-
 def check_shape(t: Tensor, shape: tuple[int, ...]) -> Tensor:
     if t.shape != shape:
         raise ModelError(f"{t.path}: tensor {t.name!r} has shape {t.shape}, expected {shape}")
@@ -182,39 +123,59 @@ def norm_weight(t: Tensor, n: int, dtype) -> np.ndarray:
     return check_shape(t, (n,)).to_numpy().astype(dtype)
 
 
-@dataclass
-class Weights:
-    """Base for per-layer weight records whose fields are GGUF tensor names."""
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-
 # observer(name, x): called with each intermediate tensor of a forward pass, named as llama.cpp's graph
 # names it ("attn_norm-3", "result_output"); x is (n_tok, ...) for the micro-batch being evaluated.
 Observer = Callable[[str, np.ndarray], None]
 
 
 class DecoderModel:
-    """Token ids in, logits out, through a KV cache. Subclasses supply `layer`."""
+    """Token ids in, logits out, through a KV cache. Subclasses supply `layer` and `layers`, each layer
+    with an `ffn` (GLU or MoE)."""
 
     config: Any
     dtype: np.dtype
+    layers: list
 
     def __init__(self, gguf: GGUFFile, config, dtype=np.float32, numerics: str = "exact"):
         self.gguf = gguf
         self.config = config
+        self.arch: Architecture = architecture(gguf)
+        self.sizes: Sizes = config.sizes()
         self.dtype = np.dtype(dtype)
         self.numerics = check_numerics(numerics, self.dtype)
         self.n_ubatch = N_UBATCH  # prompts are evaluated this many tokens at a time
         self.observer: Observer | None = None  # set for the length of one forward(..., observer=)
-        c = config
-        self.token_embd = check_shape(gguf.tensor("token_embd.weight"), (c.n_vocab, c.n_embd))
-        self.output_norm = norm_weight(gguf.tensor("output_norm.weight"), c.n_embd, self.dtype)
+        t = self.tensors()
+        self.token_embd = t["token_embd"]  # (n_vocab, n_embd)
+        self.output_norm = t["output_norm"].to_numpy().astype(self.dtype)  # (n_embd,)
         # Tied embeddings: without output.weight the head reuses token_embd, as llama.cpp does.
-        head = gguf.tensors.get("output.weight", self.token_embd)
-        self.output = Linear(check_shape(head, (c.n_vocab, c.n_embd)), numerics=self.numerics)
+        head = t["output"] if t.get("output") is not None else self.token_embd
+        self.output = Linear(head, numerics=self.numerics)  # (n_vocab, n_embd)
+
+    def tensors(self, il: int | None = None) -> dict[str, Tensor | None]:
+        """Layer il's tensors by role (None: those outside the layers), shapes checked."""
+        return self.arch.tensors_of(self.gguf, self.sizes, il)
+
+    def norm(self, t: Tensor) -> np.ndarray:
+        """A small norm vector, read once into memory in the compute dtype."""
+        return t.to_numpy().astype(self.dtype)
+
+    def feed_forward(self, il: int) -> GLU | MoE:
+        """Layer il's FFN from its tensors: the dense GLU, or the mixture of experts (config.moe)."""
+        t, n = self.tensors(il), self.numerics
+        if self.sizes.dense_layer(il):
+            return GLU.from_tensors(t, n, self.arch.activation)
+        return MoE(t, self.config.moe, self.config.n_embd, self.dtype, n)
+
+    def moe_blocks(self) -> list[tuple[int, MoE]]:
+        """(layer, block) of every mixture of experts: where --numa and MPI place and dispatch experts."""
+        return [(il, layer.ffn) for il, layer in enumerate(self.layers) if isinstance(layer.ffn, MoE)]
+
+    def ffn(self, ffn: GLU | MoE, x: np.ndarray, il: int) -> np.ndarray:
+        """The layer's FFN on its normed input: (n_tok, n_embd), shown as llama.cpp names it."""
+        if isinstance(ffn, MoE):
+            return self.emit("ffn_moe_out", ffn(x, self.emit, il), il)
+        return self.emit("ffn_out", ffn(x), il)
 
     def sliding_window(self, il: int) -> int:
         """Layer il's sliding attention window (0: it attends to the whole context)."""
@@ -303,27 +264,24 @@ class AttentionWeights:
     bias_v: np.ndarray | None = None
 
 
-def load_attention(gguf: GGUFFile, il: int, c, dtype, numerics: str = "exact") -> AttentionWeights:
-    t = layer_tensors(
-        gguf,
-        il,
-        ["attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm"],
-        optional={"attn_q_norm", "attn_k_norm"},
-    )
-    q_rows, kv_rows = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+def load_attention(t: dict[str, Tensor | None], dtype, numerics: str = "exact") -> AttentionWeights:
+    """Grouped-query attention from a layer's tensors by role (Architecture.tensors_of: shapes checked)."""
     w = AttentionWeights(
-        attn_q=Linear(check_shape(t["attn_q"], (q_rows, c.n_embd)), numerics=numerics),
-        attn_k=Linear(check_shape(t["attn_k"], (kv_rows, c.n_embd)), numerics=numerics),
-        attn_v=Linear(check_shape(t["attn_v"], (kv_rows, c.n_embd)), numerics=numerics),
-        attn_output=Linear(check_shape(t["attn_output"], (c.n_embd, q_rows)), numerics=numerics),
+        attn_q=Linear(t["attn_q"], numerics=numerics),
+        attn_k=Linear(t["attn_k"], numerics=numerics),
+        attn_v=Linear(t["attn_v"], numerics=numerics),
+        attn_output=Linear(t["attn_output"], numerics=numerics),
     )
-    if t["attn_q_norm"] is not None:
-        w.attn_q_norm = norm_weight(t["attn_q_norm"], c.head_dim, dtype)
-        w.attn_k_norm = norm_weight(t["attn_k_norm"], c.head_dim, dtype)
-    for name, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
-        bias = gguf.tensors.get(f"blk.{il}.attn_{name}.bias")
+    if (t.get("attn_q_norm") is None) != (t.get("attn_k_norm") is None):
+        found = t["attn_q_norm"] if t.get("attn_q_norm") is not None else t["attn_k_norm"]
+        raise ModelError(f"{found.path}: {found.name!r} without its pair: QK-norm needs attn_q_norm and attn_k_norm")
+    if t.get("attn_q_norm") is not None:
+        w.attn_q_norm = t["attn_q_norm"].to_numpy().astype(dtype)
+        w.attn_k_norm = t["attn_k_norm"].to_numpy().astype(dtype)
+    for name in ("q", "k", "v"):
+        bias = t.get(f"attn_{name}.bias")
         if bias is not None:
-            setattr(w, f"bias_{name}", norm_weight(bias, rows, dtype))
+            setattr(w, f"bias_{name}", bias.to_numpy().astype(dtype))
     return w
 
 

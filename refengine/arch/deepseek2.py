@@ -2,7 +2,7 @@
 first leading_dense_block_count layers and a mixture of experts with shared experts in the rest.
 
     x = x + attn_output(MLA(attn_norm(x)))
-    x = x + ffn(ffn_norm(x))                       ffn: SwiGLU, or MoE (refengine/arch/moe.py)
+    x = x + ffn(ffn_norm(x))                       ffn: GLU (SwiGLU), or MoE (refengine/arch/moe.py)
 
 MLA, in the absorbed form of llama.cpp's llm_build_deepseek2 (MQA over the latent). Each position
 is compressed to one latent and one rope key shared by all heads, and only those two are cached:
@@ -34,16 +34,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from refengine.arch.common import (
-    DecoderConfig,
-    DecoderModel,
-    HParams,
-    ModelError,
-    check_shape,
-    layer_tensors,
-    norm_weight,
-)
-from refengine.arch.moe import MoE, MoEConfig, SwiGLU
+from refengine.arch.common import DecoderConfig, DecoderModel, HParams, ModelError
+from refengine.arch.declarations import Sizes
+from refengine.arch.ffn import GLU
+from refengine.arch.moe import MoE, MoEConfig
 from refengine.gguf import GGUFFile, Tensor
 from refengine.kernels import bound_matvec_slices, ops_ggml
 from refengine.nn import KVCache, LayerCache, Linear, Rope, YaRN, attention, attention_ggml, lazy_zeros, rms_norm
@@ -169,6 +163,26 @@ class Deepseek2Config(DecoderConfig):
     def q_head(self) -> int:
         return self.qk_nope_dim + self.qk_rope_dim
 
+    def sizes(self) -> Sizes:
+        return Sizes(
+            n_vocab=self.n_vocab,
+            n_embd=self.n_embd,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_ff=self.n_ff,
+            n_rot=self.qk_rope_dim,
+            n_expert=self.moe.n_expert,
+            n_ff_exp=self.moe.n_ff_exp,
+            n_expert_shared=self.moe.n_expert_shared,
+            n_leading_dense=self.n_leading_dense,
+            q_lora_rank=self.q_lora_rank,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_dim=self.qk_nope_dim,
+            qk_rope_dim=self.qk_rope_dim,
+            v_head_dim=self.v_head_dim,
+            mla_split=self.mla_split,
+        )
+
 
 def mla_cache(n_layer: int, n_ctx: int, kv_lora_rank: int, n_rot: int, dtype) -> KVCache:
     """MLA's compressed cache: per layer and position the latent, then the rope key, side by side as
@@ -218,27 +232,24 @@ class MLAWeights:
     v_b_heads: Callable | None = None
 
     @classmethod
-    def load(cls, gguf: GGUFFile, il: int, c: Deepseek2Config, dtype, numerics: str = "exact") -> MLAWeights:
-        q_names = ["attn_q_a", "attn_q_a_norm", "attn_q_b"] if c.q_lora_rank else ["attn_q"]
-        kv_b_names = ["attn_k_b", "attn_v_b"] if c.mla_split else ["attn_kv_b"]
-        t = layer_tensors(gguf, il, [*q_names, "attn_kv_a_mqa", "attn_kv_a_norm", *kv_b_names, "attn_output"])
-        n_q, kv_lora, nope, v_dim = c.n_head * c.q_head, c.kv_lora_rank, c.qk_nope_dim, c.v_head_dim
+    def load(cls, t: dict[str, Tensor | None], c: Deepseek2Config, dtype, numerics: str = "exact") -> MLAWeights:
+        """From a layer's tensors by role (Architecture.tensors_of: the layout's, shapes checked)."""
+        kv_lora, nope, v_dim = c.kv_lora_rank, c.qk_nope_dim, c.v_head_dim
         if c.mla_split:
-            k_b = check_shape(t["attn_k_b"], (c.n_head, kv_lora, nope))
-            v_b = check_shape(t["attn_v_b"], (c.n_head, v_dim, kv_lora))
+            k_b, v_b = t["attn_k_b"], t["attn_v_b"]  # (n_head, kv_lora, nope), (n_head, v_dim, kv_lora)
             v_rows = [slice(h * v_dim, (h + 1) * v_dim) for h in range(c.n_head)]
         else:
-            kv_b = check_shape(t["attn_kv_b"], (c.n_head * (nope + v_dim), kv_lora))
+            kv_b = t["attn_kv_b"]  # (n_head * (nope + v_dim), kv_lora)
             k_b, v_b = (kv_b, kv_b) if numerics == "ggml" else (k_b_from_kv_b(kv_b, c), kv_b)
             v_rows = [slice(h * (nope + v_dim) + nope, (h + 1) * (nope + v_dim)) for h in range(c.n_head)]
         w = cls(
-            attn_kv_a_mqa=Linear(check_shape(t["attn_kv_a_mqa"], (kv_lora + c.qk_rope_dim, c.n_embd)), None, numerics),
-            attn_kv_a_norm=norm_weight(t["attn_kv_a_norm"], kv_lora, dtype),
+            attn_kv_a_mqa=Linear(t["attn_kv_a_mqa"], None, numerics),
+            attn_kv_a_norm=t["attn_kv_a_norm"].to_numpy().astype(dtype),
             attn_k_b=[Linear(k_b, slice(h * kv_lora, (h + 1) * kv_lora), numerics) for h in range(c.n_head)]
             if c.mla_split or numerics != "ggml"
             else [],
             attn_v_b=[Linear(v_b, rows, numerics) for rows in v_rows],
-            attn_output=Linear(check_shape(t["attn_output"], (c.n_embd, c.n_head * v_dim)), None, numerics),
+            attn_output=Linear(t["attn_output"], None, numerics),
         )
         if not c.mla_split:
             w.attn_kv_b = Linear(kv_b, None, numerics)
@@ -246,11 +257,11 @@ class MLAWeights:
             w.k_b_heads = bound_matvec_slices(k_b.ggml_type, k_b.data, kv_lora, repacked=False)
             w.v_b_heads = bound_matvec_slices(v_b.ggml_type, v_b.data, v_dim, repacked=False)
         if c.q_lora_rank:
-            w.attn_q_a = Linear(check_shape(t["attn_q_a"], (c.q_lora_rank, c.n_embd)), None, numerics)
-            w.attn_q_a_norm = norm_weight(t["attn_q_a_norm"], c.q_lora_rank, dtype)
-            w.attn_q_b = Linear(check_shape(t["attn_q_b"], (n_q, c.q_lora_rank)), None, numerics)
+            w.attn_q_a = Linear(t["attn_q_a"], None, numerics)
+            w.attn_q_a_norm = t["attn_q_a_norm"].to_numpy().astype(dtype)
+            w.attn_q_b = Linear(t["attn_q_b"], None, numerics)
         else:
-            w.attn_q = Linear(check_shape(t["attn_q"], (n_q, c.n_embd)), None, numerics)
+            w.attn_q = Linear(t["attn_q"], None, numerics)
         return w
 
 
@@ -259,7 +270,7 @@ class Deepseek2Layer:
     attn_norm: np.ndarray  # (n_embd,)
     attn: MLAWeights
     ffn_norm: np.ndarray  # (n_embd,)
-    ffn: SwiGLU | MoE
+    ffn: GLU | MoE  # GLU in the leading dense layers
 
 
 class Deepseek2(DecoderModel):
@@ -273,17 +284,13 @@ class Deepseek2(DecoderModel):
             self.rope, self.attn_scale = ggml_scales(c.rope, log_mul, c.q_head)
         self.layers = []
         for il in range(c.n_layer):
-            t = layer_tensors(gguf, il, ["attn_norm", "ffn_norm"])
-            if il < c.n_leading_dense:
-                ffn = SwiGLU.load(gguf, il, c.n_ff, c.n_embd, numerics=n)
-            else:
-                ffn = MoE(gguf, il, c.moe, c.n_embd, self.dtype, n)
+            t = self.tensors(il)
             self.layers.append(
                 Deepseek2Layer(
-                    attn_norm=norm_weight(t["attn_norm"], c.n_embd, self.dtype),
-                    attn=MLAWeights.load(gguf, il, c, self.dtype, n),
-                    ffn_norm=norm_weight(t["ffn_norm"], c.n_embd, self.dtype),
-                    ffn=ffn,
+                    attn_norm=self.norm(t["attn_norm"]),
+                    attn=MLAWeights.load(t, c, self.dtype, n),
+                    ffn_norm=self.norm(t["ffn_norm"]),
+                    ffn=self.feed_forward(il),
                 )
             )
 
@@ -299,9 +306,7 @@ class Deepseek2(DecoderModel):
         h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps, n), il)  # (n_tok, n_embd)
         x = self.emit("ffn_inp", x + self.attention(w.attn, h, positions, cache, il), il)
         h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps, n), il)
-        if isinstance(w.ffn, MoE):
-            return x + self.emit("ffn_moe_out", w.ffn(h, self.emit, il), il)  # (n_tok, n_embd)
-        return x + self.emit("ffn_out", w.ffn(h), il)  # (n_tok, n_embd)
+        return x + self.ffn(w.ffn, h, il)  # (n_tok, n_embd)
 
     def attention(self, w: MLAWeights, x, positions, cache: KVCache, il: int) -> np.ndarray:
         """MLA over the compressed cache (see the module docstring): (n_tok, n_embd) -> (n_tok, n_embd).

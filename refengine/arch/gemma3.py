@@ -21,19 +21,15 @@ from refengine.arch.common import (
     DecoderModel,
     GQAConfig,
     HParams,
-    check_shape,
     kq_scale,
-    layer_tensors,
     load_attention,
-    norm_weight,
     read_rope_dims,
     self_attention,
 )
+from refengine.arch.declarations import GEMMA3, Sizes
+from refengine.arch.ffn import GLU
 from refengine.gguf import GGUFFile
-from refengine.nn import Linear, Rope, geglu, rms_norm
-
-SLIDING_WINDOW_PATTERN = 6  # every 6th layer is global (llama.cpp: hparams.set_swa_pattern(6))
-LOCAL_ROPE_BASE = 10000.0  # gemma3's rope_local_base_freq
+from refengine.nn import Rope, rms_norm
 
 
 @dataclass(frozen=True)
@@ -57,11 +53,23 @@ class Gemma3Config(GQAConfig):
             **keys,
             sliding_window=hp.int("attention.sliding_window", minimum=1),
             rope_global=Rope(n_rot, base, neox=True, scale=scale),
-            rope_local=Rope(n_rot, LOCAL_ROPE_BASE, neox=True),
+            rope_local=Rope(n_rot, GEMMA3.local_rope_base, neox=True),
         )
 
     def is_local(self, il: int) -> bool:
-        return (il + 1) % SLIDING_WINDOW_PATTERN != 0
+        return (il + 1) % GEMMA3.sliding_window_pattern != 0
+
+    def sizes(self) -> Sizes:
+        return Sizes(
+            n_vocab=self.n_vocab,
+            n_embd=self.n_embd,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_head_kv=self.n_head_kv,
+            head_dim=self.head_dim,
+            n_ff=self.n_ff,
+            n_rot=self.rope_global.n_dims,
+        )
 
 
 @dataclass
@@ -70,9 +78,7 @@ class Gemma3Layer:
     attn: AttentionWeights
     post_attention_norm: np.ndarray  # (n_embd,)
     ffn_norm: np.ndarray  # (n_embd,)
-    ffn_gate: Linear  # (n_ff, n_embd)
-    ffn_up: Linear  # (n_ff, n_embd)
-    ffn_down: Linear  # (n_embd, n_ff)
+    ffn: GLU  # GELU-gated
     post_ffw_norm: np.ndarray  # (n_embd,)
 
 
@@ -80,31 +86,19 @@ class Gemma3(DecoderModel):
     def __init__(self, gguf: GGUFFile, dtype=np.float32, numerics: str = "exact"):
         c = Gemma3Config.from_gguf(gguf)
         super().__init__(gguf, c, dtype, numerics)
-        n = self.numerics
         self.attn_scale = kq_scale(self, c.head_dim)  # query_pre_attn_scalar = head_dim for these sizes
         self.embd_scale = self.dtype.type(math.sqrt(c.n_embd))
         self.layers = []
-        names = [
-            "attn_norm",
-            "post_attention_norm",
-            "ffn_norm",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-            "post_ffw_norm",
-        ]
         for il in range(c.n_layer):
-            t = layer_tensors(gguf, il, names)
+            t = self.tensors(il)
             self.layers.append(
                 Gemma3Layer(
-                    attn_norm=norm_weight(t["attn_norm"], c.n_embd, self.dtype),
-                    attn=load_attention(gguf, il, c, self.dtype, n),
-                    post_attention_norm=norm_weight(t["post_attention_norm"], c.n_embd, self.dtype),
-                    ffn_norm=norm_weight(t["ffn_norm"], c.n_embd, self.dtype),
-                    ffn_gate=Linear(check_shape(t["ffn_gate"], (c.n_ff, c.n_embd)), numerics=n),
-                    ffn_up=Linear(check_shape(t["ffn_up"], (c.n_ff, c.n_embd)), numerics=n),
-                    ffn_down=Linear(check_shape(t["ffn_down"], (c.n_embd, c.n_ff)), numerics=n),
-                    post_ffw_norm=norm_weight(t["post_ffw_norm"], c.n_embd, self.dtype),
+                    attn_norm=self.norm(t["attn_norm"]),
+                    attn=load_attention(t, self.dtype, self.numerics),
+                    post_attention_norm=self.norm(t["post_attention_norm"]),
+                    ffn_norm=self.norm(t["ffn_norm"]),
+                    ffn=self.feed_forward(il),
+                    post_ffw_norm=self.norm(t["post_ffw_norm"]),
                 )
             )
 
@@ -123,5 +117,5 @@ class Gemma3(DecoderModel):
         h = self.emit("attn_post_norm", rms_norm(h, w.post_attention_norm, c.norm_eps, n), il)
         x = self.emit("sa_out", x + h, il)
         h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps, n), il)
-        h = self.emit("ffn_out", w.ffn_down(geglu(w.ffn_gate(h), w.ffn_up(h), n)), il)
+        h = self.ffn(w.ffn, h, il)
         return x + self.emit("ffn_post_norm", rms_norm(h, w.post_ffw_norm, c.norm_eps, n), il)  # (n_tok, n_embd)

@@ -19,18 +19,15 @@ from refengine.arch.common import (
     ModelError,
     check_shape,
     kq_scale,
-    layer_tensors,
     load_attention,
-    norm_weight,
     read_rope_dims,
     self_attention,
 )
+from refengine.arch.declarations import Sizes, architecture
+from refengine.arch.ffn import GLU
 from refengine.arch.moe import MoE, MoEConfig
 from refengine.gguf import GGUFFile
-from refengine.nn import Linear, Rope, rms_norm, swiglu
-
-# llama.cpp rotates adjacent pairs for llama (the converter permutes Q/K to match) and halves for qwen.
-NEOX_ROPE = {"llama": False, "qwen2": True, "qwen3": True, "qwen3moe": True}
+from refengine.nn import Rope, rms_norm
 
 
 @dataclass(frozen=True)
@@ -40,36 +37,50 @@ class LlamaConfig(GQAConfig):
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> LlamaConfig:
-        hp = HParams(gguf)
+        hp, arch = HParams(gguf), architecture(gguf)
         keys = cls.read_keys(hp)
         n_rot = read_rope_dims(hp, keys["head_dim"])
         rope = Rope(
             n_dims=n_rot,
             base=hp.float("rope.freq_base", 10000.0, minimum=0.0, above=True),
-            neox=NEOX_ROPE[hp.arch],
+            neox=arch.rope_neox,
             # linear scaling divides positions by the factor (llama.cpp's freq_scale = 1 / factor)
             scale=hp.float("rope.scaling.factor", 1.0, minimum=0.0, above=True)
             if hp.str("rope.scaling.type", "none") == "linear"
             else 1.0,
-            freq_factors=read_freq_factors(gguf, n_rot),
+            freq_factors=read_freq_factors(gguf, arch.tensor_name("rope_freqs"), n_rot),
         )
         moe = None
-        if hp.arch == "qwen3moe" or hp.int("expert_count", 0):
+        if arch.moe == "always" or (arch.moe == "expert_count" and hp.int("expert_count", 0)):
             # llama.cpp's llama (mixtral) experts are feed_forward_length wide; qwen3moe's have their own key.
-            n_ff_exp = hp.int("expert_feed_forward_length" if hp.arch == "qwen3moe" else "feed_forward_length")
-            moe = MoEConfig.from_gguf(hp, n_ff_exp, routing_keys=False)
+            moe = MoEConfig.from_gguf(hp, hp.int(arch.expert_ff_key), routing_keys=False)
         return cls(**keys, rope=rope, moe=moe)
 
+    def sizes(self) -> Sizes:
+        moe = self.moe
+        return Sizes(
+            n_vocab=self.n_vocab,
+            n_embd=self.n_embd,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_head_kv=self.n_head_kv,
+            head_dim=self.head_dim,
+            n_ff=self.n_ff,
+            n_rot=self.rope.n_dims,
+            n_expert=moe.n_expert if moe else 0,
+            n_ff_exp=moe.n_ff_exp if moe else 0,
+        )
 
-def read_freq_factors(gguf: GGUFFile, n_rot: int) -> np.ndarray | None:
-    """rope_freqs.weight, llama3's rope scaling precomputed by the converter: one positive divisor per
-    rotated pair, (n_rot/2,)."""
-    t = gguf.tensors.get("rope_freqs.weight")
+
+def read_freq_factors(gguf: GGUFFile, name: str, n_rot: int) -> np.ndarray | None:
+    """rope_freqs.weight (`name`), llama3's rope scaling precomputed by the converter: one positive divisor
+    per rotated pair, (n_rot/2,). Read before the other tensors, since the rope is part of the config."""
+    t = gguf.tensors.get(name)
     if t is None:
         return None
     factors = check_shape(t, (n_rot // 2,)).to_numpy()
     if not (np.isfinite(factors) & (factors > 0)).all():
-        raise ModelError(f"{gguf.path}: rope_freqs.weight holds values that are not positive finite numbers")
+        raise ModelError(f"{gguf.path}: {name} holds values that are not positive finite numbers")
     return factors
 
 
@@ -78,40 +89,29 @@ class LlamaLayer:
     attn_norm: np.ndarray  # (n_embd,)
     attn: AttentionWeights
     ffn_norm: np.ndarray  # (n_embd,)
-    ffn_gate: Linear | None = None  # (n_ff, n_embd)
-    ffn_up: Linear | None = None  # (n_ff, n_embd)
-    ffn_down: Linear | None = None  # (n_embd, n_ff)
-    ffn_moe: MoE | None = None  # instead of the three above when the model has experts
+    ffn: GLU | MoE  # experts in every layer when the model has them
 
 
 class Llama(DecoderModel):
     def __init__(self, gguf: GGUFFile, dtype=np.float32, numerics: str = "exact"):
         c = LlamaConfig.from_gguf(gguf)
         super().__init__(gguf, c, dtype, numerics)
-        n = self.numerics
         self.attn_scale = kq_scale(self, c.head_dim)
         self.layers = []
         for il in range(c.n_layer):
-            t = layer_tensors(gguf, il, ["attn_norm", "ffn_norm"])
-            w = LlamaLayer(
-                attn_norm=norm_weight(t["attn_norm"], c.n_embd, self.dtype),
-                attn=load_attention(gguf, il, c, self.dtype, n),
-                ffn_norm=norm_weight(t["ffn_norm"], c.n_embd, self.dtype),
+            t = self.tensors(il)
+            self.layers.append(
+                LlamaLayer(
+                    attn_norm=self.norm(t["attn_norm"]),
+                    attn=load_attention(t, self.dtype, self.numerics),
+                    ffn_norm=self.norm(t["ffn_norm"]),
+                    ffn=self.feed_forward(il),
+                )
             )
-            if c.moe is not None:
-                w.ffn_moe = MoE(gguf, il, c.moe, c.n_embd, self.dtype, n)
-            else:
-                f = layer_tensors(gguf, il, ["ffn_gate", "ffn_up", "ffn_down"])
-                w.ffn_gate = Linear(check_shape(f["ffn_gate"], (c.n_ff, c.n_embd)), numerics=n)
-                w.ffn_up = Linear(check_shape(f["ffn_up"], (c.n_ff, c.n_embd)), numerics=n)
-                w.ffn_down = Linear(check_shape(f["ffn_down"], (c.n_embd, c.n_ff)), numerics=n)
-            self.layers.append(w)
 
     def layer(self, il, x, positions, cache):
         c, w, n = self.config, self.layers[il], self.numerics
         h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps, n), il)  # (n_tok, n_embd)
         x = self.emit("ffn_inp", x + self_attention(self, w.attn, h, positions, cache, il, c.rope, self.attn_scale), il)
         h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps, n), il)
-        if w.ffn_moe is not None:
-            return x + self.emit("ffn_moe_out", w.ffn_moe(h, self.emit, il), il)  # (n_tok, n_embd)
-        return x + self.emit("ffn_out", w.ffn_down(swiglu(w.ffn_gate(h), w.ffn_up(h), n)), il)  # (n_tok, n_embd)
+        return x + self.ffn(w.ffn, h, il)  # (n_tok, n_embd)

@@ -1,5 +1,5 @@
-"""The feed-forward blocks: the SwiGLU FFN, and the mixture of experts built from it, written once
-for every MoE architecture (qwen3moe, mixtral, deepseek2), as llama.cpp's build_moe_ffn.
+"""The mixture of experts, written once for every MoE architecture (qwen3moe, mixtral, deepseek2), as
+llama.cpp's build_moe_ffn; each expert, and the shared experts, a SwiGLU (refengine.arch.ffn.GLU).
 
     probs    = softmax or sigmoid of ffn_gate_inp @ x               (expert_gating_func)
     choice   = top-k of probs + exp_probs_b, within the best groups  (selection only)
@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refengine.arch.common import HParams, ModelError, check_shape, layer_tensors
-from refengine.gguf import GGUFFile, Tensor
+from refengine.arch.ffn import GLU, glu
+from refengine.gguf import Tensor
+from refengine.hparams import HParams, ModelError
 from refengine.kernels import bound_matvec_slices, ops_ggml
-from refengine.nn import FEW_ROWS, Linear, silu, softmax
-from refengine.nn import swiglu as silu_times
+from refengine.nn import FEW_ROWS, Linear, sigmoid, silu, softmax, swiglu
 
 # A DecoderModel's emit(name, x, il): shows an intermediate tensor to the forward pass's observer.
 Emit = Callable[[str, np.ndarray, int | None], np.ndarray]
@@ -122,38 +122,6 @@ class MoEConfig:
             )
 
 
-def swiglu(ffn_gate: Linear, ffn_up: Linear, ffn_down: Linear, x: np.ndarray) -> np.ndarray:
-    """ffn_down(silu(ffn_gate(x)) * ffn_up(x)): (n_tok, n_embd) -> (n_tok, n_embd), in the numerics of ffn_gate."""
-    return ffn_down(silu_times(ffn_gate(x), ffn_up(x), ffn_gate.numerics))
-
-
-@dataclass
-class SwiGLU:
-    """A dense gated FFN: the feed-forward of dense layers (deepseek2's leading ones)."""
-
-    ffn_gate: Linear  # (n_ff, n_embd)
-    ffn_up: Linear  # (n_ff, n_embd)
-    ffn_down: Linear  # (n_embd, n_ff)
-
-    @classmethod
-    def load(cls, gguf: GGUFFile, il: int, n_ff: int, n_embd: int, suffix: str = "", numerics: str = "exact") -> SwiGLU:
-        """blk.{il}.ffn_{gate,up,down}{suffix}: suffix "_shexp" for the shared experts."""
-        names = [f"ffn_gate{suffix}", f"ffn_up{suffix}", f"ffn_down{suffix}"]
-        t = layer_tensors(gguf, il, names)
-        return cls(
-            Linear(check_shape(t[names[0]], (n_ff, n_embd)), numerics=numerics),
-            Linear(check_shape(t[names[1]], (n_ff, n_embd)), numerics=numerics),
-            Linear(check_shape(t[names[2]], (n_embd, n_ff)), numerics=numerics),
-        )
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return swiglu(self.ffn_gate, self.ffn_up, self.ffn_down, x)
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-x))
-
-
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest entries of each row, largest first (ties: the lower index): (n, k)."""
     return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
@@ -204,19 +172,16 @@ def route(
 class MoE:
     """One layer's mixture of experts: router, routed experts and shared experts."""
 
-    def __init__(self, gguf: GGUFFile, il: int, c: MoEConfig, n_embd: int, dtype, numerics: str = "exact"):
+    def __init__(self, t: dict[str, Tensor | None], c: MoEConfig, n_embd: int, dtype, numerics: str = "exact"):
+        """t: the layer's tensors by role, shapes checked (Architecture.tensors_of)."""
         self.config, self.n_embd, self.numerics = c, n_embd, numerics
-        t = layer_tensors(gguf, il, ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"])
-        gate_inp = check_shape(t["ffn_gate_inp"], (c.n_expert, n_embd))
-        self.ffn_gate_inp = Linear(gate_inp, numerics=numerics)  # (n_expert, n_embd)
-        bias = gguf.tensors.get(f"blk.{il}.exp_probs_b.bias")
-        self.exp_probs_b = None  # (n_expert,) in the compute dtype
-        if bias is not None:
-            self.exp_probs_b = check_shape(bias, (c.n_expert,)).to_numpy().astype(dtype)
+        self.ffn_gate_inp = Linear(t["ffn_gate_inp"], numerics=numerics)  # (n_expert, n_embd)
+        bias = t.get("exp_probs_b.bias")
+        self.exp_probs_b = None if bias is None else bias.to_numpy().astype(dtype)  # (n_expert,) compute dtype
         # The 3-D expert tensors, kept as tensors: an expert's Linear is made when it is first chosen.
-        self.ffn_gate_exps: Tensor = check_shape(t["ffn_gate_exps"], (c.n_expert, c.n_ff_exp, n_embd))
-        self.ffn_up_exps: Tensor = check_shape(t["ffn_up_exps"], (c.n_expert, c.n_ff_exp, n_embd))
-        self.ffn_down_exps: Tensor = check_shape(t["ffn_down_exps"], (c.n_expert, n_embd, c.n_ff_exp))
+        self.ffn_gate_exps: Tensor = t["ffn_gate_exps"]  # (n_expert, n_ff_exp, n_embd)
+        self.ffn_up_exps: Tensor = t["ffn_up_exps"]  # (n_expert, n_ff_exp, n_embd)
+        self.ffn_down_exps: Tensor = t["ffn_down_exps"]  # (n_expert, n_embd, n_ff_exp)
         self.experts: dict[int, tuple[Linear, Linear, Linear]] = {}
         self.expert_slices: dict[tuple, Linear | tuple[Linear, Linear]] = {}  # a worker's rows of an expert
         # Who runs the routed experts: None, every expert here, in turn; or an object with
@@ -233,7 +198,7 @@ class MoE:
             self.slices = tuple(bound) if all(b is not None for b in bound) else None
         self.ffn_shexp = None  # ffn_{gate,up,down}_shexp: the shared experts, one FFN every token goes through
         if c.n_expert_shared:
-            self.ffn_shexp = SwiGLU.load(gguf, il, c.n_expert_shared * c.n_ff_exp, n_embd, "_shexp", numerics)
+            self.ffn_shexp = GLU.from_tensors(t, numerics, suffix="_shexp")
 
     def expert(self, e: int) -> tuple[Linear, Linear, Linear]:
         """Expert e's (ffn_gate, ffn_up, ffn_down), views of its rows of the mapping, made when first
@@ -296,7 +261,7 @@ class MoE:
         gate, up = np.empty((k, ff), dtype=np.float32), np.empty((k, ff), dtype=np.float32)
         gate_exps(experts, x, gate)
         up_exps(experts, x, up)
-        h = silu_times(gate, up, self.numerics)  # (n_used, n_ff_exp)
+        h = swiglu(gate, up, self.numerics)  # (n_used, n_ff_exp)
         y = np.empty((k, self.n_embd), dtype=np.float32)
         down_exps(experts, h, y)
         out[:] = y[0] * weights[0]
@@ -312,7 +277,7 @@ class MoE:
         return iter(self.dispatch.run(self, experts, inputs))
 
     def run_expert(self, e: int, x: np.ndarray) -> np.ndarray:
-        return swiglu(*self.expert(e), x)
+        return glu(*self.expert(e), x)
 
     def gate_up_rows(self, e: int, ff: range, x: np.ndarray, h: np.ndarray) -> None:
         """h[:, ff] = silu(ffn_gate[ff] x) * ffn_up[ff] x for expert e: rows ff of its intermediate features,

@@ -3,14 +3,16 @@ Q4_K_M through llama.cpp's quantizer), `hf` maps a file to a transformers checkp
 
 from refengine.testing.hf import to_hf_state_dict
 from refengine.testing.tiny import (
+    ARCHITECTURE,
     GGUF_ARCH,
     MODELS,
+    MOE_MODELS,
     PRESETS,
-    QK_NORM,
     QTYPES,
     TinyModelError,
     TinySpec,
     check_spec,
+    expected_shapes,
     make_tiny_model,
     moe_spec,
     quantize_q4_k_m,
@@ -19,14 +21,16 @@ from refengine.testing.tiny import (
 )
 
 __all__ = [
+    "ARCHITECTURE",
     "GGUF_ARCH",
     "MODELS",
+    "MOE_MODELS",
     "PRESETS",
-    "QK_NORM",
     "QTYPES",
     "TinyModelError",
     "TinySpec",
     "check_spec",
+    "expected_shapes",
     "make_tiny_model",
     "moe_spec",
     "quantize_q4_k_m",

@@ -48,6 +48,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from refengine.arch.declarations import ARCHITECTURES, Architecture, Sizes
 from refengine.errors import RefengineError
 from refengine.tokenizer import BYTE_CHARS
 
@@ -102,7 +103,6 @@ class TinySpec:
 
 
 GATING_FUNC = {"softmax": gguf.ExpertGatingFuncType.SOFTMAX, "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}
-QK_NORM = {"qwen3", "qwen3moe", "gemma3"}
 YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0  # DeepSeek-V3's values, written as its converter does
 # Spread of the logits over the vocabulary, in nats: wide enough that top-1s stand well apart,
 # narrow enough that softmax does not saturate.
@@ -186,8 +186,49 @@ PRESETS: dict[str, dict[str, TinySpec]] = {
     "deepseek2-kvb": {"tiny": replace(_DEEPSEEK2, mla_split=False), "bigger": replace(_DEEPSEEK2_BIG, mla_split=False)},
     "deepseek2-lite": {"tiny": replace(_DEEPSEEK2, **_LITE), "bigger": replace(_DEEPSEEK2_BIG, **_LITE)},
 }
-GGUF_ARCH = {name: name.split("-")[0] for name in PRESETS} | {"mixtral": "llama"}
+# Each tiny model's declaration (refengine.arch.declarations): what it writes, and what llama.cpp sees.
+ARCHITECTURE: dict[str, Architecture] = {
+    name: ARCHITECTURES["llama" if name == "mixtral" else name.split("-")[0]] for name in PRESETS
+}
+GGUF_ARCH = {name: a.name for name, a in ARCHITECTURE.items()}
 MODELS = list(PRESETS)
+MOE_MODELS = [name for name in MODELS if PRESETS[name]["tiny"].n_expert]
+
+
+def sizes_of(arch: Architecture, s: TinySpec) -> Sizes:
+    """The sizes the declaration's shapes are made of, and the optional tensors this spec writes."""
+    optional = {"output"}  # every file has its own head (see write_tensors)
+    optional |= {"qk_norm"} if arch.qk_norm else set()
+    optional |= {"attn_bias"} if arch.attn_bias else set()
+    optional |= {"rope_freqs"} if s.rope_freq_factors else set()
+    optional |= {"exp_probs_b"} if s.exp_probs_b else set()
+    return Sizes(
+        n_vocab=s.n_vocab,
+        n_embd=s.n_embd,
+        n_layer=s.n_layer,
+        n_head=s.n_head,
+        n_head_kv=s.n_head_kv,
+        head_dim=s.head_dim,
+        n_ff=s.n_ff,
+        n_rot=s.qk_rope_dim if arch.mla else s.head_dim,
+        n_expert=s.n_expert,
+        n_ff_exp=s.n_ff if arch.expert_ff_key == "feed_forward_length" else s.n_ff_exp,
+        n_expert_shared=s.n_expert_shared,
+        n_leading_dense=s.n_leading_dense,
+        q_lora_rank=s.q_lora_rank,
+        kv_lora_rank=s.kv_lora_rank,
+        qk_nope_dim=s.qk_nope_dim,
+        qk_rope_dim=s.qk_rope_dim,
+        v_head_dim=s.v_head_dim,
+        mla_split=s.mla_split,
+        optional=frozenset(optional),
+    )
+
+
+def expected_shapes(arch: str, spec: TinySpec) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> numpy shape of tiny model `arch` with `spec`, in file order."""
+    a = ARCHITECTURE[arch]
+    return a.expected_shapes(sizes_of(a, spec))
 
 
 def moe_spec(n_expert: int, n_expert_used: int = 8) -> TinySpec:
@@ -214,11 +255,11 @@ def check_spec(arch: str, spec: TinySpec) -> None:
     """Refuse what llama.cpp's loader would refuse (llama-model.cpp load_hparams asserts, the
     per-architecture loaders), with the field that is wrong."""
     spec_for(arch)  # a known name
-    s = spec
+    s, a = spec, ARCHITECTURE[arch]
     problems = []
     if s.n_vocab < 258 or s.n_embd < 1 or s.n_layer < 1 or s.n_head < 1:
         problems.append("n_vocab must hold the 256 byte tokens and BOS/EOS; sizes must be positive")
-    if GGUF_ARCH[arch] == "deepseek2":
+    if a.mla:
         if min(s.kv_lora_rank, s.qk_nope_dim, s.qk_rope_dim, s.v_head_dim) < 1 or s.qk_rope_dim % 2:
             problems.append("MLA needs kv_lora_rank, qk_nope_dim, v_head_dim > 0 and an even qk_rope_dim > 0")
         if s.n_expert_shared < 1:
@@ -227,12 +268,12 @@ def check_spec(arch: str, spec: TinySpec) -> None:
             problems.append("n_leading_dense must leave at least one MoE layer")
     elif s.n_head % max(s.n_head_kv, 1) or s.head_dim % 2 or s.n_head_kv < 1:
         problems.append("n_head must be a multiple of n_head_kv, head_dim even")
-    if GGUF_ARCH[arch] == "gemma3" and s.sliding_window < 1:
-        problems.append("gemma3 needs a sliding_window")
-    if arch in ("qwen3moe", "mixtral") or GGUF_ARCH[arch] == "deepseek2":
+    if a.sliding_window_pattern and s.sliding_window < 1:
+        problems.append(f"{arch} needs a sliding_window")
+    if arch in MOE_MODELS:
         if not 0 < s.n_expert_used <= s.n_expert:
             problems.append("need 0 < n_expert_used <= n_expert")
-        if arch != "mixtral" and s.n_ff_exp < 1:
+        if a.expert_ff_key != "feed_forward_length" and s.n_ff_exp < 1:
             problems.append("n_ff_exp (expert_feed_forward_length) must be positive")
     elif s.n_expert:
         problems.append(f"{arch} is dense: n_expert must be 0")
@@ -298,7 +339,7 @@ def write_tokenizer(w: gguf.GGUFWriter, n_vocab: int) -> None:
 # -- metadata ---------------------------------------------------------------------------------------
 
 
-def write_hparams(w: gguf.GGUFWriter, arch: str, s: TinySpec) -> None:
+def write_hparams(w: gguf.GGUFWriter, a: Architecture, s: TinySpec) -> None:
     """The {arch}.* keys that llama.cpp's load_hparams and the architecture's loader read."""
     w.add_vocab_size(s.n_vocab)
     w.add_context_length(s.n_ctx_train)
@@ -311,9 +352,9 @@ def write_hparams(w: gguf.GGUFWriter, arch: str, s: TinySpec) -> None:
     if s.n_expert:
         w.add_expert_count(s.n_expert)
         w.add_expert_used_count(s.n_expert_used)
-        if GGUF_ARCH[arch] != "llama":  # mixtral's experts are feed_forward_length wide
+        if a.expert_ff_key == "expert_feed_forward_length":  # mixtral's experts are feed_forward_length wide
             w.add_expert_feed_forward_length(s.n_ff_exp)
-    if GGUF_ARCH[arch] == "deepseek2":
+    if a.mla:
         write_deepseek2_hparams(w, s)
         return
     w.add_head_count_kv(s.n_head_kv)
@@ -323,7 +364,7 @@ def write_hparams(w: gguf.GGUFWriter, arch: str, s: TinySpec) -> None:
     if s.rope_linear_factor:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(s.rope_linear_factor)
-    if arch == "gemma3":
+    if a.sliding_window_pattern:
         w.add_sliding_window(s.sliding_window)
 
 
@@ -389,89 +430,41 @@ class Weights:
         self.add(name, 1.0 + self.draw((n,), 0.1))  # near 1: RMS-normed activations stay ~1
 
 
-def write_tensors(t: Weights, arch: str, s: TinySpec) -> None:
+def write_tensors(t: Weights, a: Architecture, s: TinySpec) -> None:
+    """Every tensor of the declaration, in its order, drawn by its kind."""
+    sizes = sizes_of(a, s)
     # Every file has its own output.weight, gemma3's too: with random weights a tied head scores
     # each position's own input token some 20 nats above the rest, which would hide any bug in the
     # layers. gemma3 multiplies embeddings by sqrt(n_embd), so its are drawn that much smaller.
-    embd_std = 1 / math.sqrt(s.n_embd) if arch == "gemma3" else 1.0
-    t.add("token_embd.weight", t.draw((s.n_vocab, s.n_embd), embd_std))  # (n_vocab, n_embd)
-    t.matrix("output.weight", s.n_vocab, s.n_embd, gain=LOGIT_SPREAD)  # (n_vocab, n_embd)
-    t.norm("output_norm.weight", s.n_embd)
-    if s.rope_freq_factors:  # llama3-style: each rotated pair's frequency divided by its factor, here 1 to 8
-        t.add("rope_freqs.weight", np.geomspace(1.0, 8.0, s.head_dim // 2))  # (head_dim / 2,)
-    for il in range(s.n_layer):
-        p = f"blk.{il}."
-        t.norm(p + "attn_norm.weight", s.n_embd)
-        if GGUF_ARCH[arch] == "deepseek2":
-            write_mla(t, p, s)
-        else:
-            write_attention(t, p, s, qk_norm=arch in QK_NORM, biases=arch == "qwen2")
-        if arch == "gemma3":
-            t.norm(p + "post_attention_norm.weight", s.n_embd)
-        t.norm(p + "ffn_norm.weight", s.n_embd)
-        if s.n_expert and il >= s.n_leading_dense:
-            write_moe(t, p, s, n_ff_exp=s.n_ff if arch == "mixtral" else s.n_ff_exp)
-        else:
-            write_dense_ffn(t, p, s)
-        if arch == "gemma3":
-            t.norm(p + "post_ffw_norm.weight", s.n_embd)
-
-
-def write_attention(t: Weights, p: str, s: TinySpec, qk_norm: bool, biases: bool = False) -> None:
-    t.matrix(p + "attn_q.weight", s.n_head * s.head_dim, s.n_embd)
-    t.matrix(p + "attn_k.weight", s.n_head_kv * s.head_dim, s.n_embd)
-    t.matrix(p + "attn_v.weight", s.n_head_kv * s.head_dim, s.n_embd)
-    t.matrix(p + "attn_output.weight", s.n_embd, s.n_head * s.head_dim)
-    if qk_norm:
-        t.norm(p + "attn_q_norm.weight", s.head_dim)
-        t.norm(p + "attn_k_norm.weight", s.head_dim)
-    if biases:  # qwen2
-        t.add(p + "attn_q.bias", t.draw((s.n_head * s.head_dim,), 0.5))
-        t.add(p + "attn_k.bias", t.draw((s.n_head_kv * s.head_dim,), 0.5))
-        t.add(p + "attn_v.bias", t.draw((s.n_head_kv * s.head_dim,), 0.5))
-
-
-def write_mla(t: Weights, p: str, s: TinySpec) -> None:
-    """DeepSeek's multi-head latent attention, in llama_model_deepseek2::load_arch_tensors' shapes."""
-    q_head = s.qk_nope_dim + s.qk_rope_dim  # each q head: the no-rope part, then the rope part
-    if s.q_lora_rank:
-        t.matrix(p + "attn_q_a.weight", s.q_lora_rank, s.n_embd)
-        t.norm(p + "attn_q_a_norm.weight", s.q_lora_rank)
-        t.matrix(p + "attn_q_b.weight", s.n_head * q_head, s.q_lora_rank)
-    else:
-        t.matrix(p + "attn_q.weight", s.n_head * q_head, s.n_embd)
-    # The latent (kv_lora_rank) and the one rope key shared by all heads (qk_rope_dim).
-    t.matrix(p + "attn_kv_a_mqa.weight", s.kv_lora_rank + s.qk_rope_dim, s.n_embd)
-    t.norm(p + "attn_kv_a_norm.weight", s.kv_lora_rank)
-    # Latent -> per head [k_nope; v]: drawn once, so that both layouts hold the same numbers.
-    kv_b = t.draw((s.n_head, s.qk_nope_dim + s.v_head_dim, s.kv_lora_rank), 1 / math.sqrt(s.kv_lora_rank))
-    if s.mla_split:
-        # Cut as convert_hf_to_gguf does, with k_b transposed so q_nope can be absorbed into it.
-        t.add(p + "attn_k_b.weight", kv_b[:, : s.qk_nope_dim].transpose(0, 2, 1))  # (n_head, kv_lora, nope)
-        t.add(p + "attn_v_b.weight", kv_b[:, s.qk_nope_dim :])  # (n_head, v_head_dim, kv_lora)
-    else:
-        t.add(p + "attn_kv_b.weight", kv_b.reshape(-1, s.kv_lora_rank))  # (n_head * (nope + v), kv_lora)
-    t.matrix(p + "attn_output.weight", s.n_embd, s.n_head * s.v_head_dim)
-
-
-def write_dense_ffn(t: Weights, p: str, s: TinySpec) -> None:
-    t.matrix(p + "ffn_gate.weight", s.n_ff, s.n_embd)
-    t.matrix(p + "ffn_up.weight", s.n_ff, s.n_embd)
-    t.matrix(p + "ffn_down.weight", s.n_embd, s.n_ff)
-
-
-def write_moe(t: Weights, p: str, s: TinySpec, n_ff_exp: int) -> None:
-    t.matrix(p + "ffn_gate_inp.weight", s.n_expert, s.n_embd)  # router logits ~N(0, 1)
-    if s.exp_probs_b:
-        t.add(p + "exp_probs_b.bias", t.draw((s.n_expert,), 0.1))  # moves selection, not the weights
-    t.matrix(p + "ffn_gate_exps.weight", s.n_expert, n_ff_exp, s.n_embd)
-    t.matrix(p + "ffn_up_exps.weight", s.n_expert, n_ff_exp, s.n_embd)
-    t.matrix(p + "ffn_down_exps.weight", s.n_expert, s.n_embd, n_ff_exp)
-    if s.n_expert_shared:
-        n_ff_shared = n_ff_exp * s.n_expert_shared
-        t.matrix(p + "ffn_gate_shexp.weight", n_ff_shared, s.n_embd)
-        t.matrix(p + "ffn_up_shexp.weight", n_ff_shared, s.n_embd)
-        t.matrix(p + "ffn_down_shexp.weight", s.n_embd, n_ff_shared)
+    embd_std = 1 / math.sqrt(s.n_embd) if a.scaled_embeddings else 1.0
+    for il in [None, *range(s.n_layer)]:
+        kv_b = None  # MLA: latent -> per head [k_nope; v], drawn once, so that both layouts hold the same numbers
+        for d in a.present(sizes, il):
+            if d.optional and d.optional not in sizes.optional:
+                continue
+            name, shape = d.name(il), d.shape(sizes)
+            if d.kind == "matrix":
+                t.matrix(name, *shape)
+            elif d.kind == "norm":
+                t.norm(name, *shape)
+            elif d.kind == "embd":
+                t.add(name, t.draw(shape, embd_std))
+            elif d.kind == "output":
+                t.matrix(name, *shape, gain=LOGIT_SPREAD)
+            elif d.kind == "bias":  # qwen2's Q, K, V biases
+                t.add(name, t.draw(shape, 0.5))
+            elif d.kind == "router_bias":  # moves selection, not the weights
+                t.add(name, t.draw(shape, 0.1))
+            elif d.kind == "freqs":  # llama3-style: each rotated pair's frequency divided by 1 to 8
+                t.add(name, np.geomspace(1.0, 8.0, shape[0]))
+            elif d.kind in ("k_b", "kv_b"):
+                kv_b = t.draw((s.n_head, s.qk_nope_dim + s.v_head_dim, s.kv_lora_rank), 1 / math.sqrt(s.kv_lora_rank))
+                # cut as convert_hf_to_gguf does, with k_b transposed so that q_nope can be absorbed into it
+                t.add(name, kv_b[:, : s.qk_nope_dim].transpose(0, 2, 1) if d.kind == "k_b" else kv_b.reshape(shape))
+            elif d.kind == "v_b":
+                t.add(name, kv_b[:, s.qk_nope_dim :])  # (n_head, v_head_dim, kv_lora)
+            else:
+                raise TinyModelError(f"{a.name}: no way to draw {name!r} of kind {d.kind!r}")
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -485,19 +478,27 @@ def spec_for(arch: str, preset: str = "tiny") -> TinySpec:
     return PRESETS[arch][preset]
 
 
-def write_tiny_model(arch: str, path: str | os.PathLike, spec: TinySpec | None = None, seed: int = 0) -> Path:
+def write_tiny_model(
+    arch: str,
+    path: str | os.PathLike,
+    spec: TinySpec | None = None,
+    seed: int = 0,
+    declaration: Architecture | None = None,
+) -> Path:
     """Write the F32 GGUF of tiny model `arch` (a name of MODELS) with `spec` (default: its tiny
-    preset) and weights drawn from `seed`. The same arguments always give the same bytes."""
+    preset) and weights drawn from `seed`. The same arguments always give the same bytes.
+    declaration: another architecture to write it as (a variant of arch's, Architecture.renamed)."""
     spec = spec or spec_for(arch)
     check_spec(arch, spec)
+    a = declaration or ARCHITECTURE[arch]
     path = Path(path)
-    writer = gguf.GGUFWriter(path, GGUF_ARCH[arch])
+    writer = gguf.GGUFWriter(path, a.name)
     writer.add_name(f"tiny-{arch}")
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    write_hparams(writer, arch, spec)
+    write_hparams(writer, a, spec)
     write_tokenizer(writer, spec.n_vocab)
-    write_tensors(Weights(writer, seed), arch, spec)
+    write_tensors(Weights(writer, seed), a, spec)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
