@@ -16,6 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
+from refengine.buffers import ATTENTION_TILE_FLOATS, MIN_KEY_BLOCK, N_UBATCH, TILE_FLOATS, cache_slots
 from refengine.gguf import Tensor
 from refengine.kernels import (
     GGML_MATMUL_KERNELS,
@@ -37,11 +38,6 @@ from refengine.kernels import attention_ggml as ggml_attention
 NUMERICS = ("exact", "ggml")
 # Below this many rows (tokens) an element-wise op runs on the calling thread: waking the others costs more.
 FEW_ROWS = 16
-
-# Rows of a weight decoded per BLAS call: at most 8 MB of float32, whatever the model's size.
-# Wider tiles make fewer, larger sgemm calls: gemma3-270m's pp512 went from 535 tok/s with 1 MB
-# tiles to 605-667 with 8 MB (16 MB: no better); the dequantization itself is a few % of prefill.
-TILE_FLOATS = 1 << 21
 
 
 class Linear:
@@ -382,11 +378,6 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
 
 
-# Prompts are evaluated in micro-batches of this many tokens, as llama.cpp's n_ubatch: activations
-# are sized by it, not by the prompt.
-N_UBATCH = 512
-
-
 class LayerCache:
     """One layer's cached keys and values, per KV head with positions contiguous (what attention reads).
 
@@ -423,11 +414,6 @@ class LayerCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + (0 if np.may_share_memory(self.k, self.v) else self.v.nbytes)
-
-
-def cache_slots(n_ctx: int, window: int, n_ubatch: int = N_UBATCH) -> int:
-    """Slots a layer needs at n_ctx: all of them, or a sliding window's ring (see LayerCache)."""
-    return min(n_ctx, window + n_ubatch) if window else n_ctx
 
 
 class KVCache:
@@ -474,12 +460,6 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
-
-
-# Score values one key block of prefill attention holds at most (16 MB of float32), whatever the
-# context: the keys are taken in blocks of ATTENTION_TILE_FLOATS // (query rows) positions.
-ATTENTION_TILE_FLOATS = 1 << 22
-MIN_KEY_BLOCK = 64
 
 
 def attention(q: np.ndarray, layer: LayerCache, first: int, scale: float) -> np.ndarray:

@@ -55,7 +55,7 @@ Verdict
                      RLIMIT_AS is below the address space, so the mapping itself fails, or strict
                      overcommit (vm.overcommit_memory=2) leaves less commit than the buffers need.
 
-Placement per node (--numa), for the verdict and for the placement code to come
+Placement per node (--numa), for the verdict and for refengine.numa, which places the pages so
     off          no placement: the memory policy decides. interleave spreads pages evenly over its nodes;
                  prefer puts them on its node first; otherwise (default, bind) a page lands on the node
                  of the worker thread that first touches it, so the weights split over the allowed
@@ -83,10 +83,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
+from refengine.arch.declarations import ARCHITECTURES
+from refengine.buffers import ATTENTION_TILE_FLOATS, MIN_KEY_BLOCK, N_UBATCH, TILE_FLOATS, cache_slots
 from refengine.errors import RefengineError
 from refengine.gguf import SPLIT_PATTERN, GGUFError, GGUFFile, open_gguf
+from refengine.hparams import HParams
 from refengine.system import Node, SystemInfo, format_ids
 
 NUMA_MODES = ("off", "distribute", "shard", "split")
@@ -94,16 +95,6 @@ VERDICTS = ("fits", "pages_from_disk", "does_not_fit")
 GROUPS = ("embeddings", "attention", "dense_ffn", "routed_experts", "shared_experts", "other")
 
 MIB, GIB = 1 << 20, 1 << 30
-# What refengine.nn allocates (its TILE_FLOATS, N_UBATCH, ATTENTION_TILE_FLOATS, MIN_KEY_BLOCK), kept
-# here so that planning, which reads only headers, does not load numba with refengine.nn; a test
-# holds each pair equal.
-TILE_FLOATS = 1 << 21
-N_UBATCH = 512
-ATTENTION_TILE_FLOATS = 1 << 22
-MIN_KEY_BLOCK = 64
-# Architectures whose layers alternate sliding-window and full attention: every PATTERN-th layer is
-# full (refengine.arch.gemma3.SLIDING_WINDOW_PATTERN; llama.cpp's set_swa_pattern).
-SLIDING_WINDOW_PATTERN = {"gemma3": 6}
 RUNTIME_BASE = 128 * MIB  # interpreter, numpy, numba: measured 96 MiB
 RUNTIME_PER_TOKEN = 256  # the tokenizer's vocabulary as Python strings and tables, per token
 ADDRESS_SPACE_BASE = 512 * MIB  # libraries and interpreter reservations: measured ~360 MiB
@@ -111,7 +102,6 @@ ADDRESS_SPACE_PER_THREAD = 72 * MIB  # a glibc malloc arena (64 MiB) and a stack
 # Bounds on the shard table a corrupt header could ask for: llama.cpp allows 512 experts a layer,
 # DeepSeek-R1 has 14,848 in all.
 MAX_EXPERTS = 1 << 16
-MAX_LAYERS = 1 << 16
 MAX_EXPERT_UNITS = 1 << 22
 PAGING = "will be read from disk again as they are used, and speed will be bound by the disk"
 
@@ -149,31 +139,32 @@ class ModelShape:
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> ModelShape:
-        keys = _Keys(gguf)
-        n_layer = keys.int("block_count")
-        n_embd = keys.int("embedding_length")
-        n_head, _ = keys.layers("attention.head_count", n_layer)
+        hp = HParams(gguf, PlanError)
+        n_layer = hp.int("block_count")
+        n_embd = hp.int("embedding_length")
+        n_head = hp.int("attention.head_count", per_layer="max")
         if n_head < 1:  # activation_bytes divides by it
-            raise PlanError(f"{gguf.path}: {keys.arch}.attention.head_count is {n_head}, must be at least 1")
-        head_count = gguf.get(f"{keys.arch}.attention.head_count")
-        kv_heads = keys.per_layer("attention.head_count_kv", n_layer, default=head_count)
+            raise PlanError(f"{gguf.path}: {hp.arch}.attention.head_count is {n_head}, must be at least 1")
+        kv_heads = hp.per_layer_ints("attention.head_count_kv", n_layer, default=hp.raw("attention.head_count"))
         n_head_kv = max(kv_heads, default=0)
-        pattern = SLIDING_WINDOW_PATTERN.get(keys.arch)
-        window = keys.int("attention.sliding_window", 0) if pattern else 0
+        # every PATTERN-th layer attends globally, the others in a window (the architecture's declaration)
+        declared = ARCHITECTURES.get(hp.arch)
+        pattern = declared.sliding_window_pattern if declared is not None else 0
+        window = hp.int("attention.sliding_window", 0, per_layer="max") if pattern else 0
         windows = tuple(window if (il + 1) % pattern else 0 for il in range(n_layer)) if pattern else (0,) * n_layer
         head_dim = n_embd // max(n_head, 1)
-        key_length = keys.int("attention.key_length", head_dim)
-        value_length = keys.int("attention.value_length", key_length)
-        kv_lora_rank = keys.int("attention.kv_lora_rank", 0)
+        key_length = hp.int("attention.key_length", head_dim, per_layer="max")
+        value_length = hp.int("attention.value_length", key_length, per_layer="max")
+        kv_lora_rank = hp.int("attention.kv_lora_rank", 0, per_layer="max")
         if kv_lora_rank:
-            key_length = keys.int("attention.key_length_mla", key_length)
-            value_length = keys.int("attention.value_length_mla", value_length)
-        n_ff, _ = keys.layers("feed_forward_length", n_layer, default=0)
-        n_ff_exp = keys.int("expert_feed_forward_length", n_ff)
+            key_length = hp.int("attention.key_length_mla", key_length, per_layer="max")
+            value_length = hp.int("attention.value_length_mla", value_length, per_layer="max")
+        n_ff = hp.int("feed_forward_length", 0, per_layer="max")
+        n_ff_exp = hp.int("expert_feed_forward_length", n_ff, per_layer="max")
         embd = gguf.tensors.get("token_embd.weight")
         n_vocab = embd.shape[0] if embd is not None and embd.shape else len(gguf.get("tokenizer.ggml.tokens") or ())
         return cls(
-            arch=keys.arch,
+            arch=hp.arch,
             n_layer=n_layer,
             n_embd=n_embd,
             n_vocab=n_vocab,
@@ -184,63 +175,14 @@ class ModelShape:
             key_length=key_length,
             value_length=value_length,
             kv_lora_rank=kv_lora_rank,
-            n_rot=keys.int("rope.dimension_count", key_length),
+            n_rot=hp.int("rope.dimension_count", key_length, per_layer="max"),
             n_ff=n_ff,
-            n_expert=keys.int("expert_count", 0),
-            n_expert_used=keys.int("expert_used_count", 0),
+            n_expert=hp.int("expert_count", 0, per_layer="max"),
+            n_expert_used=hp.int("expert_used_count", 0, per_layer="max"),
             n_ff_exp=n_ff_exp,
-            n_expert_shared=keys.int("expert_shared_count", 0),
-            n_ff_shexp=keys.int("expert_shared_feed_forward_length", n_ff_exp),
+            n_expert_shared=hp.int("expert_shared_count", 0, per_layer="max"),
+            n_ff_shexp=hp.int("expert_shared_feed_forward_length", n_ff_exp, per_layer="max"),
         )
-
-
-class _Keys:
-    """`{arch}.*` integers, scalars or per-layer arrays, each checked with an error naming the key."""
-
-    def __init__(self, gguf: GGUFFile):
-        self.gguf = gguf
-        self.arch = gguf.architecture
-
-    def _value(self, key: str, default):
-        full = f"{self.arch}.{key}"
-        value = self.gguf.get(full, default)
-        if value is None:
-            raise PlanError(f"{self.gguf.path}: missing metadata key {full!r}")
-        return full, value
-
-    def _check(self, full: str, value) -> int:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise PlanError(f"{self.gguf.path}: {full!r} is {value!r}, expected a non-negative integer")
-        return int(value)
-
-    def int(self, key: str, default: int | None = None) -> int:
-        full, value = self._value(key, default)
-        if isinstance(value, np.ndarray):  # a per-layer array where one figure is needed: the largest
-            return max((self._check(full, v) for v in value.tolist()), default=0)
-        return self._check(full, value)
-
-    def layers(self, key: str, n_layer: int, default=None) -> tuple[int, int]:
-        """(largest, sum over the layers) of a key that holds one value or one per layer.
-
-        Sums rather than lists: a scalar stands for n_layer values, and n_layer comes from the file."""
-        full, value = self._value(key, default)
-        if not isinstance(value, np.ndarray):
-            one = self._check(full, value)
-            return one, one * n_layer
-        values = self.per_layer(key, n_layer, default)
-        return max(values, default=0), sum(values)
-
-    def per_layer(self, key: str, n_layer: int, default=None) -> tuple[int, ...]:
-        """Each layer's value of a key that holds one value or one per layer. A scalar is kept as one
-        value repeated lazily only up to MAX_LAYERS (n_layer comes from the file)."""
-        full, value = self._value(key, default)
-        if not isinstance(value, np.ndarray):
-            if n_layer > MAX_LAYERS:
-                raise PlanError(f"{self.gguf.path}: {self.arch}.block_count is {n_layer}, more than {MAX_LAYERS}")
-            return (self._check(full, value),) * n_layer
-        if value.size != n_layer:
-            raise PlanError(f"{self.gguf.path}: {full!r} has {value.size} entries for {n_layer} layers")
-        return tuple(self._check(full, v) for v in value.tolist())
 
 
 def weight_group(name: str) -> str:
@@ -316,8 +258,7 @@ def kv_cache_bytes(shape: ModelShape, n_ctx: int, itemsize: int) -> int:
     if shape.kv_lora_rank:  # MLA: one compressed latent and the shared rope key per position and layer
         return shape.n_layer * n_ctx * (shape.kv_lora_rank + shape.n_rot) * itemsize
     per_position = (shape.key_length + shape.value_length) * itemsize
-    # a sliding-window layer keeps a ring of window + N_UBATCH positions (nn.cache_slots)
-    slots = [min(n_ctx, window + N_UBATCH) if window else n_ctx for window in shape.windows]
+    slots = [cache_slots(n_ctx, window) for window in shape.windows]  # a sliding-window layer keeps a ring
     return sum(n_kv * n * per_position for n_kv, n in zip(shape.kv_heads, slots, strict=True))
 
 

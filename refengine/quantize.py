@@ -39,6 +39,7 @@ from refengine.errors import RefengineError
 from refengine.files import atomic_output
 from refengine.gguf import DEFAULT_ALIGNMENT, GGUFFile, Tensor, open_gguf
 from refengine.gguf_write import TensorInfo, pad, write_header
+from refengine.hparams import HParams
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION, written as general.quantization_version
 CHUNK_VALUES = 1 << 22  # float32 values quantized per kernel call: 16 MiB of input rows
@@ -92,22 +93,14 @@ class ModelFacts:
 
     @classmethod
     def from_gguf(cls, gguf_file: GGUFFile) -> ModelFacts:
-        arch = gguf_file.architecture
-
-        def first(key: str, default: int) -> int:
-            value = gguf_file.get(key.format(arch=arch), default)
-            value = value[0] if isinstance(value, np.ndarray) and value.size else value  # per-layer arrays
-            if not isinstance(value, (int, np.integer)) or value < 0:
-                raise QuantizeError(f"{gguf_file.path}: metadata key {key.format(arch=arch)!r} is {value!r}")
-            return int(value)
-
-        n_head = first(Keys.Attention.HEAD_COUNT, 0)
+        hp = HParams(gguf_file, QuantizeError)
+        n_head = hp.int("attention.head_count", 0, per_layer="first")
         return cls(
-            arch=arch,
-            n_layer=first(Keys.LLM.BLOCK_COUNT, 0),
-            n_expert=first(Keys.LLM.EXPERT_COUNT, 0),
+            arch=hp.arch,
+            n_layer=hp.int("block_count", 0, per_layer="first"),
+            n_expert=hp.int("expert_count", 0, per_layer="first"),
             n_head=n_head,
-            n_head_kv=first(Keys.Attention.HEAD_COUNT_KV, n_head),
+            n_head_kv=hp.int("attention.head_count_kv", n_head, per_layer="first"),
         )
 
     @property
