@@ -80,45 +80,63 @@ def weighted_values(v16, g, p16, begin, end, n_slots, n_cells, tinyblas, acc, ou
         out[d] = f32(wide)
 
 
+@kernel
+def key_dot(key, q16, tinyblas, acc, lanes):
+    """key . q16 (dk,) float32 as mul_mat sums it: tinyBLAS (16 lanes in acc (16,), reduce_add_16) or
+    ggml_vec_dot_f16 (lanes (64,) scratch, the leftovers in double)."""
+    dk = key.shape[0]
+    if tinyblas:
+        acc[:] = 0
+        for i in range(0, dk, 16):
+            for lane in range(16):
+                acc[lane] = fma32(key[i + lane], q16[i + lane], acc[lane])
+        return reduce_add_16(acc, 0)
+    total, steps = vec_dot_lanes(key, q16, dk, lanes)
+    wide = np.float64(total)
+    for i in range(steps, dk):
+        wide += np.float64(key[i] * q16[i])
+    return f32(wide)
+
+
+@kernel
+def zigzag(i, n):
+    """The i-th of 0, n - 1, 1, n - 2, ...: a thread's contiguous share of the jobs (numba hands each thread
+    a contiguous range) then holds early and late tokens alike, whose causal attention is short and long."""
+    return i // 2 if i % 2 == 0 else n - 1 - i // 2
+
+
 @kernel(parallel=True)
 def attend(q, k, v, first, window, scale, n_cells, out):
     """Every query row of q against the cache (module docstring); n_cells: the cells ggml scores (its
-    n_kv, a multiple of 256), which bounds ggml_vec_dot_f16's 64-element steps."""
+    n_kv, a multiple of 256), which bounds ggml_vec_dot_f16's 64-element steps. A job is one token and
+    one KV head: each key is converted from f16 once for all the query heads that read it."""
     n_tok, n_head, dk = q.shape
     n_kv_head, n_slots, dv = v.shape
     group = n_head // n_kv_head
-    batch = n_tok >= 2
+    tinyblas = n_tok >= 2 and dk % 16 == 0
     last = first + n_tok  # cells 0 .. last - 1 may be visible
-    for job in prange(n_tok * n_head):
-        t, h = job // n_head, job % n_head
-        g = h // group
+    for job in prange(n_tok * n_kv_head):
+        t, g = zigzag(job // n_kv_head, n_tok), job % n_kv_head
         position = first + t
         begin = first_visible(position, window)
         end = position + 1
-        q16 = round_to_f16(q[t, h])
+        q16 = np.empty((group, dk), dtype=np.float32)  # (group, dk) the queries of KV head g, rounded to f16
+        for j in range(group):
+            q16[j] = round_to_f16(q[t, g * group + j])
         key = np.empty(dk, dtype=np.float32)
-        lanes = np.empty(64, dtype=np.float32)
-        scores = np.empty(last, dtype=np.float32)
+        acc, lanes = np.empty(16, dtype=np.float32), np.empty(64, dtype=np.float32)
+        scores = np.empty((group, last), dtype=np.float32)
         for p in range(begin, end):
             for i in range(dk):
                 key[i] = half_to_f32(k[g, p % n_slots, i])
-            if batch and dk % 16 == 0:
-                acc = np.zeros(16, dtype=np.float32)
-                for i in range(0, dk, 16):
-                    for lane in range(16):
-                        acc[lane] = fma32(key[i + lane], q16[i + lane], acc[lane])
-                kq = reduce_add_16(acc, 0)
-            else:
-                total, steps = vec_dot_lanes(key, q16, dk, lanes)
-                wide = np.float64(total)
-                for i in range(steps, dk):
-                    wide += np.float64(key[i] * q16[i])
-                kq = f32(wide)
-            scores[p] = kq * scale
+            for j in range(group):
+                scores[j, p] = key_dot(key, q16[j], tinyblas, acc, lanes) * scale
         probs = np.zeros(last, dtype=np.float32)
-        softmax_row(scores, begin, end, n_cells, probs)
-        p16 = round_to_f16(probs)
-        weighted_values(v, g, p16, begin, end, n_slots, n_cells, batch, np.empty((64, dv), dtype=np.float32), out[t, h])
+        values = np.empty((64, dv), dtype=np.float32)
+        for j in range(group):
+            softmax_row(scores[j], begin, end, n_cells, probs)
+            p16 = round_to_f16(probs)
+            weighted_values(v, g, p16, begin, end, n_slots, n_cells, n_tok >= 2, values, out[t, g * group + j])
 
 
 @kernel

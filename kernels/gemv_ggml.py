@@ -27,12 +27,13 @@ are bound by the CPU. They multiply unsigned by signed bytes; the types with sig
 fed unsigned, and the offset they carry comes off in integers with the activation sums (Q4_0:
 sum (q - 8) y = sum q y - 8 sum y), except Q8_0, which takes ggml's sign trick.
 
-Each type's work on one weight row is a `<type>_row` function; `matvec_<type>` runs it over the
-rows for one token, and `matmul_<type>`, kernel(rows, x (n_tok, n_in), out (n_tok, n_out)), for
-every token of a batch in turn, so that a row is read from memory once and from L1 for the other
-tokens: what ggml's mul_mat computes for a batch (x quantized token by token, vec_dot for every
-row and token), in the same integers. Block layouts are those of legacy.py and kquants.py; each
-row function restates its own.
+Each type's work on one weight block is a `<type>_block` function (or a `<type>_row` one);
+`matvec_<type>` runs it over the rows for one token, and `matmul_<type>`, kernel(rows, x (n_tok, n_in),
+out (n_tok, n_out)), over a batch in jobs of a tile of rows by a chunk of tokens, two rows by four
+tokens at a time (`<type>_tile`), each weight block decoded once for the four tokens: what ggml's
+mul_mat computes for a batch (x quantized token by token, vec_dot or tinyBLAS for every row and
+token), in the same integers and, output by output, the same float operations as one token's.
+Block layouts are those of legacy.py and kquants.py; each block function restates its own.
 """
 
 import numpy as np
@@ -157,6 +158,75 @@ def pair_sums(sums):  # (n_tok, n, 16) int32 -> (n_tok, n, 8) int32: sums over 3
     return pairs
 
 
+# A batch's tokens are quantized on every thread (each token on its own, so the same blocks as one by one).
+
+
+@kernel(parallel=True)
+def batch_activations_q8_0(x):  # activations_q8_0 of a batch
+    n_tok, n_blocks = x.shape[0], x.shape[1] // 32
+    blocks = np.empty((n_tok, n_blocks, Q8_0_BYTES), dtype=np.uint8)
+    scales = np.empty((n_tok, n_blocks), dtype=np.float32)
+    sums = np.empty((n_tok, n_blocks, 8), dtype=np.int32)
+    for t in prange(n_tok):
+        quantize_q8_0(x[t].reshape((n_blocks, 32)), blocks[t], scales[t], sums[t])
+    return blocks, scales, sums
+
+
+@kernel(parallel=True)
+def batch_activations_q8_1(x):  # activations_q8_1 of a batch
+    n_tok, n_blocks = x.shape[0], x.shape[1] // 32
+    blocks = np.empty((n_tok, n_blocks, Q8_1_BYTES), dtype=np.uint8)
+    scales = np.empty((n_tok, n_blocks), dtype=np.float32)
+    sums = np.empty((n_tok, n_blocks), dtype=np.float32)
+    for t in prange(n_tok):
+        quantize_q8_1(x[t].reshape((n_blocks, 32)), blocks[t], scales[t], sums[t])
+    return blocks, scales, sums
+
+
+@kernel(parallel=True)
+def batch_activations_q8_k(x):  # activations_q8_k of a batch
+    n_tok, n_blocks = x.shape[0], x.shape[1] // 256
+    blocks = np.empty((n_tok, n_blocks, Q8_K_BYTES), dtype=np.uint8)
+    scales = np.empty((n_tok, n_blocks), dtype=np.float32)
+    sums = np.empty((n_tok, n_blocks, 16), dtype=np.int32)
+    for t in prange(n_tok):
+        quantize_q8_k(x[t].reshape((n_blocks, 256)), blocks[t], scales[t], sums[t])
+    return blocks, scales, sums
+
+
+# ---------------------------------------------------------------- a batch's jobs
+# A batch is cut into jobs, each a tile of rows by a chunk of tokens, as ggml_compute_forward_mul_mat cuts
+# its output into chunks. Within a job, token groups of four take turns over the tile: the group's quantized
+# activations stay in L1 while the tile's rows pass, and the tile (ROW_TILE_BYTES of weights) stays in L2 for
+# the next group; each weight block is decoded once for the four tokens of a group. Every output is still
+# its own (row, token) dot product, in the same order of integer and float operations as one token's.
+ROW_TILE_BYTES = 32768
+TOKEN_CHUNK = 64
+
+
+@kernel
+def batch_jobs(n_out, row_bytes, n_tok):
+    """(rows per tile, jobs, token chunks) of a batch: tiles of a multiple of 4 rows, at least 4."""
+    tile = max(4, ROW_TILE_BYTES // max(row_bytes, 1) // 4 * 4)
+    n_chunks = (n_tok + TOKEN_CHUNK - 1) // TOKEN_CHUNK
+    return tile, (n_out + tile - 1) // tile * n_chunks, n_chunks
+
+
+@kernel
+def job_span(job, tile, n_chunks, n_out, n_tok):
+    """Rows r_begin .. r_end - 1 and tokens t_begin .. t_end - 1 of a job."""
+    i, c = job // n_chunks, job % n_chunks
+    return i * tile, min(n_out, (i + 1) * tile), c * TOKEN_CHUNK, min(n_tok, (c + 1) * TOKEN_CHUNK)
+
+
+@kernel
+def store_tile(out, y, r, t, n_rows, n_tokens):
+    """out[t + k, r + i] = y[4 i + k] for the tile's real rows and tokens (the clamped ones are dropped)."""
+    for i in range(n_rows):
+        for k in range(n_tokens):
+            out[t + k, r + i] = y[4 * i + k]
+
+
 # ---------------------------------------------------------------- legacy 32-value blocks, by Q8_0 / Q8_1
 # Activation block b: qs at a[b, 2:34] (Q8_0) or a[b, 4:36] (Q8_1). As in ggml, a block's 8 integer lane
 # sums are converted to float and accumulated lane by lane, times the block's d_w * d_x, into 8 float
@@ -246,16 +316,39 @@ def matvec_q8_0(rows, x, out):  # (n_out, n_blocks * 34) uint8, (n_blocks * 32,)
             out[r + k] = y[k]
 
 
+@kernel(inline=True)
+def q8_0_tile(rows, r0, r1, a0, a1, a2, a3, s0, s1, s2, s3):
+    """Q8_0 rows r0, r1 by four tokens (activations a0..a3, scales s0..s3): the 8 dots of
+    q8_0_dots, row by row. Each weight block is decoded once for the four tokens (LLVM merges the loads)."""
+    acc00, acc01, acc02, acc03 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+    acc10, acc11, acc12, acc13 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+    for b in range(a0.shape[0]):
+        acc00 = q8_0_block(acc00, rows, r0, b, a0, s0)
+        acc01 = q8_0_block(acc01, rows, r0, b, a1, s1)
+        acc02 = q8_0_block(acc02, rows, r0, b, a2, s2)
+        acc03 = q8_0_block(acc03, rows, r0, b, a3, s3)
+        acc10 = q8_0_block(acc10, rows, r1, b, a0, s0)
+        acc11 = q8_0_block(acc11, rows, r1, b, a1, s1)
+        acc12 = q8_0_block(acc12, rows, r1, b, a2, s2)
+        acc13 = q8_0_block(acc13, rows, r1, b, a3, s3)
+    return (
+        sum_floats(acc00), sum_floats(acc01), sum_floats(acc02), sum_floats(acc03),
+        sum_floats(acc10), sum_floats(acc11), sum_floats(acc12), sum_floats(acc13),
+    )  # fmt: skip
+
+
 @kernel(parallel=True)
 def matmul_q8_0(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, s, _ = activations_q8_0(x)
-    n = x.shape[0]
-    for r in prange(rows.shape[0]):
-        for t in range(0, n, 4):
-            t1, t2, t3 = pick(t, 1, n), pick(t, 2, n), pick(t, 3, n)
-            y = q8_0_dots(rows, r, r, r, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3])
-            for k in range(min(4, n - t)):
-                out[t + k, r] = y[k]
+    a, s, _ = batch_activations_q8_0(x)
+    n_tok, n_out = x.shape[0], rows.shape[0]
+    tile, n_jobs, n_chunks = batch_jobs(n_out, rows.shape[1], n_tok)
+    for job in prange(n_jobs):
+        r_begin, r_end, t_begin, t_end = job_span(job, tile, n_chunks, n_out, n_tok)
+        for t in range(t_begin, t_end, 4):
+            t1, t2, t3 = pick(t, 1, t_end), pick(t, 2, t_end), pick(t, 3, t_end)
+            for r in range(r_begin, r_end, 2):
+                y = q8_0_tile(rows, r, pick(r, 1, n_out), a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3])
+                store_tile(out, y, r, t, min(2, r_end - r), min(4, t_end - t))
 
 
 # Q4_0, 18 bytes, as ggml_vec_dot_q4_0_q8_0
@@ -288,18 +381,41 @@ def matvec_q4_0(rows, x, out):  # (n_out, n_blocks * 18) uint8, (n_blocks * 32,)
             out[r + k] = y[k]
 
 
+@kernel(inline=True)
+def q4_0_tile(rows, r0, r1, a0, a1, a2, a3, s0, s1, s2, s3, o0, o1, o2, o3):
+    """Q4_0 rows r0, r1 by four tokens (activations a0..a3, scales s0..s3, offsets o0..o3): the 8 dots of
+    q4_0_dots, row by row. Each weight block is decoded once for the four tokens (LLVM merges the loads)."""
+    acc00, acc01, acc02, acc03 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+    acc10, acc11, acc12, acc13 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+    for b in range(a0.shape[0]):
+        acc00 = q4_0_block(acc00, rows, r0, b, a0, s0, o0)
+        acc01 = q4_0_block(acc01, rows, r0, b, a1, s1, o1)
+        acc02 = q4_0_block(acc02, rows, r0, b, a2, s2, o2)
+        acc03 = q4_0_block(acc03, rows, r0, b, a3, s3, o3)
+        acc10 = q4_0_block(acc10, rows, r1, b, a0, s0, o0)
+        acc11 = q4_0_block(acc11, rows, r1, b, a1, s1, o1)
+        acc12 = q4_0_block(acc12, rows, r1, b, a2, s2, o2)
+        acc13 = q4_0_block(acc13, rows, r1, b, a3, s3, o3)
+    return (
+        sum_floats(acc00), sum_floats(acc01), sum_floats(acc02), sum_floats(acc03),
+        sum_floats(acc10), sum_floats(acc11), sum_floats(acc12), sum_floats(acc13),
+    )  # fmt: skip
+
+
 @kernel(parallel=True)
 def matmul_q4_0(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, s, a_sums = activations_q8_0(x)
+    a, s, a_sums = batch_activations_q8_0(x)
     o = scaled(a_sums, -8)
-    n = x.shape[0]
-    for r in prange(rows.shape[0]):
-        for t in range(0, n, 4):
-            t1, t2, t3 = pick(t, 1, n), pick(t, 2, n), pick(t, 3, n)
-            y = q4_0_dots(rows, r, r, r, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
-                          o[t], o[t1], o[t2], o[t3])  # fmt: skip
-            for k in range(min(4, n - t)):
-                out[t + k, r] = y[k]
+    n_tok, n_out = x.shape[0], rows.shape[0]
+    tile, n_jobs, n_chunks = batch_jobs(n_out, rows.shape[1], n_tok)
+    for job in prange(n_jobs):
+        r_begin, r_end, t_begin, t_end = job_span(job, tile, n_chunks, n_out, n_tok)
+        for t in range(t_begin, t_end, 4):
+            t1, t2, t3 = pick(t, 1, t_end), pick(t, 2, t_end), pick(t, 3, t_end)
+            for r in range(r_begin, r_end, 2):
+                y = q4_0_tile(rows, r, pick(r, 1, n_out), a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
+                              o[t], o[t1], o[t2], o[t3])  # fmt: skip
+                store_tile(out, y, r, t, min(2, r_end - r), min(4, t_end - t))
 
 
 # Q5_0, 22 bytes, as ggml_vec_dot_q5_0_q8_0
@@ -332,18 +448,41 @@ def matvec_q5_0(rows, x, out):  # (n_out, n_blocks * 22) uint8, (n_blocks * 32,)
             out[r + k] = y[k]
 
 
+@kernel(inline=True)
+def q5_0_tile(rows, r0, r1, a0, a1, a2, a3, s0, s1, s2, s3, o0, o1, o2, o3):
+    """Q5_0 rows r0, r1 by four tokens (activations a0..a3, scales s0..s3, offsets o0..o3): the 8 dots of
+    q5_0_dots, row by row. Each weight block is decoded once for the four tokens (LLVM merges the loads)."""
+    acc00, acc01, acc02, acc03 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+    acc10, acc11, acc12, acc13 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+    for b in range(a0.shape[0]):
+        acc00 = q5_0_block(acc00, rows, r0, b, a0, s0, o0)
+        acc01 = q5_0_block(acc01, rows, r0, b, a1, s1, o1)
+        acc02 = q5_0_block(acc02, rows, r0, b, a2, s2, o2)
+        acc03 = q5_0_block(acc03, rows, r0, b, a3, s3, o3)
+        acc10 = q5_0_block(acc10, rows, r1, b, a0, s0, o0)
+        acc11 = q5_0_block(acc11, rows, r1, b, a1, s1, o1)
+        acc12 = q5_0_block(acc12, rows, r1, b, a2, s2, o2)
+        acc13 = q5_0_block(acc13, rows, r1, b, a3, s3, o3)
+    return (
+        sum_floats(acc00), sum_floats(acc01), sum_floats(acc02), sum_floats(acc03),
+        sum_floats(acc10), sum_floats(acc11), sum_floats(acc12), sum_floats(acc13),
+    )  # fmt: skip
+
+
 @kernel(parallel=True)
 def matmul_q5_0(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, s, a_sums = activations_q8_0(x)
+    a, s, a_sums = batch_activations_q8_0(x)
     o = scaled(a_sums, -16)
-    n = x.shape[0]
-    for r in prange(rows.shape[0]):
-        for t in range(0, n, 4):
-            t1, t2, t3 = pick(t, 1, n), pick(t, 2, n), pick(t, 3, n)
-            y = q5_0_dots(rows, r, r, r, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
-                          o[t], o[t1], o[t2], o[t3])  # fmt: skip
-            for k in range(min(4, n - t)):
-                out[t + k, r] = y[k]
+    n_tok, n_out = x.shape[0], rows.shape[0]
+    tile, n_jobs, n_chunks = batch_jobs(n_out, rows.shape[1], n_tok)
+    for job in prange(n_jobs):
+        r_begin, r_end, t_begin, t_end = job_span(job, tile, n_chunks, n_out, n_tok)
+        for t in range(t_begin, t_end, 4):
+            t1, t2, t3 = pick(t, 1, t_end), pick(t, 2, t_end), pick(t, 3, t_end)
+            for r in range(r_begin, r_end, 2):
+                y = q5_0_tile(rows, r, pick(r, 1, n_out), a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
+                              o[t], o[t1], o[t2], o[t3])  # fmt: skip
+                store_tile(out, y, r, t, min(2, r_end - r), min(4, t_end - t))
 
 
 # Q4_1, 20 bytes, and Q5_1, 24 bytes: y = hsum(lanes) + summs, summs the m_w * s_x of each block added
@@ -381,17 +520,49 @@ def matvec_q4_1(rows, x, out):  # (n_out, n_blocks * 20) uint8, (n_blocks * 32,)
             out[r + k] = y[k]
 
 
+@kernel(inline=True)
+def q4_1_tile(rows, r0, r1, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
+    """Q4_1 rows r0, r1 by four tokens (activations a0..a3, scales s0..s3, block sums m0..m3 (Q8_1's s)): the 8 dots of
+    q4_1_dots, row by row. Each weight block is decoded once for the four tokens (LLVM merges the loads)."""
+    acc00, acc01, acc02, acc03 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+    acc10, acc11, acc12, acc13 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+    sum00 = sum01 = sum02 = sum03 = sum10 = sum11 = sum12 = sum13 = f32(0)
+    for b in range(a0.shape[0]):
+        sum00 += half_at(rows, r0, 20 * b + 2) * m0[b]
+        sum01 += half_at(rows, r0, 20 * b + 2) * m1[b]
+        sum02 += half_at(rows, r0, 20 * b + 2) * m2[b]
+        sum03 += half_at(rows, r0, 20 * b + 2) * m3[b]
+        sum10 += half_at(rows, r1, 20 * b + 2) * m0[b]
+        sum11 += half_at(rows, r1, 20 * b + 2) * m1[b]
+        sum12 += half_at(rows, r1, 20 * b + 2) * m2[b]
+        sum13 += half_at(rows, r1, 20 * b + 2) * m3[b]
+        acc00 = q4_1_block(acc00, rows, r0, b, a0, s0)
+        acc01 = q4_1_block(acc01, rows, r0, b, a1, s1)
+        acc02 = q4_1_block(acc02, rows, r0, b, a2, s2)
+        acc03 = q4_1_block(acc03, rows, r0, b, a3, s3)
+        acc10 = q4_1_block(acc10, rows, r1, b, a0, s0)
+        acc11 = q4_1_block(acc11, rows, r1, b, a1, s1)
+        acc12 = q4_1_block(acc12, rows, r1, b, a2, s2)
+        acc13 = q4_1_block(acc13, rows, r1, b, a3, s3)
+    return (
+        sum_floats(acc00) + sum00, sum_floats(acc01) + sum01, sum_floats(acc02) + sum02, sum_floats(acc03) + sum03,
+        sum_floats(acc10) + sum10, sum_floats(acc11) + sum11, sum_floats(acc12) + sum12, sum_floats(acc13) + sum13,
+    )  # fmt: skip
+
+
 @kernel(parallel=True)
 def matmul_q4_1(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, s, m = activations_q8_1(x)
-    n = x.shape[0]
-    for r in prange(rows.shape[0]):
-        for t in range(0, n, 4):
-            t1, t2, t3 = pick(t, 1, n), pick(t, 2, n), pick(t, 3, n)
-            y = q4_1_dots(rows, r, r, r, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
-                          m[t], m[t1], m[t2], m[t3])  # fmt: skip
-            for k in range(min(4, n - t)):
-                out[t + k, r] = y[k]
+    a, s, m = batch_activations_q8_1(x)
+    n_tok, n_out = x.shape[0], rows.shape[0]
+    tile, n_jobs, n_chunks = batch_jobs(n_out, rows.shape[1], n_tok)
+    for job in prange(n_jobs):
+        r_begin, r_end, t_begin, t_end = job_span(job, tile, n_chunks, n_out, n_tok)
+        for t in range(t_begin, t_end, 4):
+            t1, t2, t3 = pick(t, 1, t_end), pick(t, 2, t_end), pick(t, 3, t_end)
+            for r in range(r_begin, r_end, 2):
+                y = q4_1_tile(rows, r, pick(r, 1, n_out), a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
+                              m[t], m[t1], m[t2], m[t3])  # fmt: skip
+                store_tile(out, y, r, t, min(2, r_end - r), min(4, t_end - t))
 
 
 @kernel(inline=True)
@@ -427,17 +598,49 @@ def matvec_q5_1(rows, x, out):  # (n_out, n_blocks * 24) uint8, (n_blocks * 32,)
             out[r + k] = y[k]
 
 
+@kernel(inline=True)
+def q5_1_tile(rows, r0, r1, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
+    """Q5_1 rows r0, r1 by four tokens (activations a0..a3, scales s0..s3, block sums m0..m3 (Q8_1's s)): the 8 dots of
+    q5_1_dots, row by row. Each weight block is decoded once for the four tokens (LLVM merges the loads)."""
+    acc00, acc01, acc02, acc03 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+    acc10, acc11, acc12, acc13 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+    sum00 = sum01 = sum02 = sum03 = sum10 = sum11 = sum12 = sum13 = f32(0)
+    for b in range(a0.shape[0]):
+        sum00 += half_at(rows, r0, 24 * b + 2) * m0[b]
+        sum01 += half_at(rows, r0, 24 * b + 2) * m1[b]
+        sum02 += half_at(rows, r0, 24 * b + 2) * m2[b]
+        sum03 += half_at(rows, r0, 24 * b + 2) * m3[b]
+        sum10 += half_at(rows, r1, 24 * b + 2) * m0[b]
+        sum11 += half_at(rows, r1, 24 * b + 2) * m1[b]
+        sum12 += half_at(rows, r1, 24 * b + 2) * m2[b]
+        sum13 += half_at(rows, r1, 24 * b + 2) * m3[b]
+        acc00 = q5_1_block(acc00, rows, r0, b, a0, s0)
+        acc01 = q5_1_block(acc01, rows, r0, b, a1, s1)
+        acc02 = q5_1_block(acc02, rows, r0, b, a2, s2)
+        acc03 = q5_1_block(acc03, rows, r0, b, a3, s3)
+        acc10 = q5_1_block(acc10, rows, r1, b, a0, s0)
+        acc11 = q5_1_block(acc11, rows, r1, b, a1, s1)
+        acc12 = q5_1_block(acc12, rows, r1, b, a2, s2)
+        acc13 = q5_1_block(acc13, rows, r1, b, a3, s3)
+    return (
+        sum_floats(acc00) + sum00, sum_floats(acc01) + sum01, sum_floats(acc02) + sum02, sum_floats(acc03) + sum03,
+        sum_floats(acc10) + sum10, sum_floats(acc11) + sum11, sum_floats(acc12) + sum12, sum_floats(acc13) + sum13,
+    )  # fmt: skip
+
+
 @kernel(parallel=True)
 def matmul_q5_1(rows, x, out):  # (n_out, row bytes) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, s, m = activations_q8_1(x)
-    n = x.shape[0]
-    for r in prange(rows.shape[0]):
-        for t in range(0, n, 4):
-            t1, t2, t3 = pick(t, 1, n), pick(t, 2, n), pick(t, 3, n)
-            y = q5_1_dots(rows, r, r, r, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
-                          m[t], m[t1], m[t2], m[t3])  # fmt: skip
-            for k in range(min(4, n - t)):
-                out[t + k, r] = y[k]
+    a, s, m = batch_activations_q8_1(x)
+    n_tok, n_out = x.shape[0], rows.shape[0]
+    tile, n_jobs, n_chunks = batch_jobs(n_out, rows.shape[1], n_tok)
+    for job in prange(n_jobs):
+        r_begin, r_end, t_begin, t_end = job_span(job, tile, n_chunks, n_out, n_tok)
+        for t in range(t_begin, t_end, 4):
+            t1, t2, t3 = pick(t, 1, t_end), pick(t, 2, t_end), pick(t, 3, t_end)
+            for r in range(r_begin, r_end, 2):
+                y = q5_1_tile(rows, r, pick(r, 1, n_out), a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
+                              m[t], m[t1], m[t2], m[t3])  # fmt: skip
+                store_tile(out, y, r, t, min(2, r_end - r), min(4, t_end - t))
 
 
 # ---------------------------------------------------------------- slices of a 3-D tensor, one token

@@ -13,7 +13,9 @@ the floats meet them, and each is followed here:
             ggml_gemv/gemm_q4_K_8x8_q8_K), for any number of tokens: acc = fma(s1, d_w * d_x, acc),
             acc_min = fma(s2, d_min * d_x, acc_min), then acc - acc_min.
 
-`matvec_<type>` and `matmul_<type>` pick the path as ggml_compute_forward_mul_mat does for the shape.
+`matvec_<type>` and `matmul_<type>` pick the path as ggml_compute_forward_mul_mat does for the shape. A batch
+runs in gemv_ggml.py's jobs (tiles of rows by chunks of tokens), one row by four tokens at a time where the
+path takes tokens in groups (`<type>_tokens`: a super-block's scales and quants decoded once for the four).
 Activations are quantized to Q8_K as for gemv_ggml.py's kernels (quantize_mat_q8_K, which the repacked
 batches use, gives the same values in another layout).
 """
@@ -23,7 +25,16 @@ from gguf import GGMLQuantizationType as T
 
 from ._jit import kernel, prange
 from .gemv import prefetch_block
-from .gemv_ggml import activations_q8_k, half_at, pair_sums
+from .gemv_ggml import (
+    activations_q8_k,
+    batch_activations_q8_k,
+    batch_jobs,
+    half_at,
+    job_span,
+    pair_sums,
+    pick,
+    store_tile,
+)
 from .ops_ggml import fma32
 from .simd import (
     add_lanes,
@@ -165,62 +176,106 @@ def q6_k_vec_dot(rows, r, a, a_scales, a_sums):
 # ---------------------------------------------------------------- tiled and repacked
 
 
+@kernel(inline=True)
+def q4_k_tiled_block(total, rows, r, b, a, a_scales, sums32):
+    """total + super-block b's term, as tiled-kernel.cpp adds it: (s1 * d_w - d_min * s2) * d_x."""
+    lanes, mins = q4_k_super(rows, r, b, a, sums32)
+    result = fma32(
+        -half_at(rows, r, 144 * b + 2), f32(sum_lanes(mins)), f32(sum_lanes(lanes)) * half_at(rows, r, 144 * b)
+    )
+    return fma32(result, a_scales[b], total)
+
+
+@kernel(inline=True)
+def q5_k_tiled_block(total, rows, r, b, a, a_scales, sums32):
+    lanes, mins = q5_k_super(rows, r, b, a, sums32)
+    result = fma32(
+        -half_at(rows, r, 176 * b + 2), f32(sum_lanes(mins)), f32(sum_lanes(lanes)) * half_at(rows, r, 176 * b)
+    )
+    return fma32(result, a_scales[b], total)
+
+
+@kernel(inline=True)
+def q6_k_tiled_block(total, rows, r, b, a, a_scales, a_sums):
+    lanes = q6_k_super(rows, r, b, a)
+    offsets = shift_lanes_left(pair_products(rows.view(np.int8), r, 210 * b + 192, a_sums, b), 5)
+    result = f32(sum_lanes(sub_lanes(lanes, offsets))) * half_at(rows, r, 210 * b + 208)
+    return fma32(result, a_scales[b], total)
+
+
 @kernel
 def q4_k_tiled(rows, r, a, a_scales, sums32):
     total = f32(0)
     for b in range(a.shape[0]):
-        lanes, mins = q4_k_super(rows, r, b, a, sums32)
-        result = fma32(
-            -half_at(rows, r, 144 * b + 2), f32(sum_lanes(mins)), f32(sum_lanes(lanes)) * half_at(rows, r, 144 * b)
-        )
-        total = fma32(result, a_scales[b], total)
+        total = q4_k_tiled_block(total, rows, r, b, a, a_scales, sums32)
     return total
 
 
-@kernel
-def q5_k_tiled(rows, r, a, a_scales, sums32):
-    total = f32(0)
-    for b in range(a.shape[0]):
-        lanes, mins = q5_k_super(rows, r, b, a, sums32)
-        result = fma32(
-            -half_at(rows, r, 176 * b + 2), f32(sum_lanes(mins)), f32(sum_lanes(lanes)) * half_at(rows, r, 176 * b)
-        )
-        total = fma32(result, a_scales[b], total)
-    return total
+# Four tokens against one row, each token's sum as the function above computes it alone: the row's weight
+# blocks are decoded once for the four (the same loads and decoding in one loop body, which LLVM merges).
+@kernel(inline=True)
+def q4_k_tiled_tokens(rows, r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
+    total0 = total1 = total2 = total3 = f32(0)
+    for b in range(a0.shape[0]):
+        total0 = q4_k_tiled_block(total0, rows, r, b, a0, s0, m0)
+        total1 = q4_k_tiled_block(total1, rows, r, b, a1, s1, m1)
+        total2 = q4_k_tiled_block(total2, rows, r, b, a2, s2, m2)
+        total3 = q4_k_tiled_block(total3, rows, r, b, a3, s3, m3)
+    return total0, total1, total2, total3
 
 
-@kernel
-def q6_k_tiled(rows, r, a, a_scales, a_sums):
-    total = f32(0)
-    for b in range(a.shape[0]):
-        lanes = q6_k_super(rows, r, b, a)
-        offsets = shift_lanes_left(pair_products(rows.view(np.int8), r, 210 * b + 192, a_sums, b), 5)
-        result = f32(sum_lanes(sub_lanes(lanes, offsets))) * half_at(rows, r, 210 * b + 208)
-        total = fma32(result, a_scales[b], total)
-    return total
+@kernel(inline=True)
+def q5_k_tiled_tokens(rows, r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
+    total0 = total1 = total2 = total3 = f32(0)
+    for b in range(a0.shape[0]):
+        total0 = q5_k_tiled_block(total0, rows, r, b, a0, s0, m0)
+        total1 = q5_k_tiled_block(total1, rows, r, b, a1, s1, m1)
+        total2 = q5_k_tiled_block(total2, rows, r, b, a2, s2, m2)
+        total3 = q5_k_tiled_block(total3, rows, r, b, a3, s3, m3)
+    return total0, total1, total2, total3
 
 
-@kernel
-def q4_k_repacked_gemm(rows, r, a, a_scales, sums32):
-    """ggml_gemm_q4_K_8x8_q8_K (groups of 4 tokens): the float sums take each 64-value chunk's integers
+@kernel(inline=True)
+def q6_k_tiled_tokens(rows, r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
+    total0 = total1 = total2 = total3 = f32(0)
+    for b in range(a0.shape[0]):
+        total0 = q6_k_tiled_block(total0, rows, r, b, a0, s0, m0)
+        total1 = q6_k_tiled_block(total1, rows, r, b, a1, s1, m1)
+        total2 = q6_k_tiled_block(total2, rows, r, b, a2, s2, m2)
+        total3 = q6_k_tiled_block(total3, rows, r, b, a3, s3, m3)
+    return total0, total1, total2, total3
+
+
+@kernel(inline=True)
+def q4_k_repacked_gemm_block(acc, acc_min, rows, r, b, a, a_scales, sums32):
+    """ggml_gemm_q4_K_8x8_q8_K's sums after super-block b: the float sums take each 64-value chunk's integers
     (two sub-blocks) in turn, where the gemv takes a super-block's."""
-    acc = f32(0)
-    acc_min = f32(0)
-    for b in range(a.shape[0]):
-        base = 144 * b
-        prefetch_block(rows, r, base, 144)
-        scales = k4_scales(rows, r, base + 4)
-        mins = mul_lanes(k4_mins(rows, r, base + 4), load_lanes(sums32, b, 0))
-        d = half_at(rows, r, base) * a_scales[b]
-        dmin = half_at(rows, r, base + 2) * a_scales[b]
-        for c in range(4):
-            packed = load_bytes(rows, r, base + 16 + 32 * c)
-            low, high = lane(scales, 2 * c), lane(scales, 2 * c + 1)
-            lanes = dot_bytes_scaled(zero_lanes(), low_nibbles(packed), load_bytes(a, b, 4 + 64 * c), low, low)
-            lanes = dot_bytes_scaled(lanes, high_nibbles(packed), load_bytes(a, b, 36 + 64 * c), high, high)
-            acc = fma32(f32(sum_lanes(lanes)), d, acc)
-            acc_min = fma32(f32(lane(mins, 2 * c) + lane(mins, 2 * c + 1)), dmin, acc_min)
-    return acc - acc_min
+    base = 144 * b
+    scales = k4_scales(rows, r, base + 4)
+    mins = mul_lanes(k4_mins(rows, r, base + 4), load_lanes(sums32, b, 0))
+    d = half_at(rows, r, base) * a_scales[b]
+    dmin = half_at(rows, r, base + 2) * a_scales[b]
+    for c in range(4):
+        packed = load_bytes(rows, r, base + 16 + 32 * c)
+        low, high = lane(scales, 2 * c), lane(scales, 2 * c + 1)
+        lanes = dot_bytes_scaled(zero_lanes(), low_nibbles(packed), load_bytes(a, b, 4 + 64 * c), low, low)
+        lanes = dot_bytes_scaled(lanes, high_nibbles(packed), load_bytes(a, b, 36 + 64 * c), high, high)
+        acc = fma32(f32(sum_lanes(lanes)), d, acc)
+        acc_min = fma32(f32(lane(mins, 2 * c) + lane(mins, 2 * c + 1)), dmin, acc_min)
+    return acc, acc_min
+
+
+@kernel(inline=True)
+def q4_k_repacked_gemm_tokens(rows, r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
+    """ggml_gemm_q4_K_8x8_q8_K for a group of 4 tokens, each token's sum in the order of its own gemm lane."""
+    acc0 = acc1 = acc2 = acc3 = f32(0)
+    min0 = min1 = min2 = min3 = f32(0)
+    for b in range(a0.shape[0]):
+        acc0, min0 = q4_k_repacked_gemm_block(acc0, min0, rows, r, b, a0, s0, m0)
+        acc1, min1 = q4_k_repacked_gemm_block(acc1, min1, rows, r, b, a1, s1, m1)
+        acc2, min2 = q4_k_repacked_gemm_block(acc2, min2, rows, r, b, a2, s2, m2)
+        acc3, min3 = q4_k_repacked_gemm_block(acc3, min3, rows, r, b, a3, s3, m3)
+    return acc0 - min0, acc1 - min1, acc2 - min2, acc3 - min3
 
 
 @kernel
@@ -241,21 +296,34 @@ def q4_k_repacked(rows, r, a, a_scales, sums32):
 
 @kernel(parallel=True)
 def matmul_q4_k(rows, x, out):  # (n_out, n_blocks * 144) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, a_scales, a_sums = activations_q8_k(x)
-    sums32 = pair_sums(a_sums)
-    n_tok = x.shape[0]
-    repacked = rows.shape[0] % 8 == 0  # ggml_repack_get_optimal_repack_type: q4_K_8x8 on AVX2 and up
+    a, a_scales, a_sums = batch_activations_q8_k(x)
+    m = pair_sums(a_sums)
+    s = a_scales
+    n_tok, n_out = x.shape[0], rows.shape[0]
+    repacked = n_out % 8 == 0  # ggml_repack_get_optimal_repack_type: q4_K_8x8 on AVX2 and up
     n_gemm = n_tok - n_tok % 4 if n_tok > 3 else 0  # forward_mul_mat_one_chunk: gemm for groups of 4 rows
-    for r in prange(rows.shape[0]):
-        for t in range(n_tok):
-            if repacked and t < n_gemm:
-                out[t, r] = q4_k_repacked_gemm(rows, r, a[t], a_scales[t], sums32[t])
-            elif repacked:
-                out[t, r] = q4_k_repacked(rows, r, a[t], a_scales[t], sums32[t])
-            elif n_tok >= TILED_MIN_BATCH:
-                out[t, r] = q4_k_tiled(rows, r, a[t], a_scales[t], sums32[t])
-            else:
-                out[t, r] = q4_k_vec_dot(rows, r, a[t], a_scales[t], sums32[t])
+    grouped = n_gemm if repacked else (n_tok if n_tok >= TILED_MIN_BATCH else 0)  # tokens taken 4 at a time
+    tile, n_jobs, n_chunks = batch_jobs(n_out, rows.shape[1], n_tok)
+    for job in prange(n_jobs):
+        r_begin, r_end, t_begin, t_end = job_span(job, tile, n_chunks, n_out, n_tok)
+        for t in range(t_begin, t_end, 4):
+            if t < grouped:
+                t1, t2, t3 = pick(t, 1, t_end), pick(t, 2, t_end), pick(t, 3, t_end)
+                for r in range(r_begin, r_end):
+                    if repacked:
+                        y = q4_k_repacked_gemm_tokens(rows, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
+                                                      m[t], m[t1], m[t2], m[t3])  # fmt: skip
+                    else:
+                        y = q4_k_tiled_tokens(rows, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
+                                              m[t], m[t1], m[t2], m[t3])  # fmt: skip
+                    store_tile(out, y, r, t, 1, min(4, t_end - t))
+                continue
+            for u in range(t, min(t + 4, t_end)):
+                for r in range(r_begin, r_end):
+                    if repacked:
+                        out[u, r] = q4_k_repacked(rows, r, a[u], s[u], m[u])
+                    else:
+                        out[u, r] = q4_k_vec_dot(rows, r, a[u], s[u], m[u])
 
 
 @kernel(parallel=True)
@@ -278,27 +346,44 @@ def matmul_id_q4_k(rows, x, out):  # one expert of a MUL_MAT_ID: (n_out, n_block
 
 @kernel(parallel=True)
 def matmul_q5_k(rows, x, out):  # (n_out, n_blocks * 176) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, a_scales, a_sums = activations_q8_k(x)
-    sums32 = pair_sums(a_sums)
-    n_tok = x.shape[0]
-    for r in prange(rows.shape[0]):
-        for t in range(n_tok):
+    a, s, a_sums = batch_activations_q8_k(x)
+    m = pair_sums(a_sums)
+    n_tok, n_out = x.shape[0], rows.shape[0]
+    tile, n_jobs, n_chunks = batch_jobs(n_out, rows.shape[1], n_tok)
+    for job in prange(n_jobs):
+        r_begin, r_end, t_begin, t_end = job_span(job, tile, n_chunks, n_out, n_tok)
+        for t in range(t_begin, t_end, 4):
             if n_tok >= TILED_MIN_BATCH:
-                out[t, r] = q5_k_tiled(rows, r, a[t], a_scales[t], sums32[t])
-            else:
-                out[t, r] = q5_k_vec_dot(rows, r, a[t], a_scales[t], sums32[t])
+                t1, t2, t3 = pick(t, 1, t_end), pick(t, 2, t_end), pick(t, 3, t_end)
+                for r in range(r_begin, r_end):
+                    y = q5_k_tiled_tokens(rows, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
+                                          m[t], m[t1], m[t2], m[t3])  # fmt: skip
+                    store_tile(out, y, r, t, 1, min(4, t_end - t))
+                continue
+            for u in range(t, min(t + 4, t_end)):
+                for r in range(r_begin, r_end):
+                    out[u, r] = q5_k_vec_dot(rows, r, a[u], s[u], m[u])
 
 
 @kernel(parallel=True)
 def matmul_q6_k(rows, x, out):  # (n_out, n_blocks * 210) uint8, (n_tok, n_in) float32 -> (n_tok, n_out)
-    a, a_scales, a_sums = activations_q8_k(x)
-    n_tok = x.shape[0]
-    for r in prange(rows.shape[0]):
-        for t in range(n_tok):
+    a, s, a_sums = batch_activations_q8_k(x)
+    m = a_sums
+    n_tok, n_out = x.shape[0], rows.shape[0]
+    tile, n_jobs, n_chunks = batch_jobs(n_out, rows.shape[1], n_tok)
+    for job in prange(n_jobs):
+        r_begin, r_end, t_begin, t_end = job_span(job, tile, n_chunks, n_out, n_tok)
+        for t in range(t_begin, t_end, 4):
             if n_tok >= TILED_MIN_BATCH:
-                out[t, r] = q6_k_tiled(rows, r, a[t], a_scales[t], a_sums[t])
-            else:
-                out[t, r] = q6_k_vec_dot(rows, r, a[t], a_scales[t], a_sums[t])
+                t1, t2, t3 = pick(t, 1, t_end), pick(t, 2, t_end), pick(t, 3, t_end)
+                for r in range(r_begin, r_end):
+                    y = q6_k_tiled_tokens(rows, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
+                                          m[t], m[t1], m[t2], m[t3])  # fmt: skip
+                    store_tile(out, y, r, t, 1, min(4, t_end - t))
+                continue
+            for u in range(t, min(t + 4, t_end)):
+                for r in range(r_begin, r_end):
+                    out[u, r] = q6_k_vec_dot(rows, r, a[u], s[u], m[u])
 
 
 @kernel(parallel=True)
@@ -330,15 +415,23 @@ def matvec_q6_k(rows, x, out):  # (n_out, n_blocks * 210) uint8, (n_in,) float32
 
 @kernel(parallel=True)
 def matmul_q4_k_plain(rows, x, out):  # Q4_K that llama.cpp does not repack (a 3-D tensor through mul_mat)
-    a, a_scales, a_sums = activations_q8_k(x)
-    sums32 = pair_sums(a_sums)
-    n_tok = x.shape[0]
-    for r in prange(rows.shape[0]):
-        for t in range(n_tok):
+    a, s, a_sums = batch_activations_q8_k(x)
+    m = pair_sums(a_sums)
+    n_tok, n_out = x.shape[0], rows.shape[0]
+    tile, n_jobs, n_chunks = batch_jobs(n_out, rows.shape[1], n_tok)
+    for job in prange(n_jobs):
+        r_begin, r_end, t_begin, t_end = job_span(job, tile, n_chunks, n_out, n_tok)
+        for t in range(t_begin, t_end, 4):
             if n_tok >= TILED_MIN_BATCH:
-                out[t, r] = q4_k_tiled(rows, r, a[t], a_scales[t], sums32[t])
-            else:
-                out[t, r] = q4_k_vec_dot(rows, r, a[t], a_scales[t], sums32[t])
+                t1, t2, t3 = pick(t, 1, t_end), pick(t, 2, t_end), pick(t, 3, t_end)
+                for r in range(r_begin, r_end):
+                    y = q4_k_tiled_tokens(rows, r, a[t], a[t1], a[t2], a[t3], s[t], s[t1], s[t2], s[t3],
+                                          m[t], m[t1], m[t2], m[t3])  # fmt: skip
+                    store_tile(out, y, r, t, 1, min(4, t_end - t))
+                continue
+            for u in range(t, min(t + 4, t_end)):
+                for r in range(r_begin, r_end):
+                    out[u, r] = q4_k_vec_dot(rows, r, a[u], s[u], m[u])
 
 
 @kernel(parallel=True)

@@ -30,6 +30,7 @@ from refengine.kernels import (
     ops_ggml,
 )
 from refengine.kernels import attention_ggml as ggml_attention
+from refengine.threads import integer_kernels
 
 # How a float32 forward pass computes (Linear, and the ops that differ between the two: see each):
 #   exact  the file's function in float32: weights decoded exactly, activations kept in float32
@@ -84,7 +85,8 @@ class Linear:
                 self.matvec(x[0], out[0])
                 return out
             if self.matmul is not None:
-                self.matmul(x, out)
+                with integer_kernels():  # inside a batch's step BLAS holds the cores; no BLAS runs here
+                    self.matmul(x, out)
                 return out
         tile = np.empty((self.tile_rows, self.n_in), dtype=np.float32)
         for start in range(0, self.n_out, self.tile_rows):
@@ -322,7 +324,8 @@ def attention_ggml(q: np.ndarray, layer: LayerCache, first: int, scale: float) -
     elif n_tok == 1:
         ggml_attention.attend_token_heads(q[0], k, v, first, layer.window, np.float32(scale), n_cells, out[0])
     else:
-        ggml_attention.attend(q, k, v, first, layer.window, np.float32(scale), n_cells, out)
+        with integer_kernels():
+            ggml_attention.attend(q, k, v, first, layer.window, np.float32(scale), n_cells, out)
     return out
 
 

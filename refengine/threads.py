@@ -9,7 +9,9 @@ instead of 0.12 s with numba's tile decoding parallel between BLAS calls, and a 
 
 So exactly one pool is parallel at any time:
 
-    a batch (prefill, n_tok > 1)    BLAS on every core; numba's kernels (tile decoding) on one thread
+    a batch (prefill, n_tok > 1)    BLAS on every core; numba's kernels (tile decoding) on one thread,
+                                    except a batch's integer kernels (numerics "ggml", no BLAS call),
+                                    which take every core inside `integer_kernels`
     one token (decoding)            numba's kernels (matvec, attention) on every core; BLAS on one
                                     thread (no BLAS call is left in a float32 decode step; the float64
                                     path's products then run on the calling thread)
@@ -68,3 +70,11 @@ def step_threads(n_tok: int) -> Iterator[None]:
             yield
     finally:
         set_blas_threads(before)
+
+
+@contextmanager
+def integer_kernels() -> Iterator[None]:
+    """Numba's kernels on every core inside the block: a batch in numerics "ggml" (nn.Linear's integer matmuls,
+    its attention), which calls no BLAS, so BLAS's idle threads have nothing to spin against."""
+    with kernel_threads(cores()):
+        yield

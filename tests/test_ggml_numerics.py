@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as T
+from numba import njit
 from refengine.kernels import (
     GGML_MATVEC_KERNELS,
     KernelError,
@@ -43,6 +44,8 @@ from refengine.kernels import (
     quantize_activations,
     quantize_rows,
 )
+from refengine.kernels import kquants_ggml as kq
+from refengine.kernels.gemv_ggml import activations_q8_k, pair_sums
 from refengine.kernels.simd import SIMD_LEVEL, simd_level
 
 try:
@@ -322,6 +325,74 @@ def test_a_batch_is_each_token_alone(weight_type):
         assert np.allclose(out[t], single, rtol=1e-6, atol=1e-6 * np.abs(single).max()), t
         if weight_type in QUANT_TYPES:
             assert_within_reassociation(weight_type, rows, x[t], out[t], f"token {t} of a batch")
+
+
+Q4_K, Q5_K = int(T.Q4_K), int(T.Q5_K)
+
+
+# Each output of a K-quant batch computed alone, on the path ggml takes for the batch's size (kquants_ggml.py):
+# the per-token functions, one (row, token) at a time.
+@njit
+def k_quant_per_token(ggml_type_id, repacked, rows, x, out):
+    a, scales, bsums = activations_q8_k(x)
+    sums32 = pair_sums(bsums)
+    n_tok = x.shape[0]
+    n_gemm = n_tok - n_tok % 4 if n_tok > 3 else 0
+    for r in range(rows.shape[0]):
+        for t in range(n_tok):
+            a_t, s_t, m_t, b_t = a[t], scales[t], sums32[t], bsums[t]
+            total, total_min = np.float32(0), np.float32(0)
+            if ggml_type_id == Q4_K and repacked and t < n_gemm:  # ggml_gemm_q4_K_8x8_q8_K
+                for b in range(a_t.shape[0]):
+                    total, total_min = kq.q4_k_repacked_gemm_block(total, total_min, rows, r, b, a_t, s_t, m_t)
+                out[t, r] = total - total_min
+            elif ggml_type_id == Q4_K and repacked:
+                out[t, r] = kq.q4_k_repacked(rows, r, a_t, s_t, m_t)
+            elif n_tok < kq.TILED_MIN_BATCH:
+                if ggml_type_id == Q4_K:
+                    out[t, r] = kq.q4_k_vec_dot(rows, r, a_t, s_t, m_t)
+                elif ggml_type_id == Q5_K:
+                    out[t, r] = kq.q5_k_vec_dot(rows, r, a_t, s_t, m_t)
+                else:
+                    out[t, r] = kq.q6_k_vec_dot(rows, r, a_t, s_t, b_t)
+            else:
+                for b in range(a_t.shape[0]):
+                    if ggml_type_id == Q4_K:
+                        total = kq.q4_k_tiled_block(total, rows, r, b, a_t, s_t, m_t)
+                    elif ggml_type_id == Q5_K:
+                        total = kq.q5_k_tiled_block(total, rows, r, b, a_t, s_t, m_t)
+                    else:
+                        total = kq.q6_k_tiled_block(total, rows, r, b, a_t, s_t, b_t)
+                out[t, r] = total
+
+
+BATCH_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+@pytest.mark.parametrize("weight_type", BATCH_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("weight_kind", ["quantized", "random_bytes", "extreme_scales", "int8_extremes"])
+def test_batch_kernels_are_one_token_per_output(weight_type, weight_kind):
+    """bound_matmul decodes a weight block once for a group of tokens and tiles rows and tokens; each output
+    must stay its own (row, token) dot product to the bit: matvec's for the legacy types (vec_dot, or
+    tinyBLAS: the same sum for one output), and for the K-quants the per-token function of the path the
+    batch's size selects (vec_dot below 8 tokens, tiled from 8, Q4_K's repacked gemm by groups of 4 and
+    gemv after them). 1..13 tokens and 67 (a second chunk of 64), 40 rows (tiles of 12 to 28 rows end
+    inside a pair; 40 is a multiple of 8, so Q4_K is repacked) and 37 (Q4_K not)."""
+    rng = np.random.RandomState(list(T).index(weight_type) + 40)
+    for n_out in (40, 37):
+        rows = weight_rows(weight_type, weight_kind, n_out, rng)
+        for n_tok in [*range(1, 14), 67]:
+            x = (rng.standard_normal((n_tok, N_COLS)) * rng.choice([1e-3, 1.0, 30.0], (n_tok, 1))).astype(np.float32)
+            ours = np.full((n_tok, n_out), np.nan, dtype=np.float32)
+            bound_matmul(weight_type, rows)(x, ours)
+            expected = np.empty_like(ours)
+            if weight_type in (T.Q4_K, T.Q5_K, T.Q6_K):
+                k_quant_per_token(int(weight_type), n_out % 8 == 0, rows, x, expected)
+            else:
+                for t in range(n_tok):
+                    matvec(weight_type, rows, x[t], expected[t], numerics="ggml")
+            same = (ours == expected) | (np.isnan(ours) & np.isnan(expected))
+            assert same.all(), f"{n_out} rows, {n_tok} tokens: {(~same).sum()} outputs differ"
 
 
 FIRST_CALLS = {  # each leaves 64 in out[0, 0]: 64 products of ones

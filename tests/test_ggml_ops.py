@@ -188,6 +188,25 @@ def test_matmul_is_ggmls(ggml_type, n_tok):
         assert_bitwise(ours, expected, f"{ggml_type.name} {n_out} x 512 by {n_tok} tokens")
 
 
+BATCH_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+@pytest.mark.parametrize("ggml_type", BATCH_TYPES, ids=lambda t: t.name)
+def test_batch_matmul_is_ggmls_at_every_batch_size(ggml_type):
+    """The batch kernels take two rows by four tokens at a time, in jobs of a tile of rows (12 to 28 of these
+    2048-wide rows) by a chunk of 64 tokens: every remainder of a group, a tile and a chunk, against ggml's
+    mul_mat (vec_dot, tinyBLAS or the tiled K-quant kernel, as the batch's size decides), on quantized rows
+    with every fifth one random bytes (any scale: subnormal, huge, inf, NaN)."""
+    rng = np.random.default_rng(list(T).index(ggml_type) + 500)
+    rows = weight_rows(ggml_type, 37, 2048, rng)
+    rows[::5] = rng.integers(0, 256, rows[::5].shape, dtype=np.uint8)
+    for n_tok in [*range(2, 14), 64, 67]:
+        x = activations(rng, (n_tok, 2048))
+        ours = np.full((n_tok, 37), np.nan, dtype=np.float32)
+        bound_matmul(ggml_type, rows, repacked=False)(x, ours)
+        assert_bitwise(ours, ggml_mul_mat(ggml_type, rows, x), f"{ggml_type.name} 37 x 2048 by {n_tok} tokens")
+
+
 @pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 def test_matvec_is_ggmls_vec_dot_on_extreme_blocks(ggml_type):
     """Quantized rows with every third block random bytes (any f16 scale: subnormal, huge, inf, NaN), against
@@ -221,7 +240,7 @@ def ggml_attention_graph(q, k16, v16, first, scale, n_kv):
     return kqv.reshape(n_head, n_tok, -1).transpose(1, 0, 2)
 
 
-@pytest.mark.parametrize("n_tok", [1, 5])
+@pytest.mark.parametrize("n_tok", [1, 5, 13])
 @pytest.mark.parametrize("dk", [64, 96, 40])
 def test_attention_is_ggmls(n_tok, dk):
     """GQA over an F16 cache of 256 cells; dk = 40 takes ggml_vec_dot_f16's leftovers (no tinyBLAS)."""
