@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Mixture-of-experts speed beside llama.cpp's llama-bench, on models the tiny-model writer makes
-(refengine.testing), quantized Q4_K_M: the issue's MoE targets, ratios from one run.
+(refengine.testing), quantized Q4_K_M: ratios from one run, each beside its target ratio.
 
     qwen3moe-bigger    hidden 1024, 4 layers, 16 experts, 4 used              tg128
     mixtral-bigger     hidden 1024, 4 layers, 8 experts, 2 used               tg128
@@ -84,7 +84,7 @@ def model_file(name: str, folder: Path) -> Path:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def main(models, numerics, repetitions, rounds, folder, as_json) -> None:
-    """refengine's MoE tg/pp tokens/s beside llama-bench's, their ratio and the issue's target for it."""
+    """refengine's MoE tg/pp tokens/s beside llama-bench's, their ratio and the target ratio for it."""
     binary = find_tool("llama-bench")
     if binary is None:
         raise click.ClickException("llama-bench is not built: run scripts/build_llama_tools.sh first")

@@ -21,7 +21,7 @@ For each trace, placement and node count, per token (the bytes of expert rows ea
 model's header; for synthetic traces R1's Q4_K_M rows: gate and up Q4_K, 4032 bytes a row, down Q4_K or,
 in the use_more_bits layers, Q6_K, 1152 or 1680 bytes):
 
-    token       the busiest node's bytes over the nodes' mean, the token's layers summed (issue 13's figure)
+    token       the busiest node's bytes over the nodes' mean, the token's layers summed
     layer       the same with a barrier after every layer, as the engine runs: the sum over the layers of
                 the busiest node's bytes over the sum of the means: what the token's time follows
 

@@ -1,4 +1,4 @@
-"""Run tests/test_cli.py's Ctrl-C test many times in a row under CPU load (issue 12).
+"""Run tests/test_cli.py's Ctrl-C test many times in a row under CPU load.
 
     .venv/bin/python scripts/stress_ctrl_c.py            # 50 runs, 2 busy-loop processes, every other
                                                           # run with a cold numba cache
@@ -6,7 +6,7 @@
 
 The load is one busy loop (`while True: pass`) per --load, started here and stopped at the end. A
 cold numba cache (an empty NUMBA_CACHE_DIR) makes the first decoded token compile its kernels, the
-window where a Ctrl-C used to be lost in llvmlite's ctypes callback (refengine/signals.py).
+window where a Ctrl-C could be lost in llvmlite's ctypes callback (refengine/signals.py holds it).
 Stops at the first failure, with its traceback; exit status 1 then.
 """
 

@@ -137,7 +137,7 @@ class Scores:
         )
 
     def check(self, decided_only: bool) -> None:
-        """The bar of the forward-pass issue: mean KL <= MAX_MEAN_KL and top-1 >= MIN_TOP1, over all
+        """The bar against llama.cpp: mean KL <= MAX_MEAN_KL and top-1 >= MIN_TOP1, over all
         positions, or with decided_only over those whose routing is clear (see the module doc)."""
         keep = np.ones(len(self.kl), dtype=bool)
         if decided_only:

@@ -16,7 +16,7 @@ GOLDEN_BASE = GOLDEN_DIR / "kld_base_tiny_llama.bin.xz"
 
 MODELS = ["smollm2-135m", "gemma3-270m"]
 N_CTX = 512  # llama-perplexity's default
-N_CHUNKS = 40  # 20,480 tokens scored in contexts of 256-511: the issue asks for 20,000 or more
+N_CHUNKS = 40  # 20,480 tokens scored in contexts of 256-511: at least 20,000, for a figure stable to ~1e-4
 N_TEST_CHUNKS = 8  # what the slow test runs of them (4,096 tokens), against the goldens' running estimates
 
 TINY_ARCH = "llama"
@@ -25,7 +25,7 @@ TINY_CHUNKS = 4
 TINY_TEXT_BYTES = 20_000  # the tiny byte-level vocabulary makes about a token a byte
 
 # Bars. refengine is exact, so on gguf-py's F32 copy llama.cpp computes the same function in float32:
-MAX_REL_DIFF_F32 = 1e-3  # |PPL ours / PPL llama.cpp on the F32 copy - 1|, the issue's 0.1%
+MAX_REL_DIFF_F32 = 1e-3  # |PPL ours / PPL llama.cpp on the F32 copy - 1| at most 0.1%
 MAX_REL_DIFF_QUANTIZED = 0.02  # against llama.cpp on the quantized file (8-bit activations there)
 MAX_SELF_KLD = 2e-3  # the uint16 base file's floor: a model against its own base file
 

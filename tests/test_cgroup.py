@@ -1,4 +1,4 @@
-"""The memory plan inside cgroups that hold page cache (issue 13, item 4).
+"""The memory plan inside cgroups that hold page cache.
 
 A cgroup's usage (v2 memory.current, v1 memory.usage_in_bytes) counts the file pages charged to it:
 our model's and whatever ran in the cgroup before. The kernel reclaims those within the limit instead of

@@ -1,4 +1,4 @@
-"""Fuzzing the model loader and the chat template renderer (issue 12): over 10,000 mutants, every one
+"""Fuzzing the model loader and the chat template renderer: over 10,000 mutants, every one
 must end in success or in one RefengineError (which the CLI prints as one line, exit 1), within 10 s
 and 1 GB.
 

@@ -1,4 +1,4 @@
-"""numerics="ggml" against llama.cpp on whole models: the issue's bar (teacher-forced over the prompt and 32
+"""numerics="ggml" against llama.cpp on whole models: the bar (teacher-forced over the prompt and 32
 greedy tokens, mean KL <= 1e-3 and top-1 >= 99%), and past it, the same logits to the bit.
 
 - goldens (no llama.cpp needed): llama.cpp's top-16 log-probs of every position, written by
@@ -24,7 +24,7 @@ from refengine.cli import main
 from refengine.session import Session
 from refengine.testing import MOE_MODELS
 
-MAX_MEAN_KL = 1e-3  # the issue's bar for numerics ggml against llama.cpp, nats
+MAX_MEAN_KL = 1e-3  # numerics ggml against llama.cpp, nats
 MIN_TOP1 = 0.99
 
 

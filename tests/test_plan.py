@@ -194,7 +194,7 @@ def test_weight_groups_follow_gguf_names():
     assert {name: weight_group(name) for name in cases} == cases
 
 
-# --- The scenario: 2 nodes x 256 GiB, the model bound to node 1 ------------------------------
+# --- DeepSeek-R1 on 2 nodes x 256 GiB, the model bound to node 1 ------------------------------------
 
 
 def test_numactl_m1_confines_the_weights_to_one_node(deepseek_r1):

@@ -97,7 +97,9 @@ def test_special_ids_equal_llama_cpp(tokenizers, model):
     assert (tokenizer.vocab.add_bos, tokenizer.vocab.add_eos) == (expected["add_bos"], expected["add_eos"])
 
 
-def test_golden_corpus_covers_the_issue():
+def test_golden_corpus_covers_every_kind_of_text():
+    """Every special-token flag pair, empty text, edge spaces, code, CJK, emoji sequences, runs of tabs and
+    newlines, digits, chat markers, combining marks, right-to-left text and a lone surrogate."""
     texts = [c["text"] for c in golden("gemma3-270m")["cases"]]
     flags = {(c["add_special"], c["parse_special"]) for c in golden("gemma3-270m")["cases"]}
     assert flags == {(True, True), (True, False), (False, True), (False, False)}

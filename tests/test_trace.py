@@ -297,7 +297,7 @@ def test_compare_files_refuses_a_log_against_logits(tmp_path):
 
 @pytest.mark.slow
 def test_gemma3_q4_k_m_trace_equals_its_f32_copy():
-    """The issue's bar: our Q4_K_M trace against our trace of gguf-py's F32 copy, NMSE below 1e-6 everywhere."""
+    """Our Q4_K_M trace against our trace of gguf-py's F32 copy, NMSE below 1e-6 everywhere."""
     from refengine.testing.f32copy import f32_copy
 
     model_path("gemma3-270m")
