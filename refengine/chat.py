@@ -383,6 +383,14 @@ def chat_prompt_ids(gguf, tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.encode(text, add_bos=False, parse_special=True)
 
 
+def prompt_token_ids(gguf, tokenizer, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+    """The ids `generate` starts from: the text tokenized (BOS as the model asks), or with chat, the text
+    as one user turn (after `system`, if given) in the model's chat template."""
+    if not chat:
+        return tokenizer.encode(prompt)
+    return chat_prompt_ids(gguf, tokenizer, message_list(prompt, system))
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading ids a and b share."""
     n = 0

@@ -427,6 +427,7 @@ def generate(
     numa_nodes,
 ) -> None:
     """Generate text after PROMPT, streaming it to stdout; timings go to stderr."""
+    from refengine.chat import prompt_token_ids
     from refengine.generate import generate as run_generation
     from refengine.sampler import Sampler
     from refengine.session import PeakAnon
@@ -440,7 +441,7 @@ def generate(
         source = preflight(model, ctx, precision, sysroot, max_prompt_tokens=max_prompt_tokens, numa=numa)
     sampler = Sampler(sampling)
     session = load_session(source, precision, numa, numa_nodes, sysroot, numerics_of(numerics, precision, "ggml"))
-    prompt_ids = prompt_tokens(session, prompt, chat, system)
+    prompt_ids = prompt_token_ids(session.gguf, session.tokenizer, prompt, chat, system)
     if len(prompt_ids) + n_predict > ctx:
         raise UserError(
             f"the prompt ({len(prompt_ids)} tokens) plus -n {n_predict} exceeds --ctx {ctx}; raise --ctx or lower -n"
@@ -827,14 +828,6 @@ def compare_command(a: Path, b: Path, threshold: float | None, as_json: bool) ->
 
     result = compare_files(a, b, threshold)
     click.echo(json.dumps(result.as_dict()) if as_json else result.render())
-
-
-def prompt_tokens(session, prompt: str, chat: bool, system: str | None) -> list[int]:
-    if not chat:
-        return session.tokenizer.encode(prompt)
-    from refengine.chat import chat_prompt_ids, message_list
-
-    return chat_prompt_ids(session.gguf, session.tokenizer, message_list(prompt, system))
 
 
 def write_npy(output: Path, array, gguf_file: GGUFFile) -> None:
