@@ -2,6 +2,8 @@
 
 Layout of this package:
   _jit.py     the numba decorator with its flags, and scalar bit tricks (f16/bf16 -> f32)
+  quant_types.py  one record per ggml type: block size, type size, the named byte fields of a block,
+              and its kernels (dequantize, matvec per numerics, quantize): QUANT_TYPES
   floats.py   F32, F16, BF16
   legacy.py   Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
   kquants.py  Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
@@ -45,15 +47,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numba
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from refengine.errors import RefengineError
 
-from . import attention, floats, legacy
+from . import attention, floats, fp4, iquants, kquants, legacy, quant_types, ternary
 from .gemv import MATVEC_KERNELS
 from .gemv_ggml import ACTIVATION_KERNELS, VEC_DOT_TYPES
 from .gemv_ggml import GGML_MATMUL_ID_KERNELS as _LEGACY_MATMUL_ID
@@ -67,51 +68,52 @@ from .kquants_ggml import (
     KQUANT_MATVEC_SLICES_KERNELS,
     KQUANT_UNREPACKED_KERNELS,
 )
+from .quant_types import QuantType
 from .quantize import QUANTIZE_KERNELS
 
-_KERNEL_MODULES = [floats, legacy]
-for _name in ("kquants", "iquants", "ternary", "fp4"):
-    try:
-        _KERNEL_MODULES.append(__import__(f"{__name__}.{_name}", fromlist=[_name]))
-    except ModuleNotFoundError as _e:  # a family not written yet
-        if _e.name != f"{__name__}.{_name}":
-            raise
+# ggml numerics: ggml type -> kernel(rows, x (n_in,), out (n_out,)), and -> kernel(rows, x (n_tok, n_in), out).
+GGML_MATVEC_KERNELS = {**_LEGACY_MATVEC, **KQUANT_MATVEC_KERNELS}
+GGML_MATMUL_KERNELS = {**_LEGACY_MATMUL, **KQUANT_MATMUL_KERNELS}
+# one token through several slices of a 3-D tensor in one call: f(rows, n_out, slices, x, out)
+GGML_MATVEC_SLICES_KERNELS = {**_LEGACY_SLICES, **KQUANT_MATVEC_SLICES_KERNELS}
+# an expert's batch (MUL_MAT_ID), whose path differs for repacked Q4_K and F32
+GGML_MATMUL_ID_KERNELS = {**GGML_MATMUL_KERNELS, **_LEGACY_MATMUL_ID, **KQUANT_MATMUL_ID_KERNELS}
 
-
-@dataclass(frozen=True)
-class Dequantizer:
-    """How to turn one ggml type's blocks into float32."""
-
-    ggml_type: GGMLQuantizationType
-    block_size: int  # elements per block
-    type_size: int  # bytes per block
-    kernel: Callable  # kernel(blocks (n, type_size) uint8, out (n, block_size) float32, *tables)
-    tables: tuple = ()
-
-
-def _build_table() -> dict[GGMLQuantizationType, Dequantizer]:
-    table = {}
-    for module in _KERNEL_MODULES:
-        tables = getattr(module, "KERNEL_TABLES", {})
-        for ggml_type, fn in module.DEQUANTIZE_KERNELS.items():
-            block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-            table[ggml_type] = Dequantizer(ggml_type, block_size, type_size, fn, tables.get(ggml_type, ()))
-    return table
-
-
-DEQUANTIZERS: dict[GGMLQuantizationType, Dequantizer] = _build_table()
+_FAMILIES = (floats, legacy, kquants, iquants, ternary, fp4)
+# Every ggml type's record: its blocks' layout and its kernels. The matvec numerics:
+#   exact  weights decoded exactly, x kept in float32, products summed in float32 (gemv.py)
+#   ggml   llama.cpp's CPU arithmetic: x quantized to the type's vec_dot_type, integer dot products (gemv_ggml.py)
+QUANT_TYPES = quant_types.build(
+    dequantize={t: fn for family in _FAMILIES for t, fn in family.DEQUANTIZE_KERNELS.items()},
+    tables={t: tables for family in _FAMILIES for t, tables in getattr(family, "KERNEL_TABLES", {}).items()},
+    matvec={"exact": MATVEC_KERNELS, "ggml": GGML_MATVEC_KERNELS},
+    quantize=QUANTIZE_KERNELS,
+)
+NUMERICS = ("exact", "ggml")
+# The types each direction has a kernel for.
+DEQUANTIZERS = {t: q for t, q in QUANT_TYPES.items() if q.dequantize is not None}
+QUANTIZERS = {t: q for t, q in QUANT_TYPES.items() if q.quantize is not None}
 
 
 class KernelError(RefengineError, ValueError):
     """A kernel was called with arrays of the wrong type, shape or layout."""
 
 
-def dequantizer(ggml_type: GGMLQuantizationType | int) -> Dequantizer:
+def quant_type(ggml_type, direction: str) -> QuantType:
+    """The record of `ggml_type`, which must have a kernel for `direction` ("dequantization", "quantization")."""
     try:
-        return DEQUANTIZERS[GGMLQuantizationType(ggml_type)]
+        q = QUANT_TYPES[GGMLQuantizationType(ggml_type)]
     except (KeyError, ValueError):
+        q = None
+    kernel = None if q is None else q.dequantize if direction == "dequantization" else q.quantize
+    if kernel is None:
         name = getattr(ggml_type, "name", str(ggml_type))
-        raise KernelError(f"no dequantization kernel for ggml type {name}") from None
+        raise KernelError(f"no {direction} kernel for ggml type {name}")
+    return q
+
+
+def dequantizer(ggml_type: GGMLQuantizationType | int) -> QuantType:
+    return quant_type(ggml_type, "dequantization")
 
 
 def _out_buffer(out: np.ndarray | None, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -142,7 +144,7 @@ def dequantize_rows(ggml_type, rows: np.ndarray, out: np.ndarray | None = None) 
     if not rows.flags.c_contiguous:
         rows = np.ascontiguousarray(rows)
     blocks = rows.reshape(-1, dq.type_size)
-    dq.kernel(blocks, out.reshape(-1, dq.block_size), *dq.tables)
+    dq.dequantize(blocks, out.reshape(-1, dq.block_size), *dq.tables)
     return out
 
 
@@ -158,32 +160,13 @@ def dequantize(ggml_type, data: np.ndarray, n_cols: int) -> np.ndarray:
     return dequantize_rows(ggml_type, flat.reshape(-1, row_bytes))
 
 
-@dataclass(frozen=True)
-class Quantizer:
-    """How to turn float32 into one ggml type's blocks."""
-
-    ggml_type: GGMLQuantizationType
-    block_size: int  # elements per block
-    type_size: int  # bytes per block
-    kernel: Callable  # kernel(x (n, block_size) float32, out (n, type_size) uint8)
-
-
-QUANTIZERS: dict[GGMLQuantizationType, Quantizer] = {
-    t: Quantizer(t, *GGML_QUANT_SIZES[t], fn) for t, fn in QUANTIZE_KERNELS.items()
-}
-
-
 def quantize_rows(ggml_type, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Quantize float32 rows (n_rows, n_cols) to raw rows (n_rows, row_bytes) uint8, written into `out` if given.
 
     Byte-identical to ggml_quantize_chunk without an importance matrix (which is
     what llama_model_quantize writes); n_cols must be whole blocks of the type.
     """
-    try:
-        q = QUANTIZERS[GGMLQuantizationType(ggml_type)]
-    except (KeyError, ValueError):
-        name = getattr(ggml_type, "name", str(ggml_type))
-        raise KernelError(f"no quantization kernel for ggml type {name}") from None
+    q = quant_type(ggml_type, "quantization")
     if x.dtype != np.float32 or x.ndim != 2:
         raise KernelError(f"x must be a 2-D float32 array, got {x.dtype} with shape {x.shape}")
     n_rows, n_cols = x.shape
@@ -193,26 +176,10 @@ def quantize_rows(ggml_type, x: np.ndarray, out: np.ndarray | None = None) -> np
     out = _out_buffer(out, (n_rows, row_bytes), np.uint8)
     if n_rows and n_cols:
         x = np.ascontiguousarray(x)
-        q.kernel(x.reshape(-1, q.block_size), out.reshape(-1, q.type_size))
+        q.quantize(x.reshape(-1, q.block_size), out.reshape(-1, q.type_size))
     return out
 
 
-# ggml numerics: ggml type -> kernel(rows, x (n_in,), out (n_out,)), and -> kernel(rows, x (n_tok, n_in), out).
-GGML_MATVEC_KERNELS = {**_LEGACY_MATVEC, **KQUANT_MATVEC_KERNELS}
-GGML_MATMUL_KERNELS = {**_LEGACY_MATMUL, **KQUANT_MATMUL_KERNELS}
-# one token through several slices of a 3-D tensor in one call: f(rows, n_out, slices, x, out)
-GGML_MATVEC_SLICES_KERNELS = {**_LEGACY_SLICES, **KQUANT_MATVEC_SLICES_KERNELS}
-# an expert's batch (MUL_MAT_ID), whose path differs for repacked Q4_K and F32
-GGML_MATMUL_ID_KERNELS = {**GGML_MATMUL_KERNELS, **_LEGACY_MATMUL_ID, **KQUANT_MATMUL_ID_KERNELS}
-
-# numerics -> ggml type -> (matvec kernel, block_size, type_size), looked up once per call.
-#   exact  weights decoded exactly, x kept in float32, products summed in float32 (gemv.py)
-#   ggml   llama.cpp's CPU arithmetic: x quantized to the type's vec_dot_type, integer dot products (gemv_ggml.py)
-_MATVEC = {
-    "exact": {t: (fn, *GGML_QUANT_SIZES[t]) for t, fn in MATVEC_KERNELS.items()},
-    "ggml": {t: (fn, *GGML_QUANT_SIZES[t]) for t, fn in GGML_MATVEC_KERNELS.items()},
-}
-NUMERICS = tuple(_MATVEC)
 _UINT8, _FLOAT32, _FLOAT64 = np.dtype(np.uint8), np.dtype(np.float32), np.dtype(np.float64)
 
 
@@ -266,14 +233,15 @@ def bound_matvec(
 
 def _matvec_kernel(ggml_type, rows: np.ndarray, numerics: str = "exact") -> tuple[Callable, int]:
     """The matvec kernel of `ggml_type` in `numerics`, and n_in, once `rows` is checked to be whole blocks of it."""
-    if numerics not in _MATVEC:
+    if numerics not in NUMERICS:
         raise KernelError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
-    try:
-        kernel, block_size, type_size = _MATVEC[numerics][ggml_type]
-    except KeyError:
+    q = QUANT_TYPES.get(ggml_type)
+    kernel = None if q is None else q.matvec.get(numerics)
+    if kernel is None:
         name = getattr(ggml_type, "name", str(ggml_type))
         kind = "matvec" if numerics == "exact" else f"{numerics} matvec"
-        raise KernelError(f"no {kind} kernel for ggml type {name}") from None
+        raise KernelError(f"no {kind} kernel for ggml type {name}")
+    block_size, type_size = q.block_size, q.type_size
     if rows.dtype != _UINT8 or rows.ndim != 2 or not rows.flags.c_contiguous:
         raise KernelError(f"rows must be C-contiguous 2-D uint8, got {rows.dtype} with shape {rows.shape}")
     if rows.shape[1] % type_size:

@@ -49,6 +49,7 @@ from refengine.kernels import (
     DEQUANTIZERS,
     GGML_MATVEC_KERNELS,
     NUMERICS,
+    QUANT_TYPES,
     QUANTIZERS,
     bound_matvec,
     dequantize_rows,
@@ -66,45 +67,12 @@ MIN_PASSES = 3
 OVERHEAD_CALLS = 5000
 OTHERS_WARNING = 0.05  # share of the CPUs other processes may take before the figures are flagged
 
-# Where each block keeps the fields that scale its values, and how they are encoded. Random bytes
-# there would give NaN, inf and subnormal scales, which take slow paths on one side or the other;
-# random bytes everywhere else are valid quants. Offsets follow the C structs (block_q4_K etc.).
+# Where each block keeps the fields that scale its values, and how they are encoded (the types' records,
+# refengine.kernels.QUANT_TYPES). Random bytes there would give NaN, inf and subnormal scales, which take
+# slow paths on one side or the other; random bytes everywhere else are valid quants.
 F16, BF16, F32, E8M0, UE4M3, IQ1M_F16 = "f16", "bf16", "f32", "e8m0", "ue4m3", "iq1m_f16"
 SCALE_FIELDS: dict[T, list[tuple[int, str]]] = {
-    # One element per "block": every value is a float and has to be sane.
-    T.F32: [(0, F32)],
-    T.F16: [(0, F16)],
-    T.BF16: [(0, BF16)],
-    # Legacy blocks start with d (and m for the _1 types).
-    T.Q4_0: [(0, F16)],
-    T.Q4_1: [(0, F16), (2, F16)],
-    T.Q5_0: [(0, F16)],
-    T.Q5_1: [(0, F16), (2, F16)],
-    T.Q8_0: [(0, F16)],
-    # K-quants: Q2_K is scales[16] qs[64] d dmin; Q3_K hmask[32] qs[64] scales[12] d;
-    # Q4_K and Q5_K start with d dmin; Q6_K is ql[128] qh[64] scales[16] d.
-    T.Q2_K: [(80, F16), (82, F16)],
-    T.Q3_K: [(108, F16)],
-    T.Q4_K: [(0, F16), (2, F16)],
-    T.Q5_K: [(0, F16), (2, F16)],
-    T.Q6_K: [(208, F16)],
-    # I-quants start with d, except IQ1_M, whose d is spread over the top nibbles
-    # of the four uint16 sub-block scales at the end of the block (qs[32] qh[16] scales[8]).
-    T.IQ2_XXS: [(0, F16)],
-    T.IQ2_XS: [(0, F16)],
-    T.IQ2_S: [(0, F16)],
-    T.IQ3_XXS: [(0, F16)],
-    T.IQ3_S: [(0, F16)],
-    T.IQ1_S: [(0, F16)],
-    T.IQ1_M: [(48, IQ1M_F16)],
-    T.IQ4_NL: [(0, F16)],
-    T.IQ4_XS: [(0, F16)],
-    # Ternary: TQ1_0 is qs[48] qh[4] d; TQ2_0 is qs[64] d.
-    T.TQ1_0: [(52, F16)],
-    T.TQ2_0: [(64, F16)],
-    # FP4: MXFP4 starts with one e8m0 exponent; NVFP4 with four ue4m3 sub-block scales.
-    T.MXFP4: [(0, E8M0)],
-    T.NVFP4: [(0, UE4M3), (1, UE4M3), (2, UE4M3), (3, UE4M3)],
+    t: [(f.start, f.kind) for f in q.scale_fields()] for t, q in QUANT_TYPES.items() if q.scale_fields()
 }
 # Sane values are drawn into a pool and repeated over the data: drawing one per block would need
 # gigabytes of temporaries for F16, and caches hold addresses, not contents.

@@ -28,6 +28,7 @@ from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as T
 from refengine.kernels import MATVEC_KERNELS, KernelError, matvec
 
+from refengine import kernels
 from refengine.gguf import open_gguf
 
 RTOL = 1e-5
@@ -37,12 +38,9 @@ FLOAT_TYPES = [T.F32, T.F16, T.BF16]
 QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 ALL_TYPES = FLOAT_TYPES + QUANT_TYPES
 
-# Byte offsets of each f16 scale (d, and m or dmin) inside one block. Random bytes
-# there would give NaN, inf and huge scales; sane ones are written instead.
-F16_SCALES = {
-    T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2],
-    T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
-}  # fmt: skip
+# Byte offsets of each f16 scale (d, and m or dmin) inside one block, from the types' records. Random
+# bytes there would give NaN, inf and huge scales; sane ones are written instead.
+F16_SCALES = {t: [f.start for f in q.scale_fields() if f.kind == "f16"] for t, q in kernels.QUANT_TYPES.items()}
 
 
 def dequantized(ggml_type, rows: np.ndarray) -> np.ndarray:
