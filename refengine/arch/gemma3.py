@@ -26,7 +26,7 @@ from refengine.arch.common import (
     read_rope_dims,
     self_attention,
 )
-from refengine.arch.declarations import GEMMA3, Sizes
+from refengine.arch.declarations import Sizes, architecture
 from refengine.arch.ffn import GLU
 from refengine.gguf import GGUFFile
 from refengine.nn import Rope, rms_norm
@@ -35,12 +35,13 @@ from refengine.nn import Rope, rms_norm
 @dataclass(frozen=True)
 class Gemma3Config(GQAConfig):
     sliding_window: int
+    sliding_window_pattern: int  # every PATTERN-th layer is global (the architecture's declaration)
     rope_global: Rope
     rope_local: Rope
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> Gemma3Config:
-        hp = HParams(gguf)
+        hp, arch = HParams(gguf), architecture(gguf)
         keys = cls.read_keys(hp)
         n_rot = read_rope_dims(hp, keys["head_dim"])
         if n_rot != keys["head_dim"]:
@@ -52,12 +53,13 @@ class Gemma3Config(GQAConfig):
         return cls(
             **keys,
             sliding_window=hp.int("attention.sliding_window", minimum=1),
+            sliding_window_pattern=arch.sliding_window_pattern,
             rope_global=Rope(n_rot, base, neox=True, scale=scale),
-            rope_local=Rope(n_rot, GEMMA3.local_rope_base, neox=True),
+            rope_local=Rope(n_rot, arch.local_rope_base, neox=True),
         )
 
     def is_local(self, il: int) -> bool:
-        return (il + 1) % GEMMA3.sliding_window_pattern != 0
+        return (il + 1) % self.sliding_window_pattern != 0
 
     def sizes(self) -> Sizes:
         return Sizes(
