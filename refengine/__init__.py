@@ -20,9 +20,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 def load(name_or_path: str | os.PathLike, precision: Precision = "f32", numerics: Numerics = "exact") -> Model:
     """A model by path or short name; see refengine.api.load."""
-    from refengine.api import load as load_model
+    from refengine import api
 
-    return load_model(name_or_path, precision, numerics)
+    return api.load(name_or_path, precision, numerics)
 
 
 __all__ = ["__version__", "load"]

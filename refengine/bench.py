@@ -85,7 +85,10 @@ def time_generation(context: Context, n_gen: int, rng) -> float:
 def bench_model(
     session, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3, precision: str = "f32", depth: int = 0
 ) -> list[BenchRecord]:
-    model, gguf = session.model, session.gguf
+    from refengine.info import file_type_name
+
+    model, gguf_file = session.model, session.gguf
+    file_type = file_type_name(gguf_file.get("general.file_type"))
     rng = np.random.default_rng(0)
     at = f" @ d{depth}" if depth else ""
     tests = []
@@ -95,18 +98,16 @@ def bench_model(
     if n_gen:
         context = Context(model, depth + n_gen, depth, rng)
         tests.append((f"tg{n_gen}{at}", 0, n_gen, functools.partial(time_generation, context, n_gen, rng)))
-    from refengine.info import file_type_name
-
     records = []
     for name, n_p, n_g, run in tests:
         run()  # warm-up: numba kernels load, pages fault in
         speeds = [(n_p + n_g) / run() for _ in range(repetitions)]
         records.append(
             BenchRecord(
-                model_filename=os.path.basename(gguf.path),
-                model_type=f"{gguf.architecture} {file_type_name(gguf.get('general.file_type')) or ''}".strip(),
-                model_size=sum(t.nbytes for t in gguf.tensors.values()),
-                model_n_params=gguf.n_params,
+                model_filename=os.path.basename(gguf_file.path),
+                model_type=f"{gguf_file.architecture} {file_type or ''}".strip(),
+                model_size=sum(t.nbytes for t in gguf_file.tensors.values()),
+                model_n_params=gguf_file.n_params,
                 n_threads=n_threads(),
                 n_prompt=n_p,
                 n_gen=n_g,

@@ -237,14 +237,14 @@ def _compile(source: str):
     return _environment().from_string(source)
 
 
-def template_for(gguf) -> ChatTemplate:
-    source = gguf.get("tokenizer.chat_template")
+def template_for(gguf_file) -> ChatTemplate:
+    source = gguf_file.get("tokenizer.chat_template")
     if isinstance(source, str) and source.strip():
-        return ChatTemplate(source, f"{gguf.path}: tokenizer.chat_template")
-    name = ARCH_TEMPLATES.get(gguf.get("general.architecture"))
+        return ChatTemplate(source, f"{gguf_file.path}: tokenizer.chat_template")
+    name = ARCH_TEMPLATES.get(gguf_file.get("general.architecture"))
     if name is None:
         raise ChatTemplateError(
-            f"{gguf.path}: no tokenizer.chat_template and no built-in template for this architecture"
+            f"{gguf_file.path}: no tokenizer.chat_template and no built-in template for this architecture"
         )
     return ChatTemplate(BUILTIN_TEMPLATES[name], f"the built-in {name} chat template")
 
@@ -376,19 +376,19 @@ def message_list(user: str, system: str | None = None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
 
-def chat_prompt_ids(gguf, tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt_ids(gguf_file, tokenizer, messages: list[dict]) -> list[int]:
     """The token ids of `messages` in the model's chat template, ready for the assistant's reply.
     The template writes BOS itself, as text, when the model wants one."""
-    text = render(template_for(gguf), messages, tokenizer)
+    text = render(template_for(gguf_file), messages, tokenizer)
     return tokenizer.encode(text, add_bos=False, parse_special=True)
 
 
-def prompt_token_ids(gguf, tokenizer, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+def prompt_token_ids(gguf_file, tokenizer, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
     """The ids `generate` starts from: the text tokenized (BOS as the model asks), or with chat, the text
     as one user turn (after `system`, if given) in the model's chat template."""
     if not chat:
         return tokenizer.encode(prompt)
-    return chat_prompt_ids(gguf, tokenizer, message_list(prompt, system))
+    return chat_prompt_ids(gguf_file, tokenizer, message_list(prompt, system))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -413,8 +413,8 @@ class Conversation:
     before stays (cache.keep, which gives up, to 0, where a sliding-window ring has moved past it).
     """
 
-    def __init__(self, model, tokenizer, gguf, cache, system: str | None = None):
-        self.model, self.tokenizer, self.gguf, self.cache = model, tokenizer, gguf, cache
+    def __init__(self, model, tokenizer, gguf_file, cache, system: str | None = None):
+        self.model, self.tokenizer, self.gguf, self.cache = model, tokenizer, gguf_file, cache
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.cached: list[int] = []  # the ids whose keys and values are in the cache
 

@@ -35,7 +35,8 @@ class UserError(RefengineError):
     """A request the CLI itself refuses; printed as one line like every RefengineError."""
 
 
-def load_model(model: str) -> GGUFFile:
+def open_model_file(model: str) -> GGUFFile:
+    """The GGUF file of MODEL, a path or a short name (refengine.models.resolve_model)."""
     return open_gguf(resolve_model(model))
 
 
@@ -108,7 +109,7 @@ def info(model: str, tensors: bool, as_json: bool) -> None:
     """Describe a model from its GGUF header: architecture, size, types, tokenizer."""
     from refengine.info import render, summarize
 
-    summary = summarize(load_model(model), with_tensors=tensors)
+    summary = summarize(open_model_file(model), with_tensors=tensors)
     click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
 
 
@@ -130,7 +131,7 @@ def tensor(model: str, name: str, output: Path, as_json: bool) -> None:
     ne reversed), so it can be compared directly with other implementations.
     """
 
-    gguf_file = load_model(model)
+    gguf_file = open_model_file(model)
     t = gguf_file.tensor(name)
     array = t.to_numpy()
     write_npy(output, array, gguf_file)
@@ -156,7 +157,7 @@ def tokenize(model: str, no_bos: bool, parse_special: bool, as_json: bool, text:
     """Print the token ids of TEXT, the ones llama.cpp gives."""
     from refengine.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_gguf(load_model(model))
+    tokenizer = Tokenizer.from_gguf(open_model_file(model))
     # argv bytes that are not UTF-8 reach us surrogate-escaped; encode() turns them back into those bytes.
     ids = tokenizer.encode(text, add_bos=False if no_bos else None, parse_special=parse_special)
     click.echo(json.dumps({"tokens": ids}) if as_json else " ".join(map(str, ids)))
@@ -249,7 +250,7 @@ def load_session(
     if world is not None:
         if numa != "off" or numa_nodes is not None:
             raise DistributedError("--numa places experts on one host's nodes; under MPI use --numa off")
-        gguf_file = model if isinstance(model, GGUFFile) else load_model(model)
+        gguf_file = model if isinstance(model, GGUFFile) else open_model_file(model)
         partition = place_share(gguf_file, world)  # before loading: see refengine.distributed
         session = Session.load(gguf_file, precision, numerics)
         status = start(session, world, partition, click.get_current_context())
@@ -620,7 +621,7 @@ def numa_command(model: str, numa: str, numa_nodes, sysroot: Path, as_json: bool
     from refengine.system import read_system
 
     system = read_system(sysroot)
-    gguf_file = load_model(model)
+    gguf_file = open_model_file(model)
     runtime = NumaRuntime(numa, system, numa_nodes)
     try:
         warn(runtime.attach(gguf_file))

@@ -147,28 +147,30 @@ class RankDispatch:
         return self.world.allreduce(np.ascontiguousarray(routed))  # (n_tok, n_embd)
 
 
-def place_share(gguf, world: World) -> ExpertPartition:
+def place_share(gguf_file, world: World) -> ExpertPartition:
     """This rank's share of the experts, its pages brought in, before the model is loaded.
 
     Opening the model read its header through the mapping, and the kernel read ahead of it (read_ahead_kb,
     8 MiB on this machine's disk). On a host where no other rank maps the same file, the pages of other
     ranks' experts that came in so are dropped again, before loading the model faults anything near them
     into this process (a mapped page cannot be dropped), so that the host's page cache holds its share only."""
-    partition = ExpertPartition.contiguous(gguf, tuple(range(world.size)))
-    stat = os.stat(gguf.splits[0])
+    partition = ExpertPartition.contiguous(gguf_file, tuple(range(world.size)))
+    stat = os.stat(gguf_file.splits[0])
     here = (socket.gethostname(), stat.st_dev, stat.st_ino)
     if world.comm.allgather(here).count(here) == 1:
-        evict_others(gguf, partition, world.rank)
-    populate(gguf, partition, world.rank)
+        evict_others(gguf_file, partition, world.rank)
+    populate(gguf_file, partition, world.rank)
     return partition
 
 
-def share_ranges(gguf, partition: ExpertPartition, rank: int, experts_only: bool = False) -> list[tuple[int, int, int]]:
+def share_ranges(
+    gguf_file, partition: ExpertPartition, rank: int, experts_only: bool = False
+) -> list[tuple[int, int, int]]:
     """(split, first byte, end byte) of every tensor range this rank reads: whole dense tensors (unless
     experts_only), and its experts' run of each expert tensor."""
-    splits = {str(p): i for i, p in enumerate(gguf.splits)}
+    splits = {str(p): i for i, p in enumerate(gguf_file.splits)}
     ranges = []
-    for t in gguf.tensors.values():
+    for t in gguf_file.tensors.values():
         if t.nbytes == 0:
             continue
         split = splits[str(t.path)]
@@ -184,7 +186,7 @@ def share_ranges(gguf, partition: ExpertPartition, rank: int, experts_only: bool
     return ranges
 
 
-def evict_others(gguf, partition: ExpertPartition, rank: int) -> None:
+def evict_others(gguf_file, partition: ExpertPartition, rank: int) -> None:
     """posix_fadvise(DONTNEED) over the whole pages of every other rank's experts: what readahead brought in
     of them is dropped (pages that a process maps, or that are dirty, the kernel keeps). Pages still being
     read (readahead is asynchronous) are locked and not dropped either, so this is repeated, a few
@@ -196,11 +198,11 @@ def evict_others(gguf, partition: ExpertPartition, rank: int) -> None:
         (split, -(-first // page) * page, end // page * page)  # whole pages only: ours stay
         for other in partition.workers
         if other != rank
-        for split, first, end in share_ranges(gguf, partition, other, experts_only=True)
+        for split, first, end in share_ranges(gguf_file, partition, other, experts_only=True)
     ]
     ranges = [(split, start, stop) for split, start, stop in ranges if stop > start]
-    views = [np.frombuffer(m, dtype=np.uint8) for m in gguf._maps]  # the model's mapping of each split
-    fds = [os.open(path, os.O_RDONLY) for path in gguf.splits]
+    views = [np.frombuffer(m, dtype=np.uint8) for m in gguf_file._maps]  # the model's mapping of each split
+    fds = [os.open(path, os.O_RDONLY) for path in gguf_file.splits]
     try:
         for attempt in range(EVICT_TRIES):
             for split, start, stop in ranges:
@@ -216,13 +218,13 @@ def evict_others(gguf, partition: ExpertPartition, rank: int) -> None:
             os.close(fd)
 
 
-def populate(gguf, partition: ExpertPartition, rank: int) -> None:
+def populate(gguf_file, partition: ExpertPartition, rank: int) -> None:
     """posix_fadvise(WILLNEED) over exactly the pages this rank reads: they are read in, in large requests,
     and later faults find them cached, so no fault's readahead reaches into another rank's experts."""
     page = os.sysconf("SC_PAGE_SIZE")
-    fds = [os.open(path, os.O_RDONLY) for path in gguf.splits]
+    fds = [os.open(path, os.O_RDONLY) for path in gguf_file.splits]
     try:
-        for split, first, end in share_ranges(gguf, partition, rank):
+        for split, first, end in share_ranges(gguf_file, partition, rank):
             start = first // page * page
             try:
                 os.posix_fadvise(fds[split], start, end - start, os.POSIX_FADV_WILLNEED)
@@ -233,14 +235,14 @@ def populate(gguf, partition: ExpertPartition, rank: int) -> None:
             os.close(fd)
 
 
-def residency_report(gguf, partition: ExpertPartition, rank: int) -> dict:
+def residency_report(gguf_file, partition: ExpertPartition, rank: int) -> dict:
     """What this rank's host holds of the routed experts in its page cache (mincore, no I/O): its own
     experts' bytes, and other ranks' experts' bytes, which should be at most a page per tensor boundary."""
     from refengine.numa import Kernel, ModelPages
 
     page = os.sysconf("SC_PAGE_SIZE")
     report = {"rank": rank, "experts_share": 0, "experts_resident": 0, "other_experts_resident": 0, "boundaries": 0}
-    with ModelPages(gguf) as pages:
+    with ModelPages(gguf_file) as pages:
         for split in range(len(pages.paths)):
             cached = Kernel.mincore(pages.address(split), len(pages.views[split]))
             previous_owner = None  # whether the unit before is one this rank reads (dense, or its experts)
@@ -333,17 +335,17 @@ class LeaderModel:
         self.world.comm.Recv(note, source=status.Get_source(), tag=TAG_SIGNAL)
         return int(note[0])
 
-    def reports(self, gguf, partition: ExpertPartition) -> list[dict]:
+    def reports(self, gguf_file, partition: ExpertPartition) -> list[dict]:
         """Every rank's residency_report, gathered here (the others compute theirs when told)."""
         self.world.bcast(np.array([REPORT, 0, 0, 0, 0, 0, 0, 0], np.int64))
-        return self.world.gather(residency_report(gguf, partition, self.world.rank))
+        return self.world.gather(residency_report(gguf_file, partition, self.world.rank))
 
     def stop(self, status: int) -> None:
         """Tell the other ranks to exit with `status`."""
         self.world.bcast(np.array([STOP, status, 0, 0, 0, 0, 0, 0], np.int64))
 
 
-def follow(model, world: World, gguf, partition: ExpertPartition) -> int:
+def follow(model, world: World, gguf_file, partition: ExpertPartition) -> int:
     """A rank other than 0: run every forward pass rank 0 announces, until it says stop; its exit status."""
     caches: OrderedDict[int, object] = OrderedDict()
     header = np.empty(8, np.int64)
@@ -354,7 +356,7 @@ def follow(model, world: World, gguf, partition: ExpertPartition) -> int:
             if header[0] == STOP:
                 return int(header[1])
             if header[0] == REPORT:
-                world.gather(residency_report(gguf, partition, world.rank))
+                world.gather(residency_report(gguf_file, partition, world.rank))
                 continue
             key, n_ctx, n_past, n_tok, all_logits = (int(v) for v in header[1:6])
             tokens = world.bcast(np.empty(n_tok, np.int64))

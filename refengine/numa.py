@@ -323,15 +323,15 @@ class ModelPages:
     Placement works through the model's mapping, not a second one: move_pages(MPOL_MF_MOVE) refuses
     (EACCES) a page that more than one mapping maps, even two of the same process."""
 
-    def __init__(self, gguf: GGUFFile):
-        self.paths = list(gguf.splits)
+    def __init__(self, gguf_file: GGUFFile):
+        self.paths = list(gguf_file.splits)
         # GGUFFile keeps one read-only mapping per split, in the order of `splits`.
-        self.views = [np.frombuffer(m, dtype=np.uint8) for m in gguf._maps]  # (file bytes,) uint8 each
+        self.views = [np.frombuffer(m, dtype=np.uint8) for m in gguf_file._maps]  # (file bytes,) uint8 each
         self.fds = [os.open(path, os.O_RDONLY) for path in self.paths]  # for posix_fadvise
         self.units: list[list[Unit]] = [[] for _ in self.paths]
         split_of = {Path(p): i for i, p in enumerate(self.paths)}
-        routed = expert_units(gguf)  # checks the expert tensors' shapes
-        for t in gguf.tensors.values():
+        routed = expert_units(gguf_file)  # checks the expert tensors' shapes
+        for t in gguf_file.tensors.values():
             if t.nbytes == 0:
                 continue
             units, group = self.units[split_of[Path(t.path)]], weight_group(t.name)
@@ -385,22 +385,22 @@ class Placement:
     stripe_nodes: tuple[int, ...]  # every chosen node: dense pages are interleaved over them
 
     @classmethod
-    def for_mode(cls, mode: str, gguf: GGUFFile, cpus: dict[int, frozenset[int]]) -> Placement:
+    def for_mode(cls, mode: str, gguf_file: GGUFFile, cpus: dict[int, frozenset[int]]) -> Placement:
         """shard: each expert whole on one node, balanced by bytes (plan.assign_experts; within a layer every
         expert is equally likely a priori, so equal bytes per layer per node is also equal expected load).
         split: rows of every expert on every node (partition.ExpertPartition.by_rows)."""
         workers = tuple(node for node, c in cpus.items() if c) or tuple(cpus)
         if mode == "split":
-            return cls(ExpertPartition.by_rows(gguf, workers), tuple(cpus))
-        return cls(ExpertPartition.by_expert(gguf, workers), tuple(cpus))
+            return cls(ExpertPartition.by_rows(gguf_file, workers), tuple(cpus))
+        return cls(ExpertPartition.by_expert(gguf_file, workers), tuple(cpus))
 
     @classmethod
-    def shard(cls, gguf: GGUFFile, cpus: dict[int, frozenset[int]]) -> Placement:
-        return cls.for_mode("shard", gguf, cpus)
+    def shard(cls, gguf_file: GGUFFile, cpus: dict[int, frozenset[int]]) -> Placement:
+        return cls.for_mode("shard", gguf_file, cpus)
 
     @classmethod
-    def split(cls, gguf: GGUFFile, cpus: dict[int, frozenset[int]]) -> Placement:
-        return cls.for_mode("split", gguf, cpus)
+    def split(cls, gguf_file: GGUFFile, cpus: dict[int, frozenset[int]]) -> Placement:
+        return cls.for_mode("split", gguf_file, cpus)
 
     @property
     def expert_nodes(self) -> tuple[int, ...]:
@@ -830,7 +830,7 @@ class NumaRuntime:
         elif mode in PLACING_MODES:
             self.pools = NodePools(self.cpus)
 
-    def attach(self, gguf: GGUFFile, model=None, dispatch: bool | None = None) -> str | None:
+    def attach(self, gguf_file: GGUFFile, model=None, dispatch: bool | None = None) -> str | None:
         """Place the model's pages and route its experts to their nodes (shard, split); returns the warning
         line, if the kernel refused anything. `model` is a refengine.arch DecoderModel, or None to place only.
 
@@ -839,8 +839,8 @@ class NumaRuntime:
         hand-offs (measured on this 2-core machine, see docs/numa.md)."""
         if self.mode not in PLACING_MODES:
             return None
-        placement = Placement.for_mode(self.mode, gguf, self.cpus)
-        with ModelPages(gguf) as pages:
+        placement = Placement.for_mode(self.mode, gguf_file, self.cpus)
+        with ModelPages(gguf_file) as pages:
             self.report = place(pages, placement, self.pools)
         if dispatch is None:
             dispatch = len(self.pools.nodes) > 1

@@ -54,11 +54,11 @@ class ExpertLayer:
         return sum((len(ff) if EXPERT_TENSORS[kind] == "ff" else len(out)) * b for kind, b in self.row_bytes.items())
 
 
-def expert_layers(gguf: GGUFFile) -> dict[int, ExpertLayer]:
+def expert_layers(gguf_file: GGUFFile) -> dict[int, ExpertLayer]:
     """Every MoE layer's experts, from the ffn_{gate,up,down}_exps tensors of the header."""
-    expert_units(gguf)  # the same checks as the plan's: expert outermost, one count per layer
+    expert_units(gguf_file)  # the same checks as the plan's: expert outermost, one count per layer
     found: dict[int, dict] = {}
-    for t in gguf.tensors.values():
+    for t in gguf_file.tensors.values():
         parts = t.name.split(".")
         if weight_group(t.name) != "routed_experts" or t.nbytes == 0 or len(parts) < 3:
             continue
@@ -74,7 +74,7 @@ def expert_layers(gguf: GGUFFile) -> dict[int, ExpertLayer]:
     for layer, entry in sorted(found.items()):
         if "n_ff" not in entry or "n_embd" not in entry:
             raise PlanError(
-                f"{gguf.path}: layer {layer} has expert tensors {sorted(entry['row_bytes'])}, not all three"
+                f"{gguf_file.path}: layer {layer} has expert tensors {sorted(entry['row_bytes'])}, not all three"
             )
         layers[layer] = ExpertLayer(layer, entry["n_expert"], entry["n_ff"], entry["n_embd"], entry["row_bytes"])
     return layers
@@ -97,13 +97,13 @@ class ExpertPartition:
     out_cuts: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
-    def by_expert(cls, gguf: GGUFFile, workers: tuple[int, ...]) -> ExpertPartition:
-        owners = assign_experts(expert_units(gguf), list(workers))
-        return cls("experts", tuple(workers), expert_layers(gguf), owners=owners)
+    def by_expert(cls, gguf_file: GGUFFile, workers: tuple[int, ...]) -> ExpertPartition:
+        owners = assign_experts(expert_units(gguf_file), list(workers))
+        return cls("experts", tuple(workers), expert_layers(gguf_file), owners=owners)
 
     @classmethod
-    def contiguous(cls, gguf: GGUFFile, workers: tuple[int, ...]) -> ExpertPartition:
-        layers = expert_layers(gguf)
+    def contiguous(cls, gguf_file: GGUFFile, workers: tuple[int, ...]) -> ExpertPartition:
+        layers = expert_layers(gguf_file)
         owners = {}
         for layer, el in layers.items():
             cuts = even_cuts(el.n_expert, len(workers))
@@ -112,8 +112,8 @@ class ExpertPartition:
         return cls("contiguous", tuple(workers), layers, owners=owners)
 
     @classmethod
-    def by_rows(cls, gguf: GGUFFile, workers: tuple[int, ...]) -> ExpertPartition:
-        return cls.rows_of(expert_layers(gguf), workers)
+    def by_rows(cls, gguf_file: GGUFFile, workers: tuple[int, ...]) -> ExpertPartition:
+        return cls.rows_of(expert_layers(gguf_file), workers)
 
     @classmethod
     def rows_of(cls, layers: dict[int, ExpertLayer], workers: tuple[int, ...]) -> ExpertPartition:

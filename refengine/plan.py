@@ -138,13 +138,13 @@ class ModelShape:
     n_ff_shexp: int
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile) -> ModelShape:
-        hp = HParams(gguf, PlanError)
+    def from_gguf(cls, gguf_file: GGUFFile) -> ModelShape:
+        hp = HParams(gguf_file, PlanError)
         n_layer = hp.int("block_count")
         n_embd = hp.int("embedding_length")
         n_head = hp.int("attention.head_count", per_layer="max")
         if n_head < 1:  # activation_bytes divides by it
-            raise PlanError(f"{gguf.path}: {hp.arch}.attention.head_count is {n_head}, must be at least 1")
+            raise PlanError(f"{gguf_file.path}: {hp.arch}.attention.head_count is {n_head}, must be at least 1")
         kv_heads = hp.per_layer_ints("attention.head_count_kv", n_layer, default=hp.raw("attention.head_count"))
         n_head_kv = max(kv_heads, default=0)
         # every PATTERN-th layer attends globally, the others in a window (the architecture's declaration)
@@ -161,8 +161,10 @@ class ModelShape:
             value_length = hp.int("attention.value_length_mla", value_length, per_layer="max")
         n_ff = hp.int("feed_forward_length", 0, per_layer="max")
         n_ff_exp = hp.int("expert_feed_forward_length", n_ff, per_layer="max")
-        embd = gguf.tensors.get("token_embd.weight")
-        n_vocab = embd.shape[0] if embd is not None and embd.shape else len(gguf.get("tokenizer.ggml.tokens") or ())
+        embd = gguf_file.tensors.get("token_embd.weight")
+        n_vocab = (
+            embd.shape[0] if embd is not None and embd.shape else len(gguf_file.get("tokenizer.ggml.tokens") or ())
+        )
         return cls(
             arch=hp.arch,
             n_layer=n_layer,
@@ -204,21 +206,21 @@ def weight_group(name: str) -> str:
     return "other"
 
 
-def weight_bytes(gguf: GGUFFile) -> dict[str, int]:
+def weight_bytes(gguf_file: GGUFFile) -> dict[str, int]:
     groups = dict.fromkeys(GROUPS, 0)
-    for t in gguf.tensors.values():
+    for t in gguf_file.tensors.values():
         groups[weight_group(t.name)] += t.nbytes
     return groups
 
 
-def expert_units(gguf: GGUFFile) -> dict[tuple[int, int], int]:
+def expert_units(gguf_file: GGUFFile) -> dict[tuple[int, int], int]:
     """Bytes of each routed expert, (layer, expert) -> its slices of every ffn_*_exps tensor of the layer.
 
     An expert tensor is (n_expert, rows, cols) with the expert outermost, so each expert's slice is a
     contiguous nbytes / n_expert: the unit that --numa shard places on one node.
     """
     per_layer: dict[int, tuple[int, int]] = {}  # layer -> (n_expert, bytes per expert)
-    for t in gguf.tensors.values():
+    for t in gguf_file.tensors.values():
         if weight_group(t.name) != "routed_experts" or t.nbytes == 0:
             continue
         layer = _layer_of(t.name)
@@ -233,7 +235,7 @@ def expert_units(gguf: GGUFFile) -> dict[tuple[int, int], int]:
         per_layer[layer] = (n_expert, unit + t.nbytes // n_expert)
     n_units = sum(n for n, _ in per_layer.values())
     if n_units > MAX_EXPERT_UNITS:
-        raise PlanError(f"{gguf.path}: {n_units} routed experts in all, more than the {MAX_EXPERT_UNITS} we place")
+        raise PlanError(f"{gguf_file.path}: {n_units} routed experts in all, more than the {MAX_EXPERT_UNITS} we place")
     return {(layer, e): unit for layer, (n, unit) in sorted(per_layer.items()) for e in range(n)}
 
 

@@ -9,7 +9,7 @@ Two halves, both following llama.cpp's src/llama-quant.cpp (llama_model_quantize
    32-element type (Q4_K -> Q5_0, ...) for rows that are not whole 256-element
    blocks. Some rules count tensors as they come, so the walk goes in llama.cpp's
    order: tensors outside the blocks first, then block by block, by name within
-   each. `plan` ports this without the parts our mixes never reach (IQ types,
+   each. `tensor_steps` ports this without the parts our mixes never reach (IQ types,
    imatrix, user overrides, the MXFP4 mix).
 
 2. The bytes. Tensors stream from the input's memory map to the output file a
@@ -330,7 +330,7 @@ class Step:
         return self.new_type != self.tensor.ggml_type
 
 
-def plan(gguf_file: GGUFFile, mix: Mix) -> list[Step]:
+def tensor_steps(gguf_file: GGUFFile, mix: Mix) -> list[Step]:
     """Every tensor with its output type, in llama.cpp's order (which is also the output file's).
 
     Raises QuantizeError, naming the tensor, for one that would need requantizing
@@ -413,7 +413,7 @@ def quantize_file(
     start = time.perf_counter()
     with open_gguf(input_path) as gguf_file:
         check_output_path(output, gguf_file)
-        steps = plan(gguf_file, mix)
+        steps = tensor_steps(gguf_file, mix)
         metadata, value_types = output_metadata(gguf_file, mix)
         alignment = metadata.get(Keys.General.ALIGNMENT, DEFAULT_ALIGNMENT)
         with atomic_output(output) as fh:  # Ctrl-C, or any error, leaves no half-written file behind

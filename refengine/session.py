@@ -38,8 +38,10 @@ class Session:
         start = time.perf_counter()
         if precision not in PRECISIONS:
             raise RefengineError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-        gguf = model if isinstance(model, GGUFFile) else open_gguf(resolve_model(model))
-        session = cls(gguf, load_model(gguf, PRECISIONS[precision], numerics), Tokenizer.from_gguf(gguf), 0.0)
+        gguf_file = model if isinstance(model, GGUFFile) else open_gguf(resolve_model(model))
+        session = cls(
+            gguf_file, load_model(gguf_file, PRECISIONS[precision], numerics), Tokenizer.from_gguf(gguf_file), 0.0
+        )
         session.load_s = time.perf_counter() - start
         return session
 

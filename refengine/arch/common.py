@@ -136,10 +136,10 @@ class DecoderModel:
     dtype: np.dtype
     layers: list
 
-    def __init__(self, gguf: GGUFFile, config, dtype=np.float32, numerics: str = "exact"):
-        self.gguf = gguf
+    def __init__(self, gguf_file: GGUFFile, config, dtype=np.float32, numerics: str = "exact"):
+        self.gguf = gguf_file
         self.config = config
-        self.arch: Architecture = architecture(gguf)
+        self.arch: Architecture = architecture(gguf_file)
         self.sizes: Sizes = config.sizes()
         self.dtype = np.dtype(dtype)
         self.numerics = check_numerics(numerics, self.dtype)

@@ -126,8 +126,8 @@ class Deepseek2Config(DecoderConfig):
     moe: MoEConfig
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile) -> Deepseek2Config:
-        hp = HParams(gguf)
+    def from_gguf(cls, gguf_file: GGUFFile) -> Deepseek2Config:
+        hp = HParams(gguf_file)
         # llama.cpp's is_mla(): the *_mla keys give the head sizes after decompression; without them
         # (older files) key_length and value_length are those sizes.
         mla_split = bool(hp.int("attention.key_length_mla", 0) and hp.int("attention.value_length_mla", 0))
@@ -136,7 +136,7 @@ class Deepseek2Config(DecoderConfig):
         n_rot = hp.int("rope.dimension_count")
         if not 0 < n_rot < head_k or n_rot % 2:
             raise ModelError(
-                f"{gguf.path}: {hp.arch}.rope.dimension_count ({n_rot}) must be even and below "
+                f"{gguf_file.path}: {hp.arch}.rope.dimension_count ({n_rot}) must be even and below "
                 f"{hp.arch}.attention.key_length{suffix} ({head_k})"
             )
         keys = cls.read_keys(hp)  # n_ff: the leading dense layers' feed-forward
@@ -274,13 +274,13 @@ class Deepseek2Layer:
 
 
 class Deepseek2(DecoderModel):
-    def __init__(self, gguf: GGUFFile, dtype=np.float32, numerics: str = "exact"):
-        c = Deepseek2Config.from_gguf(gguf)
-        super().__init__(gguf, c, dtype, numerics)
+    def __init__(self, gguf_file: GGUFFile, dtype=np.float32, numerics: str = "exact"):
+        c = Deepseek2Config.from_gguf(gguf_file)
+        super().__init__(gguf_file, c, dtype, numerics)
         n = self.numerics
         self.rope, self.attn_scale = c.rope, c.attn_scale
         if n == "ggml":  # llama.cpp's float32 set-up of YaRN and of kq_scale
-            log_mul = HParams(gguf).float("rope.scaling.yarn_log_multiplier", 0.0)
+            log_mul = HParams(gguf_file).float("rope.scaling.yarn_log_multiplier", 0.0)
             self.rope, self.attn_scale = ggml_scales(c.rope, log_mul, c.q_head)
         self.layers = []
         for il in range(c.n_layer):

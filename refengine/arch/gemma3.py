@@ -40,8 +40,8 @@ class Gemma3Config(GQAConfig):
     rope_local: Rope
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile) -> Gemma3Config:
-        hp, arch = HParams(gguf), architecture(gguf)
+    def from_gguf(cls, gguf_file: GGUFFile) -> Gemma3Config:
+        hp, arch = HParams(gguf_file), architecture(gguf_file)
         keys = cls.read_keys(hp)
         n_rot = read_rope_dims(hp, keys["head_dim"])
         if n_rot != keys["head_dim"]:
@@ -85,9 +85,9 @@ class Gemma3Layer:
 
 
 class Gemma3(DecoderModel):
-    def __init__(self, gguf: GGUFFile, dtype=np.float32, numerics: str = "exact"):
-        c = Gemma3Config.from_gguf(gguf)
-        super().__init__(gguf, c, dtype, numerics)
+    def __init__(self, gguf_file: GGUFFile, dtype=np.float32, numerics: str = "exact"):
+        c = Gemma3Config.from_gguf(gguf_file)
+        super().__init__(gguf_file, c, dtype, numerics)
         self.attn_scale = kq_scale(self, c.head_dim)  # query_pre_attn_scalar = head_dim for these sizes
         self.embd_scale = self.dtype.type(math.sqrt(c.n_embd))
         self.layers = []

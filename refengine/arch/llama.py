@@ -36,8 +36,8 @@ class LlamaConfig(GQAConfig):
     moe: MoEConfig | None = None  # experts in every layer (mixtral, qwen3moe) instead of the dense FFN
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile) -> LlamaConfig:
-        hp, arch = HParams(gguf), architecture(gguf)
+    def from_gguf(cls, gguf_file: GGUFFile) -> LlamaConfig:
+        hp, arch = HParams(gguf_file), architecture(gguf_file)
         keys = cls.read_keys(hp)
         n_rot = read_rope_dims(hp, keys["head_dim"])
         rope = Rope(
@@ -48,7 +48,7 @@ class LlamaConfig(GQAConfig):
             scale=hp.float("rope.scaling.factor", 1.0, minimum=0.0, above=True)
             if hp.str("rope.scaling.type", "none") == "linear"
             else 1.0,
-            freq_factors=read_freq_factors(gguf, arch.tensor_name("rope_freqs"), n_rot),
+            freq_factors=read_freq_factors(gguf_file, arch.tensor_name("rope_freqs"), n_rot),
         )
         moe = None
         if arch.moe == "always" or (arch.moe == "expert_count" and hp.int("expert_count", 0)):
@@ -72,15 +72,15 @@ class LlamaConfig(GQAConfig):
         )
 
 
-def read_freq_factors(gguf: GGUFFile, name: str, n_rot: int) -> np.ndarray | None:
+def read_freq_factors(gguf_file: GGUFFile, name: str, n_rot: int) -> np.ndarray | None:
     """rope_freqs.weight (`name`), llama3's rope scaling precomputed by the converter: one positive divisor
     per rotated pair, (n_rot/2,). Read before the other tensors, since the rope is part of the config."""
-    t = gguf.tensors.get(name)
+    t = gguf_file.tensors.get(name)
     if t is None:
         return None
     factors = check_shape(t, (n_rot // 2,)).to_numpy()
     if not (np.isfinite(factors) & (factors > 0)).all():
-        raise ModelError(f"{gguf.path}: {name} holds values that are not positive finite numbers")
+        raise ModelError(f"{gguf_file.path}: {name} holds values that are not positive finite numbers")
     return factors
 
 
@@ -93,9 +93,9 @@ class LlamaLayer:
 
 
 class Llama(DecoderModel):
-    def __init__(self, gguf: GGUFFile, dtype=np.float32, numerics: str = "exact"):
-        c = LlamaConfig.from_gguf(gguf)
-        super().__init__(gguf, c, dtype, numerics)
+    def __init__(self, gguf_file: GGUFFile, dtype=np.float32, numerics: str = "exact"):
+        c = LlamaConfig.from_gguf(gguf_file)
+        super().__init__(gguf_file, c, dtype, numerics)
         self.attn_scale = kq_scale(self, c.head_dim)
         self.layers = []
         for il in range(c.n_layer):

@@ -42,26 +42,26 @@ from refengine.testing.tiny import (
 def to_hf_state_dict(arch: str, path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     """(config, weights) of tiny model file `path` made as `arch` (a name of refengine.testing.MODELS):
     keyword arguments for transformers.AutoConfig.for_model, and float32 arrays by HF parameter name."""
-    model = open_gguf(path)
+    gguf_file = open_gguf(path)
     a = ARCHITECTURE.get(arch)
-    if a is None or a.name != model.architecture:
-        raise TinyModelError(f"{path}: a {model.architecture} file, not a tiny {arch} model")
-    hp = HParams(model, TinyModelError)
+    if a is None or a.name != gguf_file.architecture:
+        raise TinyModelError(f"{path}: a {gguf_file.architecture} file, not a tiny {arch} model")
+    hp = HParams(gguf_file, TinyModelError)
     config = deepseek2_config(hp, a) if a.mla else dense_config(arch, hp, a)
     weights = {
-        "model.embed_tokens.weight": tensor(model, a.tensor_name("token_embd")),
-        "model.norm.weight": norm(model, a.tensor_name("output_norm"), a),
-        "lm_head.weight": tensor(model, a.tensor_name("output")),
+        "model.embed_tokens.weight": tensor(gguf_file, a.tensor_name("token_embd")),
+        "model.norm.weight": norm(gguf_file, a.tensor_name("output_norm"), a),
+        "lm_head.weight": tensor(gguf_file, a.tensor_name("output")),
     }
     for il in range(hp.int("block_count")):
-        weights |= layer_weights(model, a, config, il)
+        weights |= layer_weights(gguf_file, a, config, il)
     return config, weights
 
 
 def common_config(hp: HParams, a: Architecture) -> dict:
-    model = hp.gguf
+    gguf_file = hp.gguf
     return {
-        "vocab_size": model.tensors[a.tensor_name("token_embd")].shape[0],
+        "vocab_size": gguf_file.tensors[a.tensor_name("token_embd")].shape[0],
         "hidden_size": hp.int("embedding_length"),
         "intermediate_size": hp.int("feed_forward_length"),
         "num_hidden_layers": hp.int("block_count"),
@@ -69,8 +69,8 @@ def common_config(hp: HParams, a: Architecture) -> dict:
         "max_position_embeddings": hp.int("context_length"),
         "rms_norm_eps": hp.float("attention.layer_norm_rms_epsilon"),
         "tie_word_embeddings": False,
-        "bos_token_id": model.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": model.get("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": gguf_file.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": gguf_file.get("tokenizer.ggml.eos_token_id"),
     }
 
 
@@ -120,7 +120,6 @@ def dense_config(arch: str, hp: HParams, a: Architecture) -> dict:
 
 
 def deepseek2_config(hp: HParams, a: Architecture) -> dict:
-    model = hp.gguf
     mla_split = hp.has("attention.key_length_mla")
     qk_rope = hp.int("rope.dimension_count")
     qk_head = hp.int("attention.key_length_mla") if mla_split else hp.int("attention.key_length")
@@ -157,19 +156,19 @@ def deepseek2_config(hp: HParams, a: Architecture) -> dict:
     if hp.int("expert_gating_func") == GATING_FUNC["sigmoid"]:
         return config | {"model_type": "deepseek_v3", "norm_topk_prob": hp.bool("expert_weights_norm", False)}
     if n_groups or hp.bool("expert_weights_norm", False):
-        raise TinyModelError(f"{model.path}: softmax gating with groups or weights norm has no transformers model")
+        raise TinyModelError(f"{hp.gguf.path}: softmax gating with groups or weights norm has no transformers model")
     return config | {"model_type": "deepseek_v2", "topk_method": "greedy", "norm_topk_prob": False}
 
 
 # -- weights ----------------------------------------------------------------------------------------
 
 
-def tensor(model: GGUFFile, name: str) -> np.ndarray:
-    return np.array(model.tensors[name].to_numpy(), dtype=np.float32)  # a writable copy, for torch
+def tensor(gguf_file: GGUFFile, name: str) -> np.ndarray:
+    return np.array(gguf_file.tensors[name].to_numpy(), dtype=np.float32)  # a writable copy, for torch
 
 
-def norm(model: GGUFFile, name: str, a: Architecture) -> np.ndarray:
-    w = tensor(model, name)
+def norm(gguf_file: GGUFFile, name: str, a: Architecture) -> np.ndarray:
+    w = tensor(gguf_file, name)
     return w - 1 if a.norms_plus_one else w  # HF's gemma norms scale by 1 + w
 
 
@@ -180,15 +179,15 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def layer_weights(model: GGUFFile, a: Architecture, config: dict, il: int) -> dict[str, np.ndarray]:
+def layer_weights(gguf_file: GGUFFile, a: Architecture, config: dict, il: int) -> dict[str, np.ndarray]:
     def blk(role: str) -> np.ndarray:
-        return tensor(model, a.tensor_name(role, il))
+        return tensor(gguf_file, a.tensor_name(role, il))
 
     def has(role: str) -> bool:
-        return any(t.role == role for t in a.tensors) and a.tensor_name(role, il) in model.tensors
+        return any(t.role == role for t in a.tensors) and a.tensor_name(role, il) in gguf_file.tensors
 
     def norm_of(role: str) -> np.ndarray:
-        return norm(model, a.tensor_name(role, il), a)
+        return norm(gguf_file, a.tensor_name(role, il), a)
 
     hf = f"model.layers.{il}."
     out = {hf + "input_layernorm.weight": norm_of("attn_norm")}
