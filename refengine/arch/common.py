@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -73,6 +73,15 @@ class DecoderConfig:
             raise hp.fail("embedding_length", f"is {keys['n_embd']}, but token_embd.weight is {token_embd.shape}")
         check_layer_count(hp, keys["n_layer"])
         return keys
+
+    def sizes(self) -> Sizes:
+        """The sizes the architecture's tensor shapes are made of (refengine.arch.declarations): the fields
+        of the same name, the rotated dimensions (n_rot) and the experts' (moe)."""
+        sizes = {f.name: getattr(self, f.name) for f in fields(Sizes) if hasattr(self, f.name)}
+        moe = getattr(self, "moe", None)
+        if moe is not None:
+            sizes |= dict(n_expert=moe.n_expert, n_ff_exp=moe.n_ff_exp, n_expert_shared=moe.n_expert_shared)
+        return Sizes(**sizes)
 
 
 @dataclass(frozen=True)

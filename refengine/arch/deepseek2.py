@@ -35,7 +35,6 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from refengine.arch.common import DecoderConfig, DecoderModel, HParams, ModelError
-from refengine.arch.declarations import Sizes
 from refengine.arch.ffn import GLU
 from refengine.arch.moe import MoE, MoEConfig
 from refengine.gguf import GGUFFile, Tensor
@@ -163,25 +162,9 @@ class Deepseek2Config(DecoderConfig):
     def q_head(self) -> int:
         return self.qk_nope_dim + self.qk_rope_dim
 
-    def sizes(self) -> Sizes:
-        return Sizes(
-            n_vocab=self.n_vocab,
-            n_embd=self.n_embd,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            n_ff=self.n_ff,
-            n_rot=self.qk_rope_dim,
-            n_expert=self.moe.n_expert,
-            n_ff_exp=self.moe.n_ff_exp,
-            n_expert_shared=self.moe.n_expert_shared,
-            n_leading_dense=self.n_leading_dense,
-            q_lora_rank=self.q_lora_rank,
-            kv_lora_rank=self.kv_lora_rank,
-            qk_nope_dim=self.qk_nope_dim,
-            qk_rope_dim=self.qk_rope_dim,
-            v_head_dim=self.v_head_dim,
-            mla_split=self.mla_split,
-        )
+    @property
+    def n_rot(self) -> int:
+        return self.qk_rope_dim
 
 
 def mla_cache(n_layer: int, n_ctx: int, kv_lora_rank: int, n_rot: int, dtype) -> KVCache:

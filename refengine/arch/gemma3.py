@@ -26,7 +26,7 @@ from refengine.arch.common import (
     read_rope_dims,
     self_attention,
 )
-from refengine.arch.declarations import Sizes, architecture
+from refengine.arch.declarations import architecture
 from refengine.arch.ffn import GLU
 from refengine.gguf import GGUFFile
 from refengine.nn import Rope, rms_norm
@@ -61,17 +61,9 @@ class Gemma3Config(GQAConfig):
     def is_local(self, il: int) -> bool:
         return (il + 1) % self.sliding_window_pattern != 0
 
-    def sizes(self) -> Sizes:
-        return Sizes(
-            n_vocab=self.n_vocab,
-            n_embd=self.n_embd,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            n_head_kv=self.n_head_kv,
-            head_dim=self.head_dim,
-            n_ff=self.n_ff,
-            n_rot=self.rope_global.n_dims,
-        )
+    @property
+    def n_rot(self) -> int:
+        return self.rope_global.n_dims
 
 
 @dataclass

@@ -23,7 +23,7 @@ from refengine.arch.common import (
     read_rope_dims,
     self_attention,
 )
-from refengine.arch.declarations import Sizes, architecture
+from refengine.arch.declarations import architecture
 from refengine.arch.ffn import GLU
 from refengine.arch.moe import MoE, MoEConfig
 from refengine.gguf import GGUFFile
@@ -56,20 +56,9 @@ class LlamaConfig(GQAConfig):
             moe = MoEConfig.from_gguf(hp, hp.int(arch.expert_ff_key), routing_keys=False)
         return cls(**keys, rope=rope, moe=moe)
 
-    def sizes(self) -> Sizes:
-        moe = self.moe
-        return Sizes(
-            n_vocab=self.n_vocab,
-            n_embd=self.n_embd,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            n_head_kv=self.n_head_kv,
-            head_dim=self.head_dim,
-            n_ff=self.n_ff,
-            n_rot=self.rope.n_dims,
-            n_expert=moe.n_expert if moe else 0,
-            n_ff_exp=moe.n_ff_exp if moe else 0,
-        )
+    @property
+    def n_rot(self) -> int:
+        return self.rope.n_dims
 
 
 def read_freq_factors(gguf_file: GGUFFile, name: str, n_rot: int) -> np.ndarray | None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from itertools import chain, count
 from pathlib import Path
 
@@ -202,27 +202,10 @@ def sizes_of(arch: Architecture, s: TinySpec) -> Sizes:
     optional |= {"attn_bias"} if arch.attn_bias else set()
     optional |= {"rope_freqs"} if s.rope_freq_factors else set()
     optional |= {"exp_probs_b"} if s.exp_probs_b else set()
-    return Sizes(
-        n_vocab=s.n_vocab,
-        n_embd=s.n_embd,
-        n_layer=s.n_layer,
-        n_head=s.n_head,
-        n_head_kv=s.n_head_kv,
-        head_dim=s.head_dim,
-        n_ff=s.n_ff,
-        n_rot=s.qk_rope_dim if arch.mla else s.head_dim,
-        n_expert=s.n_expert,
-        n_ff_exp=s.n_ff if arch.expert_ff_key == "feed_forward_length" else s.n_ff_exp,
-        n_expert_shared=s.n_expert_shared,
-        n_leading_dense=s.n_leading_dense,
-        q_lora_rank=s.q_lora_rank,
-        kv_lora_rank=s.kv_lora_rank,
-        qk_nope_dim=s.qk_nope_dim,
-        qk_rope_dim=s.qk_rope_dim,
-        v_head_dim=s.v_head_dim,
-        mla_split=s.mla_split,
-        optional=frozenset(optional),
-    )
+    same = {f.name: getattr(s, f.name) for f in fields(Sizes) if hasattr(s, f.name)}
+    n_ff_exp = s.n_ff if arch.expert_ff_key == "feed_forward_length" else s.n_ff_exp
+    n_rot = s.qk_rope_dim if arch.mla else s.head_dim
+    return Sizes(**same | dict(n_rot=n_rot, n_ff_exp=n_ff_exp, optional=frozenset(optional)))
 
 
 def expected_shapes(arch: str, spec: TinySpec) -> dict[str, tuple[int, ...]]:
