@@ -31,12 +31,8 @@ DEFAULT_NMSE = 1e-6  # check-nmse.py's "essentially identical"
 DEFAULT_SUM_REL = 1e-3  # a printed sum, relative (see sum_rel_diff)
 LOGITS = "result_output"
 # Our name -> llama.cpp's names for the same values, the first the log has being used: gemma3 scales the
-# embeddings (inp_scaled) and this llama.cpp names the plain ones embd; our ffn_moe_weights are the final
-# weights, which llama.cpp names after the last step applied (normalised, then scaled).
-LLAMA_NAMES = {
-    "inp_embd": ("inp_scaled", "inp_embd", "embd"),
-    "ffn_moe_weights": ("ffn_moe_weights_scaled", "ffn_moe_weights_norm", "ffn_moe_weights"),
-}
+# embeddings (inp_scaled) and this llama.cpp names the plain ones embd.
+LLAMA_NAMES = {"inp_embd": ("inp_scaled", "inp_embd", "embd")}
 
 
 def llama_candidates(name: str, theirs) -> tuple[str, ...]:
@@ -44,9 +40,6 @@ def llama_candidates(name: str, theirs) -> tuple[str, ...]:
     stem, sep, layer = name.rpartition("-")
     if not layer.isdigit():
         stem, sep, layer = name, "", ""
-    if stem == "ffn_moe_out" and f"ffn_shexp{sep}{layer}" in theirs:
-        # ours includes the shared experts; llama.cpp adds them after ffn_moe_out and names the sum ffn_out
-        return (f"ffn_out{sep}{layer}",)
     return tuple(f"{n}{sep}{layer}" for n in LLAMA_NAMES.get(stem, (stem,)))
 
 

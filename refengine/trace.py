@@ -10,10 +10,11 @@ The names, per architecture (N is the layer; docs/oracle.md lists them with shap
     all           inp_embd, attn_norm-N, Qcur-N, Kcur-N, Vcur-N (after rope), kqv_out-N,
                   l_out-N, result_norm, result_output
     llama, qwen*  ffn_inp-N, ffn_norm-N, ffn_out-N (dense) or ffn_moe_logits-N, ffn_moe_topk-N,
-                  ffn_moe_weights-N, ffn_moe_out-N (experts); Qcur_normed-N, Kcur_normed-N (QK-norm)
+                  ffn_moe_weights[_norm|_scaled]-N, ffn_moe_out-N (experts); Qcur_normed-N, Kcur_normed-N
+                  (QK-norm)
     gemma3        attn_post_norm-N, sa_out-N, ffn_norm-N, ffn_out-N, ffn_post_norm-N, Qcur_normed-N, ...
     deepseek2     kv_cmpr-N, k_pe-N (the latent cache's two parts), ffn_inp-N, ffn_norm-N, ffn_out-N,
-                  ffn_moe_* as above
+                  ffn_moe_* as above, then ffn_shexp-N (the shared experts) and ffn_out-N (their sum)
 """
 
 from __future__ import annotations

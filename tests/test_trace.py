@@ -37,7 +37,7 @@ from refengine.trace import Trace, TraceError
 LAYER_NAMES = {
     "llama": ["attn_norm", "Qcur", "Kcur", "Vcur", "kqv_out", "ffn_inp", "ffn_norm", "ffn_out", "l_out"],
     "qwen3moe": ["attn_norm", "Qcur_normed", "Kcur_normed", "Qcur", "Kcur", "Vcur", "kqv_out", "ffn_inp",
-                 "ffn_norm", "ffn_moe_logits", "ffn_moe_topk", "ffn_moe_weights", "ffn_moe_out", "l_out"],
+                 "ffn_norm", "ffn_moe_logits", "ffn_moe_topk", "ffn_moe_weights_norm", "ffn_moe_out", "l_out"],
     "gemma3": ["attn_norm", "Qcur_normed", "Kcur_normed", "Qcur", "Kcur", "Vcur", "kqv_out", "attn_post_norm",
                "sa_out", "ffn_norm", "ffn_out", "ffn_post_norm", "l_out"],
 }  # fmt: skip

@@ -181,9 +181,10 @@ class DecoderModel:
         return [(il, layer.ffn) for il, layer in enumerate(self.layers) if isinstance(layer.ffn, MoE)]
 
     def ffn(self, ffn: GLU | MoE, x: np.ndarray, il: int) -> np.ndarray:
-        """The layer's FFN on its normed input: (n_tok, n_embd), shown as llama.cpp names it."""
+        """The layer's FFN on its normed input: (n_tok, n_embd), shown as llama.cpp names it: ffn_out, or
+        for experts ffn_moe_out (with shared experts, ffn_out is the sum of ffn_moe_out and ffn_shexp)."""
         if isinstance(ffn, MoE):
-            return self.emit("ffn_moe_out", ffn(x, self.emit, il), il)
+            return self.emit("ffn_moe_out" if ffn.ffn_shexp is None else "ffn_out", ffn(x, self.emit, il), il)
         return self.emit("ffn_out", ffn(x), il)
 
     def sliding_window(self, il: int) -> int:

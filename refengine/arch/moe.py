@@ -218,8 +218,9 @@ class MoE:
         return self.experts[e]
 
     def __call__(self, x: np.ndarray, emit: Emit | None = None, il: int | None = None) -> np.ndarray:
-        """(n_tok, n_embd) -> (n_tok, n_embd). emit(name, x, il), if given, sees the router's logits, the chosen
-        experts and their weights (a DecoderModel's emit: llama.cpp's names)."""
+        """(n_tok, n_embd) -> (n_tok, n_embd). emit(name, x, il), if given, sees what build_moe_ffn names: the
+        router's logits, the chosen experts, their weights (named after the last step applied to them), and
+        with shared experts the routed sum (ffn_moe_out) and the shared experts' output (ffn_shexp)."""
         if self.dispatch is not None:
             x = self.dispatch.layer_input(x)  # MPI: every rank takes rank 0's input, and so routes as it does
         logits = self.ffn_gate_inp(x)  # (n_tok, n_expert)
@@ -227,7 +228,7 @@ class MoE:
         if emit is not None:
             emit("ffn_moe_logits", logits, il)
             emit("ffn_moe_topk", chosen, il)
-            emit("ffn_moe_weights", weights, il)
+            emit(self.weights_name, weights, il)
         out = np.zeros_like(x)  # (n_tok, n_embd)
         if len(x) == 1 and self.dispatch is None and self.slices is not None:  # decoding, ggml numerics
             self.decode_experts(chosen[0], weights[0], x, out[0])
@@ -249,8 +250,18 @@ class MoE:
         if self.dispatch is not None:
             out = self.dispatch.combine(out)  # MPI: the sum of the ranks' partial outputs (one allreduce)
         if self.ffn_shexp is not None:
-            out += self.ffn_shexp(x)
+            if emit is not None:
+                emit("ffn_moe_out", out, il)
+            shared = self.ffn_shexp(x)
+            out += shared if emit is None else emit("ffn_shexp", shared, il)
         return out
+
+    @property
+    def weights_name(self) -> str:
+        """llama.cpp's name of the experts' final weights: after the last step build_moe_ffn applied."""
+        if self.config.weights_scale != 1.0:
+            return "ffn_moe_weights_scaled"
+        return "ffn_moe_weights_norm" if self.config.weights_norm else "ffn_moe_weights"
 
     def decode_experts(self, experts: np.ndarray, weights: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         """One token's chosen experts (n_used,) in four kernel calls, whatever their number: every gate, every up,
