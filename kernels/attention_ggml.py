@@ -27,7 +27,8 @@ from ._jit import kernel, prange
 from .activations import cpu_fp32_to_fp16
 from .float_ggml import round_to_f16, vec_dot_lanes
 from .gemv import half_to_f32
-from .ops_ggml import fma32, reduce_add_16, rms_norm_row, rope_token, softmax_row
+from .ops_ggml import fma32, rms_norm_row, rope_token, softmax_row
+from .simd import add_floats, fma_floats, load_floats, load_halves, splat_float, store_floats, sum_floats, zero_floats
 
 f32 = np.float32
 
@@ -81,21 +82,53 @@ def weighted_values(v16, g, p16, begin, end, n_slots, n_cells, tinyblas, acc, ou
 
 
 @kernel
-def key_dot(key, q16, tinyblas, acc, lanes):
-    """key . q16 (dk,) float32 as mul_mat sums it: tinyBLAS (16 lanes in acc (16,), reduce_add_16) or
-    ggml_vec_dot_f16 (lanes (64,) scratch, the leftovers in double)."""
+def key_dot(key, q16, lanes):
+    """key . q16 (dk,) float32 as ggml_vec_dot_f16 sums it (lanes (64,) scratch, the leftovers in double)."""
     dk = key.shape[0]
-    if tinyblas:
-        acc[:] = 0
-        for i in range(0, dk, 16):
-            for lane in range(16):
-                acc[lane] = fma32(key[i + lane], q16[i + lane], acc[lane])
-        return reduce_add_16(acc, 0)
     total, steps = vec_dot_lanes(key, q16, dk, lanes)
     wide = np.float64(total)
     for i in range(steps, dk):
         wide += np.float64(key[i] * q16[i])
     return f32(wide)
+
+
+@kernel(inline=True)
+def key_dot_lanes(keys, slot, q16, j, i, low, high):
+    """One 16-value step of tinyBLAS's sum of keys[slot] (f16 bits) . q16[j]: its 16-lane accumulator as two
+    vectors of 8 (lanes 0-7, 8-15), acc = fma(k, q, acc)."""
+    low = fma_floats(load_halves(keys, slot, i), load_floats(q16, j, i), low)
+    return low, fma_floats(load_halves(keys, slot, i + 8), load_floats(q16, j, i + 8), high)
+
+
+@kernel
+def key_dots_tinyblas(keys, s0, s1, s2, s3, q16, j):
+    """keys[s0..s3] . q16[j] (dk % 16 == 0) as tinyBLAS sums each output, four keys side by side (one chain
+    of fused multiply-adds waits 4 cycles a step); each sum ends in _mm512_reduce_add_ps, which is
+    sum_floats of the two halves added (ops_ggml.reduce_add_16's tree)."""
+    l0 = h0 = l1 = h1 = l2 = h2 = l3 = h3 = zero_floats()
+    for i in range(0, q16.shape[1], 16):
+        l0, h0 = key_dot_lanes(keys, s0, q16, j, i, l0, h0)
+        l1, h1 = key_dot_lanes(keys, s1, q16, j, i, l1, h1)
+        l2, h2 = key_dot_lanes(keys, s2, q16, j, i, l2, h2)
+        l3, h3 = key_dot_lanes(keys, s3, q16, j, i, l3, h3)
+    return (
+        sum_floats(add_floats(l0, h0)), sum_floats(add_floats(l1, h1)),
+        sum_floats(add_floats(l2, h2)), sum_floats(add_floats(l3, h3)),
+    )  # fmt: skip
+
+
+@kernel
+def weighted_values_tinyblas(values, p16, begin, end, n_slots, acc, out):
+    """weighted_values for a batch (tinyBLAS: lane cell % 16 of each output) with dv % 8 == 0, 8 value dimensions
+    a step: values (n_slots, dv) f16 bits of one KV head, acc (16, dv) float32 scratch."""
+    dv = out.shape[0]
+    acc[:] = 0
+    for p in range(begin, end):
+        lane, slot, weight = p % 16, p % n_slots, splat_float(p16[p])
+        for d in range(0, dv, 8):
+            store_floats(acc, lane, d, fma_floats(load_halves(values, slot, d), weight, load_floats(acc, lane, d)))
+    for d in range(dv):
+        out[d] = reduce_lanes_16(acc, d)
 
 
 @kernel
@@ -109,11 +142,12 @@ def zigzag(i, n):
 def attend(q, k, v, first, window, scale, n_cells, out):
     """Every query row of q against the cache (module docstring); n_cells: the cells ggml scores (its
     n_kv, a multiple of 256), which bounds ggml_vec_dot_f16's 64-element steps. A job is one token and
-    one KV head: each key is converted from f16 once for all the query heads that read it."""
+    one KV head, whose keys and values are read once for all the query heads that share them."""
     n_tok, n_head, dk = q.shape
     n_kv_head, n_slots, dv = v.shape
     group = n_head // n_kv_head
-    tinyblas = n_tok >= 2 and dk % 16 == 0
+    batch = n_tok >= 2
+    tinyblas_keys = batch and dk % 16 == 0
     last = first + n_tok  # cells 0 .. last - 1 may be visible
     for job in prange(n_tok * n_kv_head):
         t, g = zigzag(job // n_kv_head, n_tok), job % n_kv_head
@@ -123,20 +157,31 @@ def attend(q, k, v, first, window, scale, n_cells, out):
         q16 = np.empty((group, dk), dtype=np.float32)  # (group, dk) the queries of KV head g, rounded to f16
         for j in range(group):
             q16[j] = round_to_f16(q[t, g * group + j])
-        key = np.empty(dk, dtype=np.float32)
-        acc, lanes = np.empty(16, dtype=np.float32), np.empty(64, dtype=np.float32)
+        key, lanes = np.empty(dk, dtype=np.float32), np.empty(64, dtype=np.float32)
         scores = np.empty((group, last), dtype=np.float32)
-        for p in range(begin, end):
-            for i in range(dk):
-                key[i] = half_to_f32(k[g, p % n_slots, i])
-            for j in range(group):
-                scores[j, p] = key_dot(key, q16[j], tinyblas, acc, lanes) * scale
+        if tinyblas_keys:
+            for p in range(begin, end, 4):  # four keys at a time; the last group's extra ones repeat the last key
+                s0, s1 = p % n_slots, min(p + 1, end - 1) % n_slots
+                s2, s3 = min(p + 2, end - 1) % n_slots, min(p + 3, end - 1) % n_slots
+                for j in range(group):
+                    kq = key_dots_tinyblas(k[g], s0, s1, s2, s3, q16, j)
+                    for c in range(min(4, end - p)):
+                        scores[j, p + c] = kq[c] * scale
+        else:
+            for p in range(begin, end):
+                for i in range(dk):
+                    key[i] = half_to_f32(k[g, p % n_slots, i])
+                for j in range(group):
+                    scores[j, p] = key_dot(key, q16[j], lanes) * scale
         probs = np.zeros(last, dtype=np.float32)
-        values = np.empty((64, dv), dtype=np.float32)
+        acc = np.empty((64, dv), dtype=np.float32)
         for j in range(group):
             softmax_row(scores[j], begin, end, n_cells, probs)
             p16 = round_to_f16(probs)
-            weighted_values(v, g, p16, begin, end, n_slots, n_cells, n_tok >= 2, values, out[t, g * group + j])
+            if batch and dv % 8 == 0:
+                weighted_values_tinyblas(v[g], p16, begin, end, n_slots, acc[:16], out[t, g * group + j])
+            else:
+                weighted_values(v, g, p16, begin, end, n_slots, n_cells, batch, acc, out[t, g * group + j])
 
 
 @kernel

@@ -743,6 +743,79 @@ def sum_floats(typingctx, v):
     return types.float32(v), codegen
 
 
+def _is_matrix_of(arr, dtype) -> bool:
+    """A 2-D array of `dtype` whose rows are contiguous (C, or A for a view of some columns, as MLA's values:
+    the callers check the last axis's stride)."""
+    return isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout in "CA" and arr.dtype == dtype
+
+
+@intrinsic
+def load_floats(typingctx, arr, i, j):
+    """The 8 float32 arr[i, j : j + 8] of a 2-D float32 array whose rows are contiguous."""
+    if not (_is_matrix_of(arr, types.float32) and _are_integers(i, j)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1:], signature.args[1:], _V8F32)
+        return builder.load(pointer, align=4)
+
+    return Float32x8(arr, i, j), codegen
+
+
+@intrinsic
+def store_floats(typingctx, arr, i, j, v):
+    """arr[i, j : j + 8] = v, for a 2-D float32 array whose rows are contiguous."""
+    if not (_is_matrix_of(arr, types.float32) and _are_integers(i, j) and v is Float32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1:3], signature.args[1:3], _V8F32)
+        builder.store(args[3], pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, i, j, v), codegen
+
+
+@intrinsic
+def load_halves(typingctx, arr, i, j):
+    """The 8 IEEE halves arr[i, j : j + 8] of a 2-D uint16 array (f16 bits, rows contiguous) as float32: one
+    vcvtph2ps (LLVM's fpext from half), exact as gemv.half_to_f32 one by one."""
+    if not (_is_matrix_of(arr, types.uint16) and _are_integers(i, j)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v8f16 = ir.VectorType(ir.HalfType(), 8)
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1:], signature.args[1:], v8f16)
+        return builder.fpext(builder.load(pointer, align=2), _V8F32)
+
+    return Float32x8(arr, i, j), codegen
+
+
+@intrinsic
+def splat_float(typingctx, x):
+    """x (float32) in all 8 lanes."""
+    if not (isinstance(x, types.Float) and x.bitwidth == 32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _splat(args[0], _V8F32, builder)
+
+    return Float32x8(x), codegen
+
+
+@intrinsic
+def fma_floats(typingctx, a, b, acc):
+    """a * b + acc lane by lane with one rounding (llvm.fma.v8f32): ops_ggml.fma32 on 8 lanes at once, as
+    ggml's _mm512_fmadd_ps on its lanes."""
+    if not (a is Float32x8 and b is Float32x8 and acc is Float32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _intrinsic_call(builder, "llvm.fma.v8f32", _V8F32, list(args))
+
+    return Float32x8(a, b, acc), codegen
+
+
 @intrinsic
 def sum_lanes(typingctx, v):
     """The sum of the 8 lanes, as an int32 (wrapping, as the CPU's adds)."""

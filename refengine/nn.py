@@ -318,6 +318,8 @@ def attention_ggml(q: np.ndarray, layer: LayerCache, first: int, scale: float) -
     out = np.empty((n_tok, n_head, layer.v.shape[2]), dtype=np.float32)
     n_cells = -(-(first + n_tok) // 256) * 256  # llama.cpp's n_kv: the used cells, padded to 256
     k, v = layer.k.view(np.uint16), layer.v.view(np.uint16)
+    if k.strides[-1] != 2 or v.strides[-1] != 2:  # the batch kernel loads 8 halves of a row at once
+        k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
     q = np.ascontiguousarray(q)
     if n_tok == 1 and attention_work(q.shape, layer, first) < ggml_attention.PARALLEL_ATTENTION_WORK:
         ggml_attention.attend_token(q[0], k, v, first, layer.window, np.float32(scale), n_cells, out[0])
