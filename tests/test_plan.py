@@ -27,8 +27,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf_builder import ARRAY, INT32, STRING, UINT16, UINT32, GGUFBuilder, align
 
-import refengine.nn
-import refengine.plan
+import refengine.buffers
 from refengine.cli import EXIT_DOES_NOT_FIT, EXIT_ERROR, EXIT_USAGE, main
 from refengine.gguf import open_gguf
 from refengine.plan import GROUPS, assign_experts, expert_units, plan, render, size, weight_group
@@ -465,7 +464,7 @@ def test_activations_bound_a_real_forward_pass(smollm_path, n_tok):
         tracemalloc.stop()
     estimate = plan(gguf, machine("two_nodes"), n_ctx=n_tok).needs.activations
     # The estimate counts a whole weight tile; smollm's matrices are smaller than one.
-    tile_bytes = refengine.plan.TILE_FLOATS * 4
+    tile_bytes = refengine.buffers.TILE_FLOATS * 4
     assert peak <= estimate <= 2 * peak + tile_bytes, (peak, estimate)
 
 
