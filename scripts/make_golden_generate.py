@@ -2,7 +2,7 @@
 """Write tests/golden/generate_<model>.json: the exact greedy continuation of a fixed prompt.
 
 The continuation comes from transformers (CPU torch) in float64 with its float32 islands
-recomputed in float64 (tests/hf_oracle.py), which loads the same GGUF file: an exact
+recomputed in float64 (refengine/testing/hf_oracle.py), which loads the same GGUF file: an exact
 reference for the model's arithmetic, which llama.cpp, with its 8-bit activations, is not
 (on smollm2 its greedy text leaves the exact one within a few tokens). The file also
 records, per generated token, the margin between the reference's top two logits, so a
@@ -16,16 +16,13 @@ Run by hand (`pip install -e '.[oracle]'`); tests/test_generate_golden.py checks
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from refengine.models import resolve_model  # noqa: E402
-from refengine.session import Session  # noqa: E402
+from refengine.models import resolve_model
+from refengine.session import Session
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
 N_GENERATE = 32
@@ -45,8 +42,9 @@ def golden_path(model: str) -> Path:
 def reference_greedy(model: str, prompt_ids: list[int]) -> tuple[list[int], list[float]]:
     """transformers' float64 greedy tokens and, per step, the top-2 logit margin."""
     import torch
-    from hf_oracle import float64_islands
     from transformers import AutoModelForCausalLM
+
+    from refengine.testing.hf_oracle import float64_islands
 
     path = resolve_model(model)
     # Loaded in float32 and then converted: asked for float64 directly, transformers keeps the

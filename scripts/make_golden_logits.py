@@ -3,7 +3,7 @@
 
 Run by hand, with llama-cpp-python installed (`pip install -e '.[oracle]'`); the files are
 committed and tests/test_forward_golden.py checks refengine against them without llama.cpp.
-For each prompt of tests/oracle_utils.PROMPTS, llama.cpp greedily generates N_GENERATE
+For each prompt of refengine.testing.oracle_utils.PROMPTS, llama.cpp greedily generates N_GENERATE
 tokens, then scores the whole sequence in one batch; per scored position the file keeps
   {case}.top_ids       (n_pos, TOP_K) int32    llama.cpp's TOP_K most likely tokens, best first
   {case}.top_logprobs  (n_pos, TOP_K) float32  their log-probs
@@ -15,15 +15,12 @@ its name, prompt text, prompt length and first scored position.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import click
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from oracle_utils import (  # noqa: E402  (needs the path above)
+from refengine.models import resolve_model
+from refengine.testing.oracle_utils import (
     MODELS,
     N_GENERATE,
     PROMPTS,
@@ -35,8 +32,6 @@ from oracle_utils import (  # noqa: E402  (needs the path above)
     logsumexp,
     open_llama,
 )
-
-from refengine.models import resolve_model  # noqa: E402
 
 
 def top_k(logp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

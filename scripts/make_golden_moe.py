@@ -7,7 +7,7 @@ Run by hand, with llama-cpp-python installed. Each model is written at seed 0 an
 llama.cpp's own quantizer; the file's sha256 goes into the golden, and the test rebuilds the file
 with refengine's quantizer and refuses to compare if the bytes differ (a new spec or seed, or a
 quantizer change, would otherwise compare two different models). For each prompt of
-tests/moe_oracle.PROMPTS llama.cpp greedily generates N_GENERATE tokens, then scores the whole
+refengine.testing.moe_oracle.PROMPTS llama.cpp greedily generates N_GENERATE tokens, then scores the whole
 sequence in one batch; per position the file keeps
   {model}.{prompt}.top_ids       (n_pos, TOP_K) int32    llama.cpp's TOP_K most likely tokens, best first
   {model}.{prompt}.top_logprobs  (n_pos, TOP_K) float32  their log-probs
@@ -19,16 +19,14 @@ Q4_K_M file's sha256 and its cases (prompt name and text, prompt length).
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import click
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from moe_oracle import (  # noqa: E402  (needs the path above)
+from refengine.testing import MOE_MODELS, quantize_q4_k_m, write_tiny_model
+from refengine.testing.moe_oracle import (
     GOLDEN_PATH,
     N_CTX,
     PROMPTS,
@@ -36,9 +34,7 @@ from moe_oracle import (  # noqa: E402  (needs the path above)
     make_q4_k_m,
     sha256,
 )
-from oracle_utils import N_GENERATE, TOP_K, llama_cpp_generate_and_score, log_softmax, logsumexp  # noqa: E402
-
-from refengine.testing import MOE_MODELS, quantize_q4_k_m, write_tiny_model  # noqa: E402
+from refengine.testing.oracle_utils import N_GENERATE, TOP_K, llama_cpp_generate_and_score, log_softmax, logsumexp
 
 
 def top_k(logp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

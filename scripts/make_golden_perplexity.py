@@ -15,17 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from perplexity_oracle import (  # noqa: E402  (needs the path above)
+from refengine.models import resolve_model
+from refengine.testing import write_tiny_model
+from refengine.testing.f32copy import f32_copy
+from refengine.testing.llama_tools import VERSION, parse_perplexity, run_tool
+from refengine.testing.perplexity_oracle import (
     GOLDEN_BASE,
     GOLDEN_PATH,
     MODELS,
@@ -37,11 +37,6 @@ from perplexity_oracle import (  # noqa: E402  (needs the path above)
     TINY_TEXT_BYTES,
     reference_text,
 )
-
-from refengine.models import resolve_model  # noqa: E402
-from refengine.testing import write_tiny_model  # noqa: E402
-from refengine.testing.f32copy import f32_copy  # noqa: E402
-from refengine.testing.llama_tools import VERSION, parse_perplexity, run_tool  # noqa: E402
 
 
 def llama_perplexity(model: Path, text: Path, n_ctx: int, n_chunks: int, *extra: str) -> dict:

@@ -7,7 +7,7 @@ against them when llama.cpp is absent.
 
   tests/golden/quantize_<TYPE>.npz  `x`: float32 rows (the corner cases of
       ggml_oracle.corner_rows and random rows), `expected`: ggml_quantize_chunk's bytes.
-  tests/golden/quantize_file.json   for each tiny model of tiny_gguf.py and each mix:
+  tests/golden/quantize_file.json   for each tiny model of refengine/testing/tiny_gguf.py and each mix:
       the type and the digest of every tensor of llama_model_quantize's output, and the
       digest of every input tensor (so a changed input is told apart from a broken quantizer).
       A digest is the first 16 hex digits of the sha256 of the tensor's bytes.
@@ -28,10 +28,10 @@ TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
 import ggml_oracle  # noqa: E402
-import tiny_gguf  # noqa: E402
 
 from refengine.gguf import open_gguf  # noqa: E402
 from refengine.quantize import MIXES  # noqa: E402
+from refengine.testing import tiny_gguf  # noqa: E402
 
 GOLDEN_DIR = TESTS / "golden"
 

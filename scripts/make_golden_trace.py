@@ -15,21 +15,17 @@ import hashlib
 import json
 import math
 import re
-import sys
 import tempfile
 from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from trace_oracle import GOLDEN_PATH, PROMPT, eval_callback_args  # noqa: E402  (needs the path above)
-
-import refengine  # noqa: E402
-from refengine.compare import llama_candidates, parse_eval_callback  # noqa: E402
-from refengine.testing import write_tiny_model  # noqa: E402
-from refengine.testing.f32copy import f32_copy  # noqa: E402
-from refengine.testing.llama_tools import VERSION, run_tool  # noqa: E402
+import refengine
+from refengine.compare import llama_candidates, parse_eval_callback
+from refengine.testing import write_tiny_model
+from refengine.testing.f32copy import f32_copy
+from refengine.testing.llama_tools import VERSION, run_tool
+from refengine.testing.trace_oracle import GOLDEN_PATH, PROMPT, eval_callback_args
 
 REAL = ["smollm2-135m", "gemma3-270m"]
 

@@ -8,7 +8,8 @@ same sequences. The live test, tests/test_oracle_llamacpp.py, compares full dist
 
 import numpy as np
 import pytest
-from oracle_utils import (
+
+from refengine.testing.oracle_utils import (
     CASES,
     MAX_MEAN_KL,
     MIN_TOP1,

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from moe_oracle import PROMPTS, load_golden_moe, make_q4_k_m
-from oracle_utils import MODELS, TOP_K, binned_kl, load_golden, log_softmax
 
 import refengine
 from refengine.api import APIError
 from refengine.cli import main
 from refengine.session import Session
 from refengine.testing import MOE_MODELS
+from refengine.testing.moe_oracle import PROMPTS, load_golden_moe, make_q4_k_m
+from refengine.testing.oracle_utils import MODELS, TOP_K, binned_kl, load_golden, log_softmax
 
 MAX_MEAN_KL = 1e-3  # numerics ggml against llama.cpp, nats
 MIN_TOP1 = 0.99

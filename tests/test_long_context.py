@@ -268,9 +268,8 @@ def test_a_long_prompt_equals_llama_cpp_on_the_f32_copy(request, model):
     dequantization of the same file (llama-cpp-python, F32 KV cache), teacher-forced: the last 64
     positions' logits, mean KL <= 1e-4."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="the llama.cpp oracle needs llama-cpp-python")
-    from perplexity_oracle import reference_text
-
     from refengine.testing.f32copy import f32_copy
+    from refengine.testing.perplexity_oracle import reference_text
 
     request.getfixturevalue({"gemma3-270m": "gemma_path", "smollm2-135m": "smollm_path"}[model])
     session = Session.load(model)

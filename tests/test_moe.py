@@ -17,17 +17,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from moe_oracle import (
-    N_CTX,
-    PROMPTS,
-    Scores,
-    forward_with_margins,
-    load_golden_moe,
-    make_q4_k_m,
-    needs_decided_positions,
-    sha256,
-)
-from oracle_utils import N_GENERATE, binned_kl, kl_divergence, llama_cpp_generate_and_score, log_softmax
 
 import refengine.nn as nn
 import refengine.testing.tiny as tiny
@@ -37,6 +26,23 @@ from refengine.errors import RefengineError
 from refengine.gguf import open_gguf
 from refengine.session import Session
 from refengine.testing import MOE_MODELS, spec_for, to_hf_state_dict, write_tiny_model
+from refengine.testing.moe_oracle import (
+    N_CTX,
+    PROMPTS,
+    Scores,
+    forward_with_margins,
+    load_golden_moe,
+    make_q4_k_m,
+    needs_decided_positions,
+    sha256,
+)
+from refengine.testing.oracle_utils import (
+    N_GENERATE,
+    binned_kl,
+    kl_divergence,
+    llama_cpp_generate_and_score,
+    log_softmax,
+)
 
 SEQUENCE = np.random.default_rng(7).integers(0, 510, size=48)  # random ids below the tiny vocabularies' BOS/EOS
 MAX_DIFF_F32 = 1e-3  # max |d log-softmax| against transformers in float32; seen 1.1-2.3e-5

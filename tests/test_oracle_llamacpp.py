@@ -9,7 +9,8 @@ so the bar is statistical, not a per-logit tolerance; see oracle_utils for the b
 
 import numpy as np
 import pytest
-from oracle_utils import (
+
+from refengine.testing.oracle_utils import (
     CASES,
     MAX_MEAN_KL,
     MIN_TOP1,

@@ -22,14 +22,16 @@ import copy
 
 import numpy as np
 import pytest
-from oracle_utils import CASES, load_golden, log_softmax, model_path, refengine_logits, top2_margin
+
+from refengine.testing.oracle_utils import CASES, load_golden, log_softmax, model_path, refengine_logits, top2_margin
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[oracle]')")
 pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[oracle]')")
 pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF file")
 
-from hf_oracle import float64_islands  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
+
+from refengine.testing.hf_oracle import float64_islands  # noqa: E402
 
 pytestmark = [pytest.mark.oracle, pytest.mark.slow]
 

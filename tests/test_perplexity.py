@@ -15,7 +15,13 @@ import math
 import numpy as np
 import pytest
 from conftest import model_path
-from perplexity_oracle import (
+
+import refengine
+from refengine.cli import EXIT_ERROR, EXIT_USAGE, main
+from refengine.kld import LogitsFileError, open_logits_file, quantize_log_probs, row_width
+from refengine.perplexity import PerplexityError, n_chunks_for, read_text
+from refengine.testing.llama_tools import find_tool, parse_kl_divergence, parse_perplexity, run_tool
+from refengine.testing.perplexity_oracle import (
     MAX_REL_DIFF_F32,
     MAX_REL_DIFF_QUANTIZED,
     MAX_SELF_KLD,
@@ -30,12 +36,6 @@ from perplexity_oracle import (
     golden_base,
     reference_text,
 )
-
-import refengine
-from refengine.cli import EXIT_ERROR, EXIT_USAGE, main
-from refengine.kld import LogitsFileError, open_logits_file, quantize_log_probs, row_width
-from refengine.perplexity import PerplexityError, n_chunks_for, read_text
-from refengine.testing.llama_tools import find_tool, parse_kl_divergence, parse_perplexity, run_tool
 
 
 @pytest.fixture(scope="module")

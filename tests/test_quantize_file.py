@@ -1,6 +1,6 @@
 """`refengine quantize` (refengine/quantize.py) against llama.cpp's llama_model_quantize.
 
-On the tiny llama models of tiny_gguf.py (F32, F16 and BF16 weights, tied and
+On the tiny llama models of refengine/testing/tiny_gguf.py (F32, F16 and BF16 weights, tied and
 untied embeddings, rows that need the fallback types), every mix must give each
 tensor the type llama.cpp gives it and the same bytes. Live: against
 llama_cpp.llama_model_quantize, where the whole output file must be identical.
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny_gguf
 from gguf import GGMLQuantizationType as T
 
 from refengine import quantize as q
 from refengine.cli import main
 from refengine.gguf import open_gguf
+from refengine.testing import tiny_gguf
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "quantize_file.json").read_text())
 CASES = [(variant, mix) for variant, entry in GOLDEN.items() for mix in entry["mixes"]]

@@ -10,14 +10,6 @@ import shutil
 import numpy as np
 import pytest
 from conftest import model_path
-from trace_oracle import (
-    GOLDEN_PATH,
-    MAX_SUM_REL,
-    PROMPT,
-    eval_callback_args,
-    golden,
-    golden_nodes,
-)
 
 import refengine
 from refengine.cli import EXIT_ERROR, EXIT_USAGE, main
@@ -32,6 +24,14 @@ from refengine.compare import (
 from refengine.gguf import open_gguf
 from refengine.testing.f32copy import write_f32_copy
 from refengine.testing.llama_tools import find_tool, run_tool
+from refengine.testing.trace_oracle import (
+    GOLDEN_PATH,
+    MAX_SUM_REL,
+    PROMPT,
+    eval_callback_args,
+    golden,
+    golden_nodes,
+)
 from refengine.trace import Trace, TraceError
 
 LAYER_NAMES = {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from refengine.compare import CallbackTensor
 
-GOLDEN_PATH = Path(__file__).parent / "golden" / "eval_callback.json"
+GOLDEN_PATH = Path(__file__).resolve().parents[2] / "tests" / "golden" / "eval_callback.json"
 PROMPT = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg"
 # A printed sum against ours (refengine.compare.sum_rel_diff): within 1e-3. Measured: 1e-7 to
 # 1e-6 on the tiny llama model with an F32 KV cache and flash attention off (llama.cpp's default F16

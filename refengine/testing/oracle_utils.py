@@ -2,8 +2,8 @@
 scored sequence, refengine's logits for a sequence, the golden files, and the metrics.
 
 Used by tests/test_oracle_llamacpp.py, tests/test_forward_golden.py,
-tests/test_oracle_transformers.py and scripts/make_golden_logits.py (which puts this
-folder on sys.path). llama_cpp is imported only inside the functions that need it, so
+tests/test_oracle_transformers.py and scripts/make_golden_logits.py; the goldens it reads stay in
+tests/golden of the source tree. llama_cpp is imported only inside the functions that need it, so
 the golden and transformers tests run without it.
 """
 
@@ -18,7 +18,8 @@ import numpy as np
 
 from refengine.session import Session
 
-GOLDEN_DIR = Path(__file__).parent / "golden"
+TESTS_DIR = Path(__file__).resolve().parents[2] / "tests"  # goldens and data live beside the tests
+GOLDEN_DIR = TESTS_DIR / "golden"
 MODELS = ["gemma3-270m", "smollm2-135m"]
 PATH_FIXTURES = {"gemma3-270m": "gemma_path", "smollm2-135m": "smollm_path"}  # from conftest.py
 

@@ -27,11 +27,11 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-from oracle_utils import GOLDEN_DIR, MAX_MEAN_KL, MIN_TOP1, Prompt
 
 import refengine.arch.moe as moe
 from refengine.quantize import quantize_file
 from refengine.testing import write_tiny_model
+from refengine.testing.oracle_utils import GOLDEN_DIR, MAX_MEAN_KL, MIN_TOP1, Prompt
 
 PROMPTS = [
     Prompt("words", "the number 1234 is hello world and the model of the expert layer"),

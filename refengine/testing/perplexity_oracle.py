@@ -8,8 +8,9 @@ import lzma
 from functools import cache
 from pathlib import Path
 
-DATA_DIR = Path(__file__).parent / "data"
-GOLDEN_DIR = Path(__file__).parent / "golden"
+TESTS_DIR = Path(__file__).resolve().parents[2] / "tests"  # goldens and data live beside the tests
+DATA_DIR = TESTS_DIR / "data"
+GOLDEN_DIR = TESTS_DIR / "golden"
 TEXT_PATH = DATA_DIR / "python_reference.txt.xz"  # licence and provenance: tests/data/README.md
 GOLDEN_PATH = GOLDEN_DIR / "perplexity.json"
 GOLDEN_BASE = GOLDEN_DIR / "kld_base_tiny_llama.bin.xz"
