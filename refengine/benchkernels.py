@@ -30,6 +30,7 @@ and the wake-up of its worker threads for ours, graph compute on the thread pool
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import resource
@@ -364,32 +365,8 @@ def bench_dequant(
     tile_rows = max(1, tile_bytes // (N_COLS * 4))
     tiles = [rows[i : i + tile_rows] for i in range(0, rows.shape[0] - tile_rows + 1, tile_rows)]
     out = np.empty((tile_rows, N_COLS), dtype=np.float32)
-    streams = {
-        "read": [lambda c=c: sum_words(c) for c in word_chunks(rows, tiles)],
-        "ours": [lambda t=t: dequantize_rows(ggml_type, t, out) for t in tiles],
-    }
-    matches = None
-    pool = None
-    if vs_ggml:
-        from refengine import libggml
-
-        ggml_out = np.empty_like(out)
-        pool = ThreadPoolExecutor(threads)
-        bounds = thread_bounds(tile_rows, threads)
-
-        def ggml_tile(tile):
-            jobs = [(tile[start:stop], ggml_out[start:stop]) for start, stop in bounds]
-            list(pool.map(lambda job: libggml.dequantize_rows(ggml_type, *job), jobs))
-
-        streams["libggml"] = [lambda t=t: ggml_tile(t) for t in tiles]
-        ggml_tile(tiles[0])
-        dequantize_rows(ggml_type, tiles[0], out)
-        matches = bool(np.array_equal(out.view(np.uint32), ggml_out.view(np.uint32)))
-    try:
-        timed = best_per_call(streams, budget_s)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    ours = functools.partial(dequantize_rows, ggml_type)
+    timed, matches = time_tiles(ggml_type, tiles, rows, out, ours, "dequantize_rows", vs_ggml, threads, budget_s)
     n_bytes = sum(t.nbytes for t in tiles)
     result = _result("dequant", ggml_type, "", f"{tile_rows} x {N_COLS}", n_bytes, len(tiles), timed, "ours")
     result.matches_ggml = matches
@@ -406,35 +383,55 @@ def bench_quantize(
     x = rng.standard_normal((n_tiles * tile_rows, N_COLS), dtype=np.float32)
     tiles = [x[i * tile_rows : (i + 1) * tile_rows] for i in range(n_tiles)]
     out = np.empty((tile_rows, N_COLS // block_size * type_size), dtype=np.uint8)
+    ours = functools.partial(quantize_rows, ggml_type)
+    timed, matches = time_tiles(ggml_type, tiles, x, out, ours, "quantize_chunk", vs_ggml, threads, budget_s)
+    result = _result("quantize", ggml_type, "", f"{tile_rows} x {N_COLS}", x.nbytes, n_tiles, timed, "ours")
+    result.matches_ggml = matches
+    return result
+
+
+def time_tiles(
+    ggml_type: T,
+    tiles: list,
+    source: np.ndarray,
+    out: np.ndarray,
+    ours,
+    ggml_function: str,
+    vs_ggml: bool,
+    threads: int,
+    budget_s: float,
+) -> tuple[dict, bool | None]:
+    """Time ours(tile, out) over the tiles beside a read of the same bytes of `source` and, with vs_ggml,
+    libggml's `ggml_function`(ggml_type, rows, out) cut over `threads` threads. Returns the timings and
+    whether both wrote the same bits for the first tile (None without vs_ggml)."""
     streams = {
-        "read": [lambda c=c: sum_words(c) for c in word_chunks(x, tiles)],
-        "ours": [lambda t=t: quantize_rows(ggml_type, t, out) for t in tiles],
+        "read": [lambda c=c: sum_words(c) for c in word_chunks(source, tiles)],
+        "ours": [lambda t=t: ours(t, out) for t in tiles],
     }
     matches = None
     pool = None
     if vs_ggml:
         from refengine import libggml
 
+        theirs = getattr(libggml, ggml_function)
         ggml_out = np.empty_like(out)
         pool = ThreadPoolExecutor(threads)
-        bounds = thread_bounds(tile_rows, threads)
+        bounds = thread_bounds(len(out), threads)
 
         def ggml_tile(tile):
             jobs = [(tile[start:stop], ggml_out[start:stop]) for start, stop in bounds]
-            list(pool.map(lambda job: libggml.quantize_chunk(ggml_type, *job), jobs))
+            list(pool.map(lambda job: theirs(ggml_type, *job), jobs))
 
         streams["libggml"] = [lambda t=t: ggml_tile(t) for t in tiles]
         ggml_tile(tiles[0])
-        quantize_rows(ggml_type, tiles[0], out)
-        matches = bool(np.array_equal(out, ggml_out))
+        ours(tiles[0], out)
+        matches = bool(np.array_equal(out.view(np.uint8), ggml_out.view(np.uint8)))
     try:
         timed = best_per_call(streams, budget_s)
     finally:
         if pool is not None:
             pool.shutdown()
-    result = _result("quantize", ggml_type, "", f"{tile_rows} x {N_COLS}", x.nbytes, n_tiles, timed, "ours")
-    result.matches_ggml = matches
-    return result
+    return timed, matches
 
 
 def _result(op, ggml_type, numerics, shape, n_bytes, n_calls, timed, stream) -> KernelResult:
