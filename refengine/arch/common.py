@@ -295,6 +295,16 @@ def load_attention(t: dict[str, Tensor | None], dtype, numerics: str = "exact") 
     return w
 
 
+@dataclass
+class Layer:
+    """One pre-norm layer: x + attn(attn_norm(x)), then x + ffn(ffn_norm(x))."""
+
+    attn_norm: np.ndarray  # (n_embd,)
+    attn: Any  # AttentionWeights, or deepseek2's MLAWeights
+    ffn_norm: np.ndarray  # (n_embd,)
+    ffn: GLU | MoE
+
+
 def kq_scale(model: DecoderModel, head_dim: int) -> float:
     """1/sqrt(head_dim): in ggml numerics as llama.cpp rounds it, 1.0f / sqrtf(float(head_dim))."""
     if model.numerics == "ggml":

@@ -34,9 +34,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from refengine.arch.common import DecoderConfig, DecoderModel, HParams, ModelError
-from refengine.arch.ffn import GLU
-from refengine.arch.moe import MoE, MoEConfig
+from refengine.arch.common import DecoderConfig, DecoderModel, HParams, Layer, ModelError
+from refengine.arch.moe import MoEConfig
 from refengine.gguf import GGUFFile, Tensor
 from refengine.kernels import bound_matvec_slices, ops_ggml
 from refengine.nn import KVCache, LayerCache, Linear, Rope, YaRN, attention, attention_ggml, lazy_zeros, rms_norm
@@ -248,14 +247,6 @@ class MLAWeights:
         return w
 
 
-@dataclass
-class Deepseek2Layer:
-    attn_norm: np.ndarray  # (n_embd,)
-    attn: MLAWeights
-    ffn_norm: np.ndarray  # (n_embd,)
-    ffn: GLU | MoE  # GLU in the leading dense layers
-
-
 class Deepseek2(DecoderModel):
     def __init__(self, gguf_file: GGUFFile, dtype=np.float32, numerics: str = "exact"):
         c = Deepseek2Config.from_gguf(gguf_file)
@@ -269,7 +260,7 @@ class Deepseek2(DecoderModel):
         for il in range(c.n_layer):
             t = self.tensors(il)
             self.layers.append(
-                Deepseek2Layer(
+                Layer(
                     attn_norm=self.norm(t["attn_norm"]),
                     attn=MLAWeights.load(t, c, self.dtype, n),
                     ffn_norm=self.norm(t["ffn_norm"]),

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from refengine.arch.common import (
-    AttentionWeights,
     DecoderModel,
     GQAConfig,
     HParams,
+    Layer,
     ModelError,
     check_shape,
     kq_scale,
@@ -24,8 +24,7 @@ from refengine.arch.common import (
     self_attention,
 )
 from refengine.arch.declarations import architecture
-from refengine.arch.ffn import GLU
-from refengine.arch.moe import MoE, MoEConfig
+from refengine.arch.moe import MoEConfig
 from refengine.gguf import GGUFFile
 from refengine.nn import Rope, rms_norm
 
@@ -73,14 +72,6 @@ def read_freq_factors(gguf_file: GGUFFile, name: str, n_rot: int) -> np.ndarray 
     return factors
 
 
-@dataclass
-class LlamaLayer:
-    attn_norm: np.ndarray  # (n_embd,)
-    attn: AttentionWeights
-    ffn_norm: np.ndarray  # (n_embd,)
-    ffn: GLU | MoE  # experts in every layer when the model has them
-
-
 class Llama(DecoderModel):
     def __init__(self, gguf_file: GGUFFile, dtype=np.float32, numerics: str = "exact"):
         c = LlamaConfig.from_gguf(gguf_file)
@@ -90,7 +81,7 @@ class Llama(DecoderModel):
         for il in range(c.n_layer):
             t = self.tensors(il)
             self.layers.append(
-                LlamaLayer(
+                Layer(
                     attn_norm=self.norm(t["attn_norm"]),
                     attn=load_attention(t, self.dtype, self.numerics),
                     ffn_norm=self.norm(t["ffn_norm"]),
