@@ -40,6 +40,7 @@ from .simd import (
     add_lanes,
     bit_bytes,
     dot_bytes_scaled,
+    float_lane,
     fma_lanes,
     high_nibbles,
     k4_mins,
@@ -52,12 +53,14 @@ from .simd import (
     mul_lanes,
     or_bytes,
     pair_products,
+    pair_sums_as_floats,
     shift_lanes_left,
     shift_left,
     shift_right,
     sub_lanes,
     sum_floats,
     sum_lanes,
+    sum_lanes_4,
     widen_bytes,
     zero_floats,
     zero_lanes,
@@ -247,6 +250,16 @@ def q6_k_tiled_tokens(rows, r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
 
 
 @kernel(inline=True)
+def q4_k_gemm_chunk(acc, acc_min, q_low, q_high, a, b, c, low, high, d, dmin, mins):
+    """(acc, acc_min) after 64-value chunk c of super-block b (quants q_low, q_high; sub-block scales low, high;
+    d = d_w d_x, dmin = dmin_w d_x; mins: the sub-blocks' m * bsum32), as ggml_gemm_q4_K_8x8_q8_K adds it."""
+    lanes = dot_bytes_scaled(zero_lanes(), q_low, load_bytes(a, b, 4 + 64 * c), low, low)
+    lanes = dot_bytes_scaled(lanes, q_high, load_bytes(a, b, 36 + 64 * c), high, high)
+    acc = fma32(f32(sum_lanes(lanes)), d, acc)
+    return acc, fma32(f32(lane(mins, 2 * c) + lane(mins, 2 * c + 1)), dmin, acc_min)
+
+
+@kernel(inline=True)
 def q4_k_repacked_gemm_block(acc, acc_min, rows, r, b, a, a_scales, sums32):
     """ggml_gemm_q4_K_8x8_q8_K's sums after super-block b: the float sums take each 64-value chunk's integers
     (two sub-blocks) in turn, where the gemv takes a super-block's."""
@@ -258,23 +271,51 @@ def q4_k_repacked_gemm_block(acc, acc_min, rows, r, b, a, a_scales, sums32):
     for c in range(4):
         packed = load_bytes(rows, r, base + 16 + 32 * c)
         low, high = lane(scales, 2 * c), lane(scales, 2 * c + 1)
-        lanes = dot_bytes_scaled(zero_lanes(), low_nibbles(packed), load_bytes(a, b, 4 + 64 * c), low, low)
-        lanes = dot_bytes_scaled(lanes, high_nibbles(packed), load_bytes(a, b, 36 + 64 * c), high, high)
-        acc = fma32(f32(sum_lanes(lanes)), d, acc)
-        acc_min = fma32(f32(lane(mins, 2 * c) + lane(mins, 2 * c + 1)), dmin, acc_min)
+        acc, acc_min = q4_k_gemm_chunk(
+            acc, acc_min, low_nibbles(packed), high_nibbles(packed), a, b, c, low, high, d, dmin, mins
+        )
     return acc, acc_min
 
 
 @kernel(inline=True)
+def q4_k_chunk_lanes(q_low, q_high, a, b, c, low, high):
+    """The scaled products of 64-value chunk c of super-block b (quants q_low, q_high; scales low, high)."""
+    lanes = dot_bytes_scaled(zero_lanes(), q_low, load_bytes(a, b, 4 + 64 * c), low, low)
+    return dot_bytes_scaled(lanes, q_high, load_bytes(a, b, 36 + 64 * c), high, high)
+
+
+@kernel(inline=True)
 def q4_k_repacked_gemm_tokens(rows, r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
-    """ggml_gemm_q4_K_8x8_q8_K for a group of 4 tokens, each token's sum in the order of its own gemm lane."""
+    """q4_k_repacked_gemm_block for a group of 4 tokens, chunk after chunk: a chunk's quants are unpacked once
+    and go through the four tokens, whose four integer sums are reduced together (simd.sum_lanes_4); each
+    token's float sums in the order of its own (the mins' pairs converted to float once a super-block)."""
     acc0 = acc1 = acc2 = acc3 = f32(0)
     min0 = min1 = min2 = min3 = f32(0)
     for b in range(a0.shape[0]):
-        acc0, min0 = q4_k_repacked_gemm_block(acc0, min0, rows, r, b, a0, s0, m0)
-        acc1, min1 = q4_k_repacked_gemm_block(acc1, min1, rows, r, b, a1, s1, m1)
-        acc2, min2 = q4_k_repacked_gemm_block(acc2, min2, rows, r, b, a2, s2, m2)
-        acc3, min3 = q4_k_repacked_gemm_block(acc3, min3, rows, r, b, a3, s3, m3)
+        base = 144 * b
+        scales = k4_scales(rows, r, base + 4)
+        mins_w = k4_mins(rows, r, base + 4)
+        pairs0 = pair_sums_as_floats(mul_lanes(mins_w, load_lanes(m0, b, 0)))
+        pairs1 = pair_sums_as_floats(mul_lanes(mins_w, load_lanes(m1, b, 0)))
+        pairs2 = pair_sums_as_floats(mul_lanes(mins_w, load_lanes(m2, b, 0)))
+        pairs3 = pair_sums_as_floats(mul_lanes(mins_w, load_lanes(m3, b, 0)))
+        d_w, dmin_w = half_at(rows, r, base), half_at(rows, r, base + 2)
+        d0, d1, d2, d3 = d_w * s0[b], d_w * s1[b], d_w * s2[b], d_w * s3[b]
+        dmin0, dmin1, dmin2, dmin3 = dmin_w * s0[b], dmin_w * s1[b], dmin_w * s2[b], dmin_w * s3[b]
+        for c in range(4):
+            packed = load_bytes(rows, r, base + 16 + 32 * c)
+            q_low, q_high = low_nibbles(packed), high_nibbles(packed)
+            low, high = lane(scales, 2 * c), lane(scales, 2 * c + 1)
+            i0, i1, i2, i3 = sum_lanes_4(
+                q4_k_chunk_lanes(q_low, q_high, a0, b, c, low, high),
+                q4_k_chunk_lanes(q_low, q_high, a1, b, c, low, high),
+                q4_k_chunk_lanes(q_low, q_high, a2, b, c, low, high),
+                q4_k_chunk_lanes(q_low, q_high, a3, b, c, low, high),
+            )
+            acc0, acc1 = fma32(f32(i0), d0, acc0), fma32(f32(i1), d1, acc1)
+            acc2, acc3 = fma32(f32(i2), d2, acc2), fma32(f32(i3), d3, acc3)
+            min0, min1 = fma32(float_lane(pairs0, c), dmin0, min0), fma32(float_lane(pairs1, c), dmin1, min1)
+            min2, min3 = fma32(float_lane(pairs2, c), dmin2, min2), fma32(float_lane(pairs3, c), dmin3, min3)
     return acc0 - min0, acc1 - min1, acc2 - min2, acc3 - min3
 
 

@@ -96,20 +96,35 @@ def logf(x):  # libm's logf (math.log of a float32 is a call to it), for the flo
 @kernel
 def rms_norm_row(x, weight, eps, out):  # (n,) f32 -> out (n,)
     """ggml_rms_norm then ggml_mul by the weight (ops.cpp's rms_norm_f32, fused or not: the same)."""
-    n = x.shape[0]
     total = 0.0
-    for i in range(n):
+    for i in range(x.shape[0]):
         total += np.float64(x[i] * x[i])
-    mean = f32(total / n)
+    scale_row(x, total, weight, eps, out)
+
+
+@kernel
+def scale_row(x, total, weight, eps, out):  # rms_norm_row's output from its sum of squares (double)
+    mean = f32(total / x.shape[0])
     scale = f32(1) / np.sqrt(mean + eps)
-    for i in range(n):
+    for i in range(x.shape[0]):
         out[i] = x[i] * scale * weight[i]
 
 
 @kernel(parallel=True)
 def rms_norm(x, weight, eps, out):  # (n_rows, n) f32, (n,) f32, f32 -> out (n_rows, n), a batch
-    for r in prange(x.shape[0]):
-        rms_norm_row(x[r], weight, eps, out[r])
+    """rms_norm_row of every row, four rows' sums of squares side by side: each is a chain of dependent double
+    adds (4 cycles each), which four chains fill."""
+    n_rows = x.shape[0]
+    for g in prange((n_rows + 3) // 4):
+        r0, r1, r2, r3 = 4 * g, min(4 * g + 1, n_rows - 1), min(4 * g + 2, n_rows - 1), min(4 * g + 3, n_rows - 1)
+        t0 = t1 = t2 = t3 = 0.0
+        for i in range(x.shape[1]):
+            t0 += np.float64(x[r0, i] * x[r0, i])
+            t1 += np.float64(x[r1, i] * x[r1, i])
+            t2 += np.float64(x[r2, i] * x[r2, i])
+            t3 += np.float64(x[r3, i] * x[r3, i])
+        for r, total in ((r0, t0), (r1, t1), (r2, t2), (r3, t3)):
+            scale_row(x[r], total, weight, eps, out[r])
 
 
 @kernel

@@ -817,6 +817,70 @@ def fma_floats(typingctx, a, b, acc):
 
 
 @intrinsic
+def sum_lanes_4(typingctx, a, b, c, d):
+    """(sum_lanes(a), sum_lanes(b), sum_lanes(c), sum_lanes(d)) in three rounds of adds for the four: the
+    lanes of a and b interleaved and added in pairs, then those of c and d, then halves. Integer sums, so
+    their order does not matter (the adds wrap as the CPU's)."""
+    if not all(v is Int32x8 for v in (a, b, c, d)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        va, vb, vc, vd = args
+        ab = builder.add(
+            _shuffle2(builder, va, vb, [0, 8, 1, 9, 2, 10, 3, 11]),
+            _shuffle2(builder, va, vb, [4, 12, 5, 13, 6, 14, 7, 15]),
+        )
+        cd = builder.add(
+            _shuffle2(builder, vc, vd, [0, 8, 1, 9, 2, 10, 3, 11]),
+            _shuffle2(builder, vc, vd, [4, 12, 5, 13, 6, 14, 7, 15]),
+        )
+        # ab: a0+a4, b0+b4, a1+a5, b1+b5, a2+a6, ...; cd likewise
+        quads = builder.add(
+            _shuffle2(builder, ab, cd, [0, 1, 8, 9, 2, 3, 10, 11]),
+            _shuffle2(builder, ab, cd, [4, 5, 12, 13, 6, 7, 14, 15]),
+        )
+        # quads: a(0,4,2,6), b.., c.., d.., a(1,5,3,7), b.., c.., d..
+        totals = builder.add(_pick(builder, quads, [0, 1, 2, 3]), _pick(builder, quads, [4, 5, 6, 7]))
+        result = cgutils.get_null_value(context.get_value_type(signature.return_type))
+        for k in range(4):
+            result = builder.insert_value(result, builder.extract_element(totals, _I32(k)), k)
+        return result
+
+    return types.UniTuple(types.int32, 4)(a, b, c, d), codegen
+
+
+def _shuffle2(builder, a, b, indices):
+    return builder.shuffle_vector(a, b, _const_vector(ir.VectorType(_I32, len(indices)), indices))
+
+
+@intrinsic
+def pair_sums_as_floats(typingctx, v):
+    """Lanes k = 0..3: float(v[2k] + v[2k + 1]) (an int32 add, then one conversion); lanes 4-7 zero."""
+    if v is not Int32x8:
+        return None
+
+    def codegen(context, builder, signature, args):
+        zero = ir.Constant(_V8I32, None)
+        even = builder.shuffle_vector(args[0], zero, _const_vector(ir.VectorType(_I32, 8), [0, 2, 4, 6, 8, 8, 8, 8]))
+        odd = builder.shuffle_vector(args[0], zero, _const_vector(ir.VectorType(_I32, 8), [1, 3, 5, 7, 8, 8, 8, 8]))
+        return builder.sitofp(builder.add(even, odd), _V8F32)
+
+    return Float32x8(v), codegen
+
+
+@intrinsic
+def float_lane(typingctx, v, k):
+    """Lane k of a Float32x8, as a float32."""
+    if not (v is Float32x8 and isinstance(k, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.extract_element(args[0], _as_i32(builder, args[1], signature.args[1]))
+
+    return types.float32(v, k), codegen
+
+
+@intrinsic
 def sum_lanes(typingctx, v):
     """The sum of the 8 lanes, as an int32 (wrapping, as the CPU's adds)."""
     if v is not Int32x8:
