@@ -28,6 +28,15 @@ from numba.extending import intrinsic
 
 from ._jit import f16_to_f32, kernel, prange
 from .activations import cpu_fp32_to_fp16
+from .simd import (
+    Float32x8,
+    add_floats,
+    load_floats_at,
+    splat_float,
+    store_floats_at,
+    sub_floats,
+    sum_floats,
+)
 
 f32 = np.float32
 
@@ -74,6 +83,55 @@ def v_expf(x):
     return f32(np.float64(j) * 2.0 ** np.float64(n))  # _mm512_scalef_ps: one rounding of j * 2^n
 
 
+@intrinsic
+def v_expf_lanes(typingctx, x):
+    """v_expf on 8 lanes at once (a Float32x8), operation for operation: the fused multiply-adds as
+    llvm.fma, scalef as j * 2^n in double (exact) rounded once to float, |n| > 192 to 0 or inf."""
+    if x is not Float32x8:
+        return None
+
+    def codegen(context, builder, signature, args):
+        v8f, v8d, v8i = (
+            ir.VectorType(ir.FloatType(), 8),
+            ir.VectorType(ir.DoubleType(), 8),
+            ir.VectorType(ir.IntType(64), 8),
+        )
+        fma_type = ir.FunctionType(v8f, [v8f] * 3)
+        fma = cgutils.get_or_insert_function(builder.module, fma_type, "llvm.fma.v8f32")
+
+        def splat(value):
+            return ir.Constant(v8f, [ir.Constant(ir.FloatType(), float(value))] * 8)
+
+        (xv,) = args
+        n = builder.fsub(builder.call(fma, [xv, splat(EXP_LOG2E), splat(EXP_SHIFTER)]), splat(EXP_SHIFTER))
+        minus_n = builder.fneg(n)
+        b = builder.call(fma, [minus_n, splat(EXP_LN2_LO), builder.call(fma, [minus_n, splat(EXP_LN2_HI), xv])])
+        u = builder.fmul(b, b)
+        inner = builder.call(
+            fma,
+            [
+                builder.call(fma, [splat(EXP_C4), b, splat(EXP_C3)]),
+                u,
+                builder.call(fma, [splat(EXP_C2), b, splat(EXP_C1)]),
+            ],
+        )
+        j = builder.call(fma, [inner, u, builder.call(fma, [splat(EXP_C0), b, splat(1.0)])])
+        magnitude = builder.call(
+            cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f]), "llvm.fabs.v8f32"), [n]
+        )
+        big = builder.fcmp_ordered(">", magnitude, splat(192.0))
+        exponent = builder.fptosi(builder.select(big, splat(0.0), n), v8i)  # NaN: poison lanes, but only where big
+        exponent = builder.select(builder.fcmp_unordered("uno", n, n), ir.Constant(v8i, [0] * 8), exponent)
+        power = builder.bitcast(
+            builder.shl(builder.add(exponent, ir.Constant(v8i, [1023] * 8)), ir.Constant(v8i, [52] * 8)), v8d
+        )
+        scaled = builder.fptrunc(builder.fmul(builder.fpext(j, v8d), power), v8f)
+        overflow = builder.select(builder.fcmp_ordered("<=", n, splat(0.0)), splat(0.0), splat(float("inf")))
+        return builder.select(big, overflow, scaled)
+
+    return Float32x8(x), codegen
+
+
 @kernel
 def reduce_add_16(v, i):
     """v[i] + ... + v[i + 15] (a float32 1-D array) in the tree of GCC's _mm512_reduce_add_ps: the
@@ -111,7 +169,7 @@ def scale_row(x, total, weight, eps, out):  # rms_norm_row's output from its sum
 
 
 @kernel(parallel=True)
-def rms_norm(x, weight, eps, out):  # (n_rows, n) f32, (n,) f32, f32 -> out (n_rows, n), a batch
+def rms_norm_rows(x, weight, eps, out):  # (n_rows, n) f32, (n,) f32, f32 -> out (n_rows, n), a batch
     """rms_norm_row of every row, four rows' sums of squares side by side: each is a chain of dependent double
     adds (4 cycles each), which four chains fill."""
     n_rows = x.shape[0]
@@ -200,7 +258,7 @@ def rope_token(x, cos, sin, n_dims, neox, out):  # (n_head, head_dim) f32, (n_di
 
 
 @kernel(parallel=True)
-def rope_apply(x, cos, sin, n_dims, neox, out):  # (n_tok, n_head, head_dim) f32, (n_tok, n_dims / 2) -> out
+def rope_apply_rows(x, cos, sin, n_dims, neox, out):  # (n_tok, n_head, head_dim) f32, (n_tok, n_dims / 2) -> out
     for t in prange(x.shape[0]):
         rope_token(x[t], cos[t], sin[t], n_dims, neox, out[t])
 
@@ -228,6 +286,14 @@ def softmax_row(w, begin, end, n, out):
     block = np.zeros(16, dtype=np.float32)
     i = begin - begin % 16
     while i < min(end, n_full):
+        if begin <= i and i + 16 <= end:  # a block of visible scores: its 16 lanes as two vectors of 8
+            low = v_expf_lanes(sub_floats(load_floats_at(w, i), splat_float(m)))
+            high = v_expf_lanes(sub_floats(load_floats_at(w, i + 8), splat_float(m)))
+            store_floats_at(out, i, low)
+            store_floats_at(out, i + 8, high)
+            total += np.float64(sum_floats(add_floats(low, high)))  # reduce_add_16's tree
+            i += 16
+            continue
         for lane in range(16):
             p = i + lane
             block[lane] = v_expf(w[p] - m) if begin <= p < end else f32(0)
@@ -253,7 +319,7 @@ def softmax_scaled_row(x, scale, out):  # (n,) f32 -> out: ggml_soft_max_ext(x, 
 
 
 @kernel(parallel=True)
-def softmax_rows(x, scale, out):  # (n_rows, n) f32 -> out, row by row
+def softmax_batch(x, scale, out):  # (n_rows, n) f32 -> out, row by row
     for r in prange(x.shape[0]):
         softmax_scaled_row(x[r], scale, out[r])
 
@@ -292,7 +358,7 @@ def swiglu_row(gate, up, out):  # (n,) f32 each
 
 
 @kernel(parallel=True)
-def swiglu(gate, up, out):  # (n_rows, n) f32 each: ggml_swiglu_split, silu(gate) * up
+def swiglu_rows(gate, up, out):  # (n_rows, n) f32 each: ggml_swiglu_split, silu(gate) * up
     for r in prange(gate.shape[0]):
         swiglu_row(gate[r], up[r], out[r])
 
@@ -338,7 +404,7 @@ def geglu_row(gate, up, table, out):  # (n,) f32 each
 
 
 @kernel(parallel=True)
-def geglu(gate, up, table, out):  # (n_rows, n) f32 each: ggml_geglu_split, gelu(gate) * up by the table
+def geglu_rows(gate, up, table, out):  # (n_rows, n) f32 each: ggml_geglu_split, gelu(gate) * up by the table
     for r in prange(gate.shape[0]):
         geglu_row(gate[r], up[r], table, out[r])
 
@@ -347,3 +413,28 @@ def geglu(gate, up, table, out):  # (n_rows, n) f32 each: ggml_geglu_split, gelu
 def geglu_few(gate, up, table, out):  # the same for a few rows (decoding), on this thread
     for r in range(gate.shape[0]):
         geglu_row(gate[r], up[r], table, out[r])
+
+
+# ---------------------------------------------------------------- a batch's ops on every core
+# nn.py runs these on a micro-batch inside the step's thread policy, which leaves numba one thread while BLAS
+# holds the cores; numerics ggml calls no BLAS, so its batch ops take them back (threads.integer_kernels).
+
+
+def batch_op(kernel):
+    """`kernel` as a batch op: run with numba's threads on every core inside a batch's step."""
+
+    def run(*args):
+        from refengine.threads import integer_kernels  # refengine.threads imports this package: not at load
+
+        with integer_kernels():
+            return kernel(*args)
+
+    run.__name__, run.__doc__ = kernel.__name__, kernel.__doc__
+    return run
+
+
+rms_norm = batch_op(rms_norm_rows)
+rope_apply = batch_op(rope_apply_rows)
+softmax_rows = batch_op(softmax_batch)
+swiglu = batch_op(swiglu_rows)
+geglu = batch_op(geglu_rows)

@@ -728,6 +728,17 @@ def add_floats(typingctx, a, b):
 
 
 @intrinsic
+def sub_floats(typingctx, a, b):
+    if not (a is Float32x8 and b is Float32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fsub(args[0], args[1])
+
+    return Float32x8(a, b), codegen
+
+
+@intrinsic
 def sum_floats(typingctx, v):
     """The 8 lanes added as ggml's hsum_float_8: high half + low half, then lanes (0 + 2) + (1 + 3)."""
     if v is not Float32x8:
@@ -774,6 +785,37 @@ def store_floats(typingctx, arr, i, j, v):
         return context.get_dummy_value()
 
     return types.none(arr, i, j, v), codegen
+
+
+def _is_float_vector(arr) -> bool:
+    return isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout in "CA" and arr.dtype == types.float32
+
+
+@intrinsic
+def load_floats_at(typingctx, arr, i):
+    """The 8 float32 arr[i : i + 8] of a 1-D float32 array (contiguous: the callers' rows are)."""
+    if not (_is_float_vector(arr) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1:], signature.args[1:], _V8F32)
+        return builder.load(pointer, align=4)
+
+    return Float32x8(arr, i), codegen
+
+
+@intrinsic
+def store_floats_at(typingctx, arr, i, v):
+    """arr[i : i + 8] = v, for a contiguous 1-D float32 array."""
+    if not (_is_float_vector(arr) and isinstance(i, types.Integer) and v is Float32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1:2], signature.args[1:2], _V8F32)
+        builder.store(args[2], pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, i, v), codegen
 
 
 @intrinsic

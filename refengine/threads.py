@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 
 from refengine.kernels import kernel_threads
@@ -58,6 +59,10 @@ def cores() -> int:
     return numba.config.NUMBA_NUM_THREADS
 
 
+# True on a thread inside a batch's step, where numba was left one thread because BLAS holds the cores.
+_BLAS_HOLDS_CORES: ContextVar[bool] = ContextVar("blas_holds_cores", default=False)
+
+
 @contextmanager
 def step_threads(n_tok: int) -> Iterator[None]:
     """The policy for one forward step of n_tok tokens (see the module docstring); BLAS's setting is
@@ -65,16 +70,22 @@ def step_threads(n_tok: int) -> Iterator[None]:
     batch = n_tok > 1
     before = blas_threads()
     set_blas_threads(min(_blas()[1], cores()) if batch else 1)
+    token = _BLAS_HOLDS_CORES.set(batch)
     try:
         with kernel_threads(1 if batch else cores()):
             yield
     finally:
+        _BLAS_HOLDS_CORES.reset(token)
         set_blas_threads(before)
 
 
 @contextmanager
 def integer_kernels() -> Iterator[None]:
-    """Numba's kernels on every core inside the block: a batch in numerics "ggml" (nn.Linear's integer matmuls,
-    its attention), which calls no BLAS, so BLAS's idle threads have nothing to spin against."""
+    """Numba's kernels on every core inside the block when a batch's step gave the cores to BLAS: numerics "ggml"
+    (nn.Linear's integer matmuls, its attention, ops_ggml's batch ops) calls no BLAS, so BLAS's idle threads
+    have nothing to spin against. Elsewhere the count stays: a NUMA pool's worker keeps its one thread."""
+    if not _BLAS_HOLDS_CORES.get():
+        yield
+        return
     with kernel_threads(cores()):
         yield

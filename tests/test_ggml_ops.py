@@ -111,6 +111,20 @@ def test_softmax_is_ggmls(n):
     assert_bitwise(ours, expected, "soft_max_ext")
 
 
+def test_softmax_is_ggmls_down_to_underflow():
+    """Scores from the row's maximum to 150 below it, in random order: ggml_v_expf's 8-lane form (ops_ggml.
+    v_expf_lanes) through the subnormal results (scalef rounds once) to 0 (|n| > 192), as ggml's own."""
+    rng = np.random.default_rng(3)
+    x = rng.permuted(-np.linspace(0.0, 150.0, 7 * 256, dtype=np.float32).reshape(7, 256), axis=1)
+    x[:, 5] = 0.0  # each row's maximum
+    with Graph(2) as g:
+        expected = g.compute(g.op("soft_max_ext", g.input(x), None, ctypes.c_float(1.0), ctypes.c_float(0.0)))
+    ours = np.empty_like(x)
+    ops_ggml.softmax_rows(x, f32(1.0), ours)
+    assert (ours == 0).any() and ((ours > 0) & (ours < np.finfo(np.float32).tiny)).any()  # both ends reached
+    assert_bitwise(ours, expected, "soft_max_ext to underflow")
+
+
 def test_sigmoid_is_ggmls():
     x = activations(np.random.default_rng(1), (5, 64), scale=8.0)
     with Graph(1) as g:
