@@ -39,6 +39,15 @@ def first_visible(position, window):
 
 
 @kernel
+def visible_to_f16(probs, begin, end):
+    """probs[begin:end] rounded to f16 (mul_mat's conversion of src1) into an array of end cells, the others
+    unwritten: a sliding window's cells start long after cell 0, which nothing reads."""
+    p16 = np.empty(end, dtype=np.float32)
+    p16[begin:end] = round_to_f16(probs[begin:end])
+    return p16
+
+
+@kernel
 def reduce_lanes_16(acc, d):
     """acc[0, d] + ... + acc[15, d] in _mm512_reduce_add_ps's tree (ops_ggml.reduce_add_16), a column."""
     a0 = (acc[0, d] + acc[8, d]) + (acc[4, d] + acc[12, d])
@@ -173,11 +182,11 @@ def attend(q, k, v, first, window, scale, n_cells, out):
                     key[i] = half_to_f32(k[g, p % n_slots, i])
                 for j in range(group):
                     scores[j, p] = key_dot(key, q16[j], lanes) * scale
-        probs = np.zeros(last, dtype=np.float32)
+        probs = np.empty(last, dtype=np.float32)  # only cells begin .. end - 1 are written and read
         acc = np.empty((64, dv), dtype=np.float32)
         for j in range(group):
             softmax_row(scores[j], begin, end, n_cells, probs)
-            p16 = round_to_f16(probs)
+            p16 = visible_to_f16(probs, begin, end)
             if batch and dv % 8 == 0:
                 weighted_values_tinyblas(v[g], p16, begin, end, n_slots, acc[:16], out[t, g * group + j])
             else:
@@ -201,7 +210,7 @@ def attend_head(q, k, v, h, begin, end, scale, n_cells, key, lanes, scores, prob
             wide += np.float64(key[i] * q16[i])
         scores[p] = f32(wide) * scale
     softmax_row(scores, begin, end, n_cells, probs)
-    weighted_values(v, g, round_to_f16(probs), begin, end, n_slots, n_cells, False, values, out)
+    weighted_values(v, g, visible_to_f16(probs, begin, end), begin, end, n_slots, n_cells, False, values, out)
 
 
 @kernel

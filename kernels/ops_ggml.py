@@ -169,7 +169,7 @@ def scale_row(x, total, weight, eps, out):  # rms_norm_row's output from its sum
 
 
 @kernel(parallel=True)
-def rms_norm_rows(x, weight, eps, out):  # (n_rows, n) f32, (n,) f32, f32 -> out (n_rows, n), a batch
+def rms_norm(x, weight, eps, out):  # (n_rows, n) f32, (n,) f32, f32 -> out (n_rows, n), a batch
     """rms_norm_row of every row, four rows' sums of squares side by side: each is a chain of dependent double
     adds (4 cycles each), which four chains fill."""
     n_rows = x.shape[0]
@@ -258,7 +258,7 @@ def rope_token(x, cos, sin, n_dims, neox, out):  # (n_head, head_dim) f32, (n_di
 
 
 @kernel(parallel=True)
-def rope_apply_rows(x, cos, sin, n_dims, neox, out):  # (n_tok, n_head, head_dim) f32, (n_tok, n_dims / 2) -> out
+def rope_apply(x, cos, sin, n_dims, neox, out):  # (n_tok, n_head, head_dim) f32, (n_tok, n_dims / 2) -> out
     for t in prange(x.shape[0]):
         rope_token(x[t], cos[t], sin[t], n_dims, neox, out[t])
 
@@ -319,7 +319,7 @@ def softmax_scaled_row(x, scale, out):  # (n,) f32 -> out: ggml_soft_max_ext(x, 
 
 
 @kernel(parallel=True)
-def softmax_batch(x, scale, out):  # (n_rows, n) f32 -> out, row by row
+def softmax_rows(x, scale, out):  # (n_rows, n) f32 -> out, row by row
     for r in prange(x.shape[0]):
         softmax_scaled_row(x[r], scale, out[r])
 
@@ -415,9 +415,11 @@ def geglu_few(gate, up, table, out):  # the same for a few rows (decoding), on t
         geglu_row(gate[r], up[r], table, out[r])
 
 
-# ---------------------------------------------------------------- a batch's ops on every core
+# ---------------------------------------------------------------- a batch's FFN activations on every core
 # nn.py runs these on a micro-batch inside the step's thread policy, which leaves numba one thread while BLAS
-# holds the cores; numerics ggml calls no BLAS, so its batch ops take them back (threads.integer_kernels).
+# holds the cores; numerics ggml calls no BLAS, so the ops with most work take them back (threads.integer_kernels).
+# The smaller ones (rms_norm, rope, softmax_rows: tenths of a millisecond) stay on one thread: on a machine
+# shared with other processes every parallel region waits for both threads to be scheduled, which costs more.
 
 
 def batch_op(kernel):
@@ -433,8 +435,5 @@ def batch_op(kernel):
     return run
 
 
-rms_norm = batch_op(rms_norm_rows)
-rope_apply = batch_op(rope_apply_rows)
-softmax_rows = batch_op(softmax_batch)
 swiglu = batch_op(swiglu_rows)
 geglu = batch_op(geglu_rows)
