@@ -630,6 +630,16 @@ def raise_sigint_inside_a_c_callback() -> None:
     libc.qsort(values, 4, ctypes.sizeof(ctypes.c_int), compare_type(compare))
 
 
+@pytest.fixture
+def sigint_as_a_foreground_job():
+    """SIGINT handled as in a terminal's foreground job. A non-interactive shell starts background jobs
+    (`make test &`) with SIGINT ignored, pytest inherits that, and the CLI rightly keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("sigint_as_a_foreground_job")
 def test_sigint_raised_inside_a_c_callback_still_stops_generation(capsys, monkeypatch, tiny):
     real = refengine.generate.decode_one
     steps = []
