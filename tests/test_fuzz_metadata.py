@@ -457,26 +457,38 @@ def test_mutant_files_through_the_cli(bases, tmp_path, capsys):
     assert slowest < SECONDS_EACH and largest < MEMORY_EACH
 
 
+# Runs argv as its own child and prints that child's peak RSS: a child spawned straight from the test
+# process starts as a copy of it, and Linux carries that image's high-water mark through exec into the
+# child's ru_maxrss, so in a full suite every child would report pytest's own gigabytes.
+MEASURE = (
+    "import os, subprocess, sys\n"
+    "child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+    "_, status, usage = os.wait4(child.pid, 0)\n"
+    "print(usage.ru_maxrss)\n"
+    "sys.exit(os.waitstatus_to_exitcode(status) % 256)\n"
+)
+
+
 def run_measured(argv: list[str], timeout: float) -> tuple[int | None, list[str], float, int]:
     """Run argv: its exit status (None if it was killed after `timeout` s), its stderr lines, its
-    seconds and its own peak RSS, from the rusage os.wait4 returns for it alone (RUSAGE_CHILDREN
-    would be the largest of every child this process ever had)."""
+    seconds and its own peak RSS, from the rusage os.wait4 returns for it alone, taken by a small
+    launcher (MEASURE) so that the test process's memory is not counted as the child's."""
     import os
+    import signal
     import threading
 
     began = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killer = threading.Timer(timeout, child.kill)
+    child = subprocess.Popen(
+        [sys.executable, "-c", MEASURE, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    killer = threading.Timer(timeout, lambda: os.killpg(child.pid, signal.SIGKILL))
     killer.start()
-    err = child.stderr.read()
-    child.stderr.close()
-    _, status, usage = os.wait4(child.pid, 0)
+    out, err = child.communicate()
     killer.cancel()
-    child.returncode = os.waitstatus_to_exitcode(status)
     killed = child.returncode == -9 and time.perf_counter() - began >= timeout
     return (
         None if killed else child.returncode,
         err.decode().strip().splitlines(),
         time.perf_counter() - began,
-        (usage.ru_maxrss * 1024),
+        int(out or 0) * 1024,
     )
