@@ -258,6 +258,15 @@ class DecoderModel:
         return self.emit("result_output", self.output(x))  # (n_tok, n_vocab)
 
     def layer(self, il: int, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+        """A pre-norm layer (Layer): x + attention(attn_norm(x)), then x + ffn(ffn_norm(x)): (n_tok, n_embd)."""
+        c, w, n = self.config, self.layers[il], self.numerics
+        h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps, n), il)  # (n_tok, n_embd)
+        x = self.emit("ffn_inp", x + self.attention(il, h, positions, cache), il)
+        h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps, n), il)
+        return x + self.ffn(w.ffn, h, il)  # (n_tok, n_embd)
+
+    def attention(self, il: int, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Layer il's attention on its normed input: (n_tok, n_embd) -> (n_tok, n_embd)."""
         raise NotImplementedError
 
 

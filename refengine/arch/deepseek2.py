@@ -275,18 +275,11 @@ class Deepseek2(DecoderModel):
             return KVCache.for_heads(n_ctx, c.n_head, c.q_head, c.v_head_dim, self.cache_dtype, windows, self.n_ubatch)
         return mla_cache(c.n_layer, n_ctx, c.kv_lora_rank, c.qk_rope_dim, self.cache_dtype)
 
-    def layer(self, il, x, positions, cache):
-        c, w, n = self.config, self.layers[il], self.numerics
-        h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps, n), il)  # (n_tok, n_embd)
-        x = self.emit("ffn_inp", x + self.attention(w.attn, h, positions, cache, il), il)
-        h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps, n), il)
-        return x + self.ffn(w.ffn, h, il)  # (n_tok, n_embd)
-
-    def attention(self, w: MLAWeights, x, positions, cache: KVCache, il: int) -> np.ndarray:
+    def attention(self, il: int, x, positions, cache: KVCache) -> np.ndarray:
         """MLA over the compressed cache (see the module docstring): (n_tok, n_embd) -> (n_tok, n_embd).
         In ggml numerics, a file of the older layout takes llama.cpp's path for it instead: keys and values
         decompressed by attn_kv_b and attended as multi-head attention (attention_mha)."""
-        c, n_tok, n = self.config, x.shape[0], self.numerics
+        c, w, n_tok, n = self.config, self.layers[il].attn, x.shape[0], self.numerics
         if w.attn_q is not None:
             q = w.attn_q(x)
         else:

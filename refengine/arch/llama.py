@@ -26,7 +26,7 @@ from refengine.arch.common import (
 from refengine.arch.declarations import architecture
 from refengine.arch.moe import MoEConfig
 from refengine.gguf import GGUFFile
-from refengine.nn import Rope, rms_norm
+from refengine.nn import Rope
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,6 @@ class Llama(DecoderModel):
                 )
             )
 
-    def layer(self, il, x, positions, cache):
-        c, w, n = self.config, self.layers[il], self.numerics
-        h = self.emit("attn_norm", rms_norm(x, w.attn_norm, c.norm_eps, n), il)  # (n_tok, n_embd)
-        x = self.emit("ffn_inp", x + self_attention(self, w.attn, h, positions, cache, il, c.rope, self.attn_scale), il)
-        h = self.emit("ffn_norm", rms_norm(x, w.ffn_norm, c.norm_eps, n), il)
-        return x + self.ffn(w.ffn, h, il)  # (n_tok, n_embd)
+    def attention(self, il, x, positions, cache):
+        c = self.config
+        return self_attention(self, self.layers[il].attn, x, positions, cache, il, c.rope, self.attn_scale)

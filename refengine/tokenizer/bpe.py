@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import heapq
-
+from refengine.tokenizer.merge import merge_pairs
 from refengine.tokenizer.pretokenize import (
     BYTE_CHARS,
     Splitter,
@@ -45,29 +44,18 @@ class BpeModel:
         if self.ignore_merges and word in self.token_ids:
             return [self.token_ids[word]]
         texts = list(word)  # one symbol per byte-encoded character; "" once merged to the left
-        prev = list(range(-1, len(texts) - 1))
-        next_ = [*range(1, len(texts)), -1]
-        queue: list[tuple[int, int, int, str]] = []
 
-        def add_bigram(left: int, right: int) -> None:
-            if left >= 0 and right >= 0:
-                rank = self.ranks.get((texts[left], texts[right]))
-                if rank is not None:
-                    # Lowest rank first, then leftmost: llm_bigram_bpe::comparator.
-                    heapq.heappush(queue, (rank, left, right, texts[left] + texts[right]))
+        def candidate(left: int, right: int) -> tuple[int, str] | None:
+            rank = self.ranks.get((texts[left], texts[right]))  # lowest rank first: llm_bigram_bpe::comparator
+            return None if rank is None else (rank, texts[left] + texts[right])
 
-        for i in range(1, len(texts)):
-            add_bigram(i - 1, i)
-        while queue:
-            _, left, right, joined = heapq.heappop(queue)
-            if not texts[left] or not texts[right] or texts[left] + texts[right] != joined:
-                continue  # outdated
+        def stale(left: int, right: int, joined: str) -> bool:
+            return not texts[left] or not texts[right] or texts[left] + texts[right] != joined
+
+        def merge(left: int, right: int, joined: str) -> None:
             texts[left], texts[right] = joined, ""
-            next_[left] = next_[right]
-            if next_[right] >= 0:
-                prev[next_[right]] = left
-            add_bigram(prev[left], left)
-            add_bigram(left, next_[left])
+
+        merge_pairs(len(texts), candidate, stale, merge)
 
         ids: list[int] = []
         for symbol in filter(None, texts):

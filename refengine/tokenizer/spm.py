@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 
 from gguf import Keys
 
+from refengine.tokenizer.merge import merge_pairs
 from refengine.tokenizer.vocab import TokenizerError
 
 # -- SentencePiece: llm_tokenizer_spm_session --------------------------------------------------
@@ -49,31 +49,20 @@ class SpmModel:
         spans = utf8_character_spans(text)
         start = [s for s, _ in spans]
         size = [n for _, n in spans]  # 0 once merged into the symbol on its left
-        prev = list(range(-1, len(spans) - 1))
-        next_ = [*range(1, len(spans)), -1]
-        queue: list[tuple[float, int, int, int]] = []
 
-        def add_bigram(left: int, right: int) -> None:
-            if left < 0 or right < 0:
-                return
+        def candidate(left: int, right: int) -> tuple[float, int] | None:
             joined = size[left] + size[right]
             token = self.piece_id(text[start[left] : start[left] + joined])
-            if token is not None:
-                # Highest score first, then leftmost: llm_bigram_spm::comparator.
-                heapq.heappush(queue, (-self.scores[token], left, right, joined))
+            # highest score first: llm_bigram_spm::comparator
+            return None if token is None else (-self.scores[token], joined)
 
-        for i in range(1, len(spans)):
-            add_bigram(i - 1, i)
-        while queue:
-            _, left, right, joined = heapq.heappop(queue)
-            if size[left] == 0 or size[right] == 0 or size[left] + size[right] != joined:
-                continue  # one side was merged since this bigram was queued
+        def stale(left: int, right: int, joined: int) -> bool:  # one side was merged since it was queued
+            return size[left] == 0 or size[right] == 0 or size[left] + size[right] != joined
+
+        def merge(left: int, right: int, joined: int) -> None:
             size[left], size[right] = joined, 0
-            next_[left] = next_[right]
-            if next_[right] >= 0:
-                prev[next_[right]] = left
-            add_bigram(prev[left], left)
-            add_bigram(left, next_[left])
+
+        merge_pairs(len(spans), candidate, stale, merge)
 
         # Every merged symbol is a token (only tokens are queued), so llama.cpp's
         # resegment() reduces to: the symbol's token, or its bytes one by one.
