@@ -15,6 +15,7 @@ from refengine.arch.common import (
     DecoderModel,
     GQAConfig,
     HParams,
+    Layer,
     ModelError,
     check_shape,
     kq_scale,
@@ -76,7 +77,17 @@ class Llama(DecoderModel):
         c = LlamaConfig.from_gguf(gguf_file)
         super().__init__(gguf_file, c, dtype, numerics)
         self.attn_scale = kq_scale(self, c.head_dim)
-        self.layers = self.load_layers(lambda t: load_attention(t, self.dtype, self.numerics))
+        self.layers = []
+        for il in range(c.n_layer):
+            t = self.tensors(il)
+            self.layers.append(
+                Layer(
+                    attn_norm=self.norm(t["attn_norm"]),
+                    attn=load_attention(t, self.dtype, self.numerics),
+                    ffn_norm=self.norm(t["ffn_norm"]),
+                    ffn=self.feed_forward(il),
+                )
+            )
 
     def attention(self, il, x, positions, cache):
         c = self.config
