@@ -176,6 +176,15 @@ class DecoderModel:
             return GLU.from_tensors(t, n, self.arch.activation)
         return MoE(t, self.config.moe, self.config.n_embd, self.dtype, n)
 
+    def load_layers(self, attention: Callable[[dict[str, Tensor | None]], Any]) -> list[Layer]:
+        """Every pre-norm Layer: its norms, its attention (attention(the layer's tensors by role)), its FFN."""
+        layers = []
+        for il in range(self.config.n_layer):
+            t = self.tensors(il)
+            norms = self.norm(t["attn_norm"]), self.norm(t["ffn_norm"])
+            layers.append(Layer(norms[0], attention(t), norms[1], self.feed_forward(il)))
+        return layers
+
     def moe_blocks(self) -> list[tuple[int, MoE]]:
         """(layer, block) of every mixture of experts: where --numa and MPI place and dispatch experts."""
         return [(il, layer.ffn) for il, layer in enumerate(self.layers) if isinstance(layer.ffn, MoE)]

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from refengine.arch.common import DecoderConfig, DecoderModel, HParams, Layer, ModelError
+from refengine.arch.common import DecoderConfig, DecoderModel, HParams, ModelError
 from refengine.arch.moe import MoEConfig
 from refengine.gguf import GGUFFile, Tensor
 from refengine.kernels import bound_matvec_slices, ops_ggml
@@ -256,17 +256,7 @@ class Deepseek2(DecoderModel):
         if n == "ggml":  # llama.cpp's float32 set-up of YaRN and of kq_scale
             log_mul = HParams(gguf_file).float("rope.scaling.yarn_log_multiplier", 0.0)
             self.rope, self.attn_scale = ggml_scales(c.rope, log_mul, c.q_head)
-        self.layers = []
-        for il in range(c.n_layer):
-            t = self.tensors(il)
-            self.layers.append(
-                Layer(
-                    attn_norm=self.norm(t["attn_norm"]),
-                    attn=MLAWeights.load(t, c, self.dtype, n),
-                    ffn_norm=self.norm(t["ffn_norm"]),
-                    ffn=self.feed_forward(il),
-                )
-            )
+        self.layers = self.load_layers(lambda t: MLAWeights.load(t, c, self.dtype, n))
 
     def new_cache(self, n_ctx: int) -> KVCache:
         c = self.config

@@ -15,7 +15,6 @@ from refengine.arch.common import (
     DecoderModel,
     GQAConfig,
     HParams,
-    Layer,
     ModelError,
     check_shape,
     kq_scale,
@@ -77,17 +76,7 @@ class Llama(DecoderModel):
         c = LlamaConfig.from_gguf(gguf_file)
         super().__init__(gguf_file, c, dtype, numerics)
         self.attn_scale = kq_scale(self, c.head_dim)
-        self.layers = []
-        for il in range(c.n_layer):
-            t = self.tensors(il)
-            self.layers.append(
-                Layer(
-                    attn_norm=self.norm(t["attn_norm"]),
-                    attn=load_attention(t, self.dtype, self.numerics),
-                    ffn_norm=self.norm(t["ffn_norm"]),
-                    ffn=self.feed_forward(il),
-                )
-            )
+        self.layers = self.load_layers(lambda t: load_attention(t, self.dtype, self.numerics))
 
     def attention(self, il, x, positions, cache):
         c = self.config
