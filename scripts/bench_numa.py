@@ -34,10 +34,6 @@ def tiny(arch: str, folder: Path) -> Path:
     return quantize_q4_k_m(f32, folder / f"{arch}-bigger-q4_k_m.gguf")
 
 
-def moe_blocks(model) -> list:
-    return [(il, b) for il, layer in enumerate(model.layers) for b in vars(layer).values() if hasattr(b, "dispatch")]
-
-
 def bench(path: Path, n_prompt: int, n_gen: int, rounds: int) -> dict:
     session = Session.load(str(path))
     system = read_system()
@@ -46,14 +42,14 @@ def bench(path: Path, n_prompt: int, n_gen: int, rounds: int) -> dict:
     try:
         for mode, runtime in runtimes.items():
             runtime.attach(session.gguf, session.model, dispatch=True)  # places the pages, sets the dispatch
-            dispatches[mode] = {il: b.dispatch for il, b in moe_blocks(session.model)}
+            dispatches[mode] = {il: b.dispatch for il, b in session.model.moe_blocks()}
         rng = np.random.default_rng(0)
         prompt_ctx = Context(session.model, n_prompt, 0, rng)
         gen_ctx = Context(session.model, n_gen, 0, rng)
         best = {mode: {"pp": 0.0, "tg": 0.0} for mode in MODES}
         for _ in range(rounds + 1):  # the first round warms up (kernels load, pages fault in) and is not kept
             for mode in MODES:
-                for il, block in moe_blocks(session.model):
+                for il, block in session.model.moe_blocks():
                     block.dispatch = dispatches[mode].get(il)
                 pp = n_prompt / time_prompt(prompt_ctx, n_prompt, rng)
                 tg = n_gen / time_generation(gen_ctx, n_gen, rng)
