@@ -210,12 +210,13 @@ def _plan_one(
     shares = place(system, numa, needs, units, gguf_file)
     room = measure_room(system)
     verdict, reasons, actions = judge(needs, sizer, n_ctx, system, numa, shares, room)
+    n_batch = sizer.batch(n_ctx)
     return Plan(
         model=str(gguf_file.path),
         architecture=sizer.shape.arch,
         n_splits=len(gguf_file.splits),
         n_ctx=n_ctx,
-        n_batch=sizer.batch(n_ctx),
+        n_batch=n_batch,
         numa=numa,
         itemsize=itemsize,
         needs=needs,
@@ -225,7 +226,7 @@ def _plan_one(
         verdict=verdict,
         reasons=tuple(reasons),
         actions=tuple(actions),
-        notes=tuple(_notes(system, numa, sizer.batch(n_ctx), itemsize)),
+        notes=tuple(_notes(system, numa, n_batch, itemsize)),
     )
 
 
