@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 Precision = Literal["f32", "f64"]
 Numerics = Literal["exact", "ggml"]
+CacheType = Literal["f16", "f32"]
 
 
 class APIError(RefengineError):
@@ -165,17 +166,25 @@ class Model:
         return kl_divergence(self.session, open_logits_file(kl_divergence_base), n_chunks, on_chunk).report()
 
 
-def load(name_or_path: str | os.PathLike, precision: Precision = "f32", numerics: Numerics = "exact") -> Model:
+def load(
+    name_or_path: str | os.PathLike,
+    precision: Precision = "f32",
+    numerics: Numerics = "exact",
+    cache_type: CacheType | None = None,
+) -> Model:
     """Load a GGUF model by path (any split of a split model) or short name (gemma3-270m, smollm2-135m).
 
     precision "f32" computes as a float32 engine does; "f64" accumulates everything in float64, the
     exact function the file defines. numerics "exact" computes the file's function; "ggml" (f32 only)
     computes as llama.cpp's CPU backend does: activations quantized to 8 bits for each matmul, integer
-    dot products, an f16 KV cache. Weights stay memory-mapped; nothing is copied."""
+    dot products, an f16 KV cache, or with cache_type "f32" llama.cpp's -ctk f32 -ctv f32 (flash attention off).
+    Weights stay memory-mapped; nothing is copied."""
     if precision not in PRECISIONS:
         raise APIError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if numerics not in NUMERICS:
         raise APIError(f"numerics {numerics!r}: use one of {', '.join(NUMERICS)}")
     if numerics == "ggml" and precision != "f32":
         raise APIError("numerics 'ggml' is llama.cpp's float32 arithmetic: use precision 'f32' (f64 is exact)")
-    return Model(Session.load(os.fspath(name_or_path), precision, numerics), precision)
+    if cache_type is not None and numerics != "ggml":
+        raise APIError(f"cache_type {cache_type!r} is for numerics 'ggml'; exact numerics caches in its precision")
+    return Model(Session.load(os.fspath(name_or_path), precision, numerics, cache_type), precision)

@@ -173,8 +173,9 @@ PRECISION_OPTION = click.option(
 
 
 def numerics_option(default: str):
-    """--numerics exact|ggml, with the command's default (`numerics_of` resolves it against --precision)."""
-    return click.option(
+    """--numerics exact|ggml, with the command's default (`numerics_of` resolves it against --precision), and
+    ggml numerics' KV cache type, --cache-type (`cache_type_of`)."""
+    numerics = click.option(
         "--numerics",
         type=click.Choice(["exact", "ggml"]),
         default=None,
@@ -182,6 +183,15 @@ def numerics_option(default: str):
         f"(activations quantized to 8 bits for each matmul, an F16 KV cache; float32 only). Default: {default}, "
         "exact with --precision f64.",
     )
+    cache_type = click.option(
+        "-ctk",
+        "--cache-type",
+        type=click.Choice(["f16", "f32"]),
+        default=None,
+        help="With --numerics ggml, the KV cache type, as llama.cpp's -ctk/-ctv: f16 (default) or f32, which "
+        "attends as llama.cpp does with flash attention off.",
+    )
+    return lambda command: numerics(cache_type(command))
 
 
 def numerics_of(numerics: str | None, precision: str, default: str) -> str:
@@ -193,6 +203,13 @@ def numerics_of(numerics: str | None, precision: str, default: str) -> str:
             )
         return "exact"
     return numerics or default
+
+
+def cache_type_of(cache_type: str | None, numerics: str) -> str | None:
+    """--cache-type as given, for ggml numerics only (exact numerics caches in its precision)."""
+    if cache_type is not None and numerics != "ggml":
+        raise click.BadParameter("the KV cache type is ggml numerics' (--numerics ggml)", param_hint="--cache-type")
+    return cache_type
 
 
 SYSROOT_OPTION_TYPE = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -239,7 +256,13 @@ def numa_options(command):
 
 
 def load_session(
-    model: str | GGUFFile, precision: str, numa: str, numa_nodes, sysroot: Path = Path("/"), numerics: str = "exact"
+    model: str | GGUFFile,
+    precision: str,
+    numa: str,
+    numa_nodes,
+    sysroot: Path = Path("/"),
+    numerics: str = "exact",
+    cache_type: str | None = None,
 ):
     """Session.load under --numa: threads are spread before the model loads, pages placed once it is
     loaded, and the node pools close with the command. --numa off touches nothing."""
@@ -252,13 +275,13 @@ def load_session(
             raise DistributedError("--numa places experts on one host's nodes; under MPI use --numa off")
         gguf_file = model if isinstance(model, GGUFFile) else open_model_file(model)
         partition = place_share(gguf_file, world)  # before loading: see refengine.distributed
-        session = Session.load(gguf_file, precision, numerics)
+        session = Session.load(gguf_file, precision, numerics, cache_type)
         status = start(session, world, partition, click.get_current_context())
         if status is not None:  # a rank other than 0: it has followed rank 0 to the end
             raise click.exceptions.Exit(status)
         return session
     if numa == "off" and numa_nodes is None:
-        return Session.load(model, precision, numerics)
+        return Session.load(model, precision, numerics, cache_type)
     from refengine.numa import NumaRuntime, warn
     from refengine.system import read_system
 
@@ -266,7 +289,7 @@ def load_session(
     context = click.get_current_context()
     context.call_on_close(runtime.close)
     context.meta["refengine.numa"] = runtime  # for --json reports: bytes placed and read per node
-    session = Session.load(model, precision, numerics)
+    session = Session.load(model, precision, numerics, cache_type)
     warn(runtime.attach(session.gguf, session.model))
     return session
 
@@ -369,13 +392,15 @@ def parse_token_list(text: str) -> list[int]:
 @PRECISION_OPTION
 @numerics_option("exact")
 @numa_options
-def logits(model: str, tokens: str, output: Path, precision: str, numerics, numa: str, numa_nodes) -> None:
+def logits(model: str, tokens: str, output: Path, precision: str, numerics, cache_type, numa: str, numa_nodes) -> None:
     """Write the logits of every position of a token sequence, for comparing engines."""
     import numpy as np
 
     ids = parse_token_list(tokens)
     numerics = numerics_of(numerics, precision, "exact")
-    session = load_session(model, precision, numa, numa_nodes, numerics=numerics)
+    session = load_session(
+        model, precision, numa, numa_nodes, numerics=numerics, cache_type=cache_type_of(cache_type, numerics)
+    )
     cache = session.new_cache(len(ids))
     result = session.model.forward(np.asarray(ids), cache).astype(np.float32)  # (n_tokens, n_vocab)
     write_npy(output, result, session.gguf)
@@ -421,6 +446,7 @@ def generate(
     system,
     precision,
     numerics,
+    cache_type,
     as_json,
     no_plan,
     sysroot,
@@ -441,7 +467,8 @@ def generate(
         max_prompt_tokens = text_bytes + (512 if chat else 8)
         source = preflight(model, ctx, precision, sysroot, max_prompt_tokens=max_prompt_tokens, numa=numa)
     sampler = Sampler(sampling)
-    session = load_session(source, precision, numa, numa_nodes, sysroot, numerics_of(numerics, precision, "ggml"))
+    numerics = numerics_of(numerics, precision, "ggml")
+    session = load_session(source, precision, numa, numa_nodes, sysroot, numerics, cache_type_of(cache_type, numerics))
     prompt_ids = prompt_token_ids(session.gguf, session.tokenizer, prompt, chat, system)
     if len(prompt_ids) + n_predict > ctx:
         raise UserError(
@@ -491,14 +518,15 @@ def generate(
 @click.option("--system", default=None, metavar="TEXT", help="System message.")
 @PRECISION_OPTION
 @numerics_option("ggml")
-def chat(model, n_predict, ctx, sampling, system, precision, numerics) -> None:
+def chat(model, n_predict, ctx, sampling, system, precision, numerics, cache_type) -> None:
     """Talk with the model. The KV cache is kept across turns; an empty line or Ctrl-D ends."""
     from refengine.chat import Conversation
     from refengine.sampler import Sampler
     from refengine.session import Session
 
     sampler = Sampler(sampling)
-    session = Session.load(model, precision, numerics_of(numerics, precision, "ggml"))
+    numerics = numerics_of(numerics, precision, "ggml")
+    session = Session.load(model, precision, numerics, cache_type_of(cache_type, numerics))
     conversation = Conversation(session.model, session.tokenizer, session.gguf, session.new_cache(ctx), system)
     while True:
         try:
@@ -540,13 +568,15 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print llama-bench-style JSON records.")
 @numa_options
 def bench_model_command(
-    model, n_prompt, n_gen, depth, repetitions, precision, numerics, as_json, numa, numa_nodes
+    model, n_prompt, n_gen, depth, repetitions, precision, numerics, cache_type, as_json, numa, numa_nodes
 ) -> None:
     """Prompt processing and generation speed, as llama-bench reports them."""
     from refengine.bench import bench_model, markdown
 
     numerics = numerics_of(numerics, precision, "ggml")
-    session = load_session(model, precision, numa, numa_nodes, numerics=numerics)
+    session = load_session(
+        model, precision, numa, numa_nodes, numerics=numerics, cache_type=cache_type_of(cache_type, numerics)
+    )
     records = [r for d in depth or (0,) for r in bench_model(session, n_prompt, n_gen, repetitions, precision, d)]
     click.echo(json.dumps([r.as_dict() for r in records], indent=2) if as_json else markdown(records))
 
@@ -729,7 +759,9 @@ B files are read and written by llama-perplexity too. MODEL: a .gguf path or gem
 @PRECISION_OPTION
 @numerics_option("exact")
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as one JSON object.")
-def perplexity_command(model, text_file, ctx, chunks, base_file, kl_divergence, precision, numerics, as_json) -> None:
+def perplexity_command(
+    model, text_file, ctx, chunks, base_file, kl_divergence, precision, numerics, cache_type, as_json
+) -> None:
     """Perplexity of a text, and KL divergence against a base model, exactly as llama-perplexity."""
     import contextlib
 
@@ -741,7 +773,10 @@ def perplexity_command(model, text_file, ctx, chunks, base_file, kl_divergence, 
     from refengine.api import Model
 
     numerics = numerics_of(numerics, precision, "exact")
-    loaded = Model(load_session(model, precision, "off", None, numerics=numerics), precision)
+    session = load_session(
+        model, precision, "off", None, numerics=numerics, cache_type=cache_type_of(cache_type, numerics)
+    )
+    loaded = Model(session, precision)
     if base_file is not None and not kl_divergence:
         inputs = [text_file, *loaded.session.gguf.splits]
         if any(_same_file(base_file, p) for p in inputs):
@@ -785,7 +820,7 @@ def perplexity_command(model, text_file, ctx, chunks, base_file, kl_divergence, 
 @PRECISION_OPTION
 @numerics_option("exact")
 @click.option("--json", "as_json", is_flag=True, help="Print each tensor's name, shape and sum as JSON.")
-def trace_command(model, prompt, tokens, output, pattern, positions, precision, numerics, as_json) -> None:
+def trace_command(model, prompt, tokens, output, pattern, positions, precision, numerics, cache_type, as_json) -> None:
     """Write every intermediate tensor of one forward pass, by llama.cpp's graph names (inp_embd,
     attn_norm-0, Qcur-0, ..., l_out-N, result_norm, result_output), to line up with llama-eval-callback."""
     import refengine
@@ -794,7 +829,8 @@ def trace_command(model, prompt, tokens, output, pattern, positions, precision, 
     if (prompt is None) == (tokens is None):
         raise click.UsageError("give one of -p PROMPT or --tokens IDS")
     compile_filter(pattern)  # a bad regex fails before the model loads
-    loaded = refengine.load(model, precision, numerics_of(numerics, precision, "exact"))
+    numerics = numerics_of(numerics, precision, "exact")
+    loaded = refengine.load(model, precision, numerics, cache_type_of(cache_type, numerics))
     ids = loaded.tokenize(prompt) if prompt is not None else parse_token_list(tokens)
     traced = loaded.trace(ids, filter=pattern, positions=positions)
     if any(_same_file(output, p) for p in loaded.session.gguf.splits):

@@ -37,6 +37,10 @@ from refengine.threads import integer_kernels
 #   ggml   llama.cpp's CPU arithmetic: activations quantized for each matmul as ggml-cpu does, integer
 #          dot products, and the roundings of its other ops (f16 KV cache, rope tables, GELU table, ...)
 NUMERICS = ("exact", "ggml")
+# The KV cache's type in ggml numerics, as llama.cpp's -ctk/-ctv: f16 (its default) or f32 (with flash
+# attention off, what llama-eval-callback -ctk f32 -ctv f32 -fa off computes). Exact numerics caches in
+# the compute dtype.
+CACHE_TYPES = {"f16": np.float16, "f32": np.float32}
 # Below this many rows (tokens) an element-wise op runs on the calling thread: waking the others costs more.
 FEW_ROWS = 16
 
@@ -309,8 +313,12 @@ class Rope:
 
 
 def attention_ggml(q: np.ndarray, layer: LayerCache, first: int, scale: float) -> np.ndarray:
-    """attention() in llama.cpp's CPU arithmetic (numerics "ggml"), over an F16 cache: q (n_tok, n_head,
-    head_dim_k) -> (n_tok, n_head, head_dim_v); see kernels/attention_ggml.py."""
+    """attention() in llama.cpp's CPU arithmetic (numerics "ggml"): q (n_tok, n_head, head_dim_k) ->
+    (n_tok, n_head, head_dim_v). Over an F16 cache, see kernels/attention_ggml.py. Over an F32 cache
+    (llama.cpp's -ctk f32 -ctv f32 with flash attention off) ggml multiplies K*Q and V*softmax in float32,
+    which is attention() up to the order of float32 additions."""
+    if layer.k.dtype != np.float16:
+        return attention(q, layer, first, scale)
     n_tok, n_head, _ = q.shape
     n_kv_head = layer.k.shape[0]
     if n_head % n_kv_head:

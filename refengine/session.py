@@ -32,15 +32,21 @@ class Session:
         return self.model.numerics
 
     @classmethod
-    def load(cls, model: str | GGUFFile, precision: str = "f32", numerics: str = "exact") -> Session:
+    def load(
+        cls, model: str | GGUFFile, precision: str = "f32", numerics: str = "exact", cache_type: str | None = None
+    ) -> Session:
         """`model` is a name or path, or a file the caller has already opened (the memory plan's).
-        numerics "exact" or "ggml" (llama.cpp's CPU arithmetic, f32 only; see refengine.nn.NUMERICS)."""
+        numerics "exact" or "ggml" (llama.cpp's CPU arithmetic, f32 only; see refengine.nn.NUMERICS), and in
+        ggml numerics the KV cache type, f16 (default) or f32 (llama.cpp's -ctk/-ctv)."""
         start = time.perf_counter()
         if precision not in PRECISIONS:
             raise RefengineError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         gguf_file = model if isinstance(model, GGUFFile) else open_gguf(resolve_model(model))
         session = cls(
-            gguf_file, load_model(gguf_file, PRECISIONS[precision], numerics), Tokenizer.from_gguf(gguf_file), 0.0
+            gguf_file,
+            load_model(gguf_file, PRECISIONS[precision], numerics, cache_type),
+            Tokenizer.from_gguf(gguf_file),
+            0.0,
         )
         session.load_s = time.perf_counter() - start
         return session

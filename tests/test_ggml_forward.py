@@ -19,6 +19,7 @@ import pytest
 import refengine
 from refengine.api import APIError
 from refengine.cli import main
+from refengine.errors import RefengineError
 from refengine.session import Session
 from refengine.testing import MOE_MODELS
 from refengine.testing.moe_oracle import PROMPTS, load_golden_moe, make_q4_k_m
@@ -122,6 +123,40 @@ def test_tiny_models_equal_llama_cpp_to_the_bit(tiny_model, arch, variant):
         llm.close()
 
 
+@pytest.mark.oracle
+def test_f32_cache_equals_llama_cpp_with_its_f32_cache(tiny_model):
+    """--cache-type f32: llama.cpp with -ctk f32 -ctv f32 and flash attention off multiplies K*Q and V*softmax
+    in float32, as our exact attention kernels do, up to the order of float32 additions. On an F32 model, so
+    that no activation is rounded to 8 bits: there an addition's last bit can flip a rounding, and the logits
+    of a quantized model part by ~1e-2."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    path = tiny_model("llama")
+    f32_cache = refengine.load(path, numerics="ggml", cache_type="f32")
+    assert f32_cache.session.new_cache(8).layers[0].k.dtype == np.float32
+    f32 = int(llama_cpp.GGML_TYPE_F32)
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=128, logits_all=True, n_threads=2, type_k=f32, type_v=f32, flash_attn=False, verbose=False
+    )
+    try:
+        llm.eval(SEQUENCE)
+        theirs = np.array(llm.scores[: len(SEQUENCE)], dtype=np.float32)
+    finally:
+        llm.close()
+    ours, f16_cache = f32_cache.logits(SEQUENCE), refengine.load(path, numerics="ggml").logits(SEQUENCE)
+    scale = np.abs(theirs).max()
+    assert np.abs(ours - theirs).max() < 1e-6 * scale  # measured 2.6e-7
+    assert np.abs(f16_cache - theirs).max() > 100 * np.abs(ours - theirs).max()  # the cache type is what moved
+
+
+def test_f32_cache_decodes_as_it_prefills(tiny_model):
+    """One token at a time through an F32 cache gives the logits of the whole sequence at once."""
+    model = refengine.load(tiny_model("llama"), numerics="ggml", cache_type="f32").session.model
+    batch = model.forward(np.array(SEQUENCE[:12]), model.new_cache(16))
+    cache = model.new_cache(16)
+    stepped = np.concatenate([model.forward(np.array([t]), cache) for t in SEQUENCE[:12]])
+    np.testing.assert_allclose(stepped, batch, rtol=0, atol=1e-5 * np.abs(batch).max())
+
+
 # ---------------------------------------------------------------- API and CLI
 
 
@@ -137,6 +172,10 @@ def test_api_numerics(tiny_model):
         refengine.load(path, precision="f64", numerics="ggml")
     with pytest.raises(APIError, match="numerics"):
         refengine.load(path, numerics="fast")
+    with pytest.raises(APIError, match="cache_type"):
+        refengine.load(path, cache_type="f32")  # exact numerics caches in its precision
+    with pytest.raises(RefengineError, match="cache type 'q8_0'"):
+        refengine.load(path, numerics="ggml", cache_type="q8_0")
 
 
 def test_cli_numerics_flag(tiny_model, tmp_path, capsys):
@@ -150,3 +189,10 @@ def test_cli_numerics_flag(tiny_model, tmp_path, capsys):
     assert main(["generate", "-m", path, "-n", "2", "--precision", "f64", "--numerics", "ggml", "--no-plan", "x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--numerics" in err and "f64" in err
+    assert main(["logits", "-m", path, "--tokens", "1,2", "--cache-type", "f32", "--out", str(tmp_path / "e.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--cache-type" in err and "--numerics ggml" in err
+    args = ["logits", "-m", path, "--tokens", "1,2,3,4", "--numerics", "ggml", "-ctk", "f32", "--out"]
+    assert main([*args, str(tmp_path / "f.npy")]) == 0
+    expected = refengine.load(path, numerics="ggml", cache_type="f32").logits([1, 2, 3, 4])
+    assert np.array_equal(np.load(tmp_path / "f.npy"), expected)

@@ -14,7 +14,11 @@ from refengine.hparams import ModelError
 __all__ = ["ARCHITECTURES", "Architecture", "ModelError", "architecture", "load_model"]
 
 
-def load_model(gguf_file: GGUFFile, dtype=np.float32, numerics: str = "exact"):
+def load_model(gguf_file: GGUFFile, dtype=np.float32, numerics: str = "exact", cache_type: str | None = None):
     """The file's model (a refengine.arch.common.DecoderModel) computing in `dtype`, float32 or float64,
-    with `numerics` "exact" or "ggml" (llama.cpp's CPU arithmetic; float32 only): see refengine.nn.NUMERICS."""
-    return architecture(gguf_file).model_class()(gguf_file, dtype, numerics)
+    with `numerics` "exact" or "ggml" (llama.cpp's CPU arithmetic; float32 only): see refengine.nn.NUMERICS.
+    cache_type: the KV cache's in ggml numerics, f16 (the default) or f32, as llama.cpp's -ctk/-ctv."""
+    model = architecture(gguf_file).model_class()(gguf_file, dtype, numerics)
+    if cache_type is not None:
+        model.use_cache_type(cache_type)
+    return model

@@ -18,6 +18,7 @@ from refengine.arch.moe import MoE
 from refengine.gguf import GGUFFile, Tensor
 from refengine.hparams import HParams, ModelError
 from refengine.nn import (
+    CACHE_TYPES,
     N_UBATCH,
     NUMERICS,
     KVCache,
@@ -153,6 +154,8 @@ class DecoderModel:
         self.dtype = np.dtype(dtype)
         self.numerics = check_numerics(numerics, self.dtype)
         self.n_ubatch = N_UBATCH  # prompts are evaluated this many tokens at a time
+        # The KV cache type as llama.cpp's -ctk/-ctv name it: in ggml numerics its default, f16 (use_cache_type)
+        self.cache_type = "f16" if self.numerics == "ggml" else f"f{8 * self.dtype.itemsize}"
         self.observer: Observer | None = None  # set for the length of one forward(..., observer=)
         t = self.tensors()
         self.token_embd = t["token_embd"]  # (n_vocab, n_embd)
@@ -202,8 +205,17 @@ class DecoderModel:
 
     @property
     def cache_dtype(self) -> np.dtype:
-        """The KV cache's: the compute dtype, or in ggml numerics F16, llama.cpp's default cache type."""
-        return np.dtype(np.float16) if self.numerics == "ggml" else self.dtype
+        """The KV cache's: the compute dtype, or in ggml numerics the cache type (F16 unless use_cache_type)."""
+        return np.dtype(CACHE_TYPES[self.cache_type]) if self.numerics == "ggml" else self.dtype
+
+    def use_cache_type(self, cache_type: str) -> None:
+        """Cache keys and values as `cache_type` (CACHE_TYPES) in the caches made from now on: ggml numerics only,
+        since exact numerics caches in the compute dtype."""
+        if cache_type not in CACHE_TYPES:
+            raise ModelError(f"cache type {cache_type!r}: use one of {', '.join(CACHE_TYPES)}")
+        if cache_type != self.cache_type and self.numerics != "ggml":
+            raise ModelError(f"cache type {cache_type}: exact numerics caches in the compute dtype; use numerics ggml")
+        self.cache_type = cache_type
 
     def new_cache(self, n_ctx: int) -> KVCache:
         c = self.config
@@ -340,7 +352,7 @@ def self_attention(
     q, k, v = w.attn_q(x), w.attn_k(x), w.attn_v(x)  # (n_tok, heads * head_dim)
     if w.bias_q is not None:
         q, k, v = q + w.bias_q, k + w.bias_k, v + w.bias_v
-    if numerics == "ggml" and n_tok == 1 and model.observer is None:  # decoding: the rest in one kernel call
+    if numerics == "ggml" and n_tok == 1 and model.observer is None and model.cache_type == "f16":  # one call
         out = decode_attention_ggml(
             q.reshape(c.n_head, c.head_dim), k.reshape(c.n_head_kv, c.head_dim), v.reshape(c.n_head_kv, c.head_dim),
             cache.layers[il], int(positions[0]), rope, 1.0 if scale_q else scale, w.attn_q_norm, w.attn_k_norm,
