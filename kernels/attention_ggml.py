@@ -194,50 +194,57 @@ def attend(q, k, v, first, window, scale, n_cells, out):
 
 
 @kernel
-def attend_head(q, k, v, h, begin, end, scale, n_cells, key, lanes, scores, probs, values, out):
-    """Query head h of one token (ggml_vec_dot_f16 over head_dim, then over the n_cells cells) into out (dv,).
-    key (dk,), lanes (64,), scores and probs (end,), values (64, dv): scratch."""
+def attend_heads(q, k, v, g, j0, j1, begin, end, scale, n_cells, out):
+    """Query heads j0 .. j1 - 1 of KV head g's group, one token, on this thread, into out (n_head, dv): each
+    head ggml_vec_dot_f16 over head_dim, then over the n_cells cells. Each key row is converted from f16
+    once for all the heads (the conversion is exact, so every head's sums are those of its own pass)."""
     n_head, dk = q.shape
-    n_kv_head, n_slots, _ = v.shape
-    g = h // (n_head // n_kv_head)
-    q16 = round_to_f16(q[h])
+    n_kv_head, n_slots, dv = v.shape
+    h0 = g * (n_head // n_kv_head) + j0
+    n_q = j1 - j0
+    q16 = np.empty((n_q, dk), dtype=np.float32)  # (n_q, dk) the queries rounded to f16
+    for j in range(n_q):
+        q16[j] = round_to_f16(q[h0 + j])
+    key, lanes = np.empty(dk, dtype=np.float32), np.empty(64, dtype=np.float32)
+    scores = np.empty((n_q, end), dtype=np.float32)  # only cells begin .. end - 1 are written and read
     for p in range(begin, end):
         for i in range(dk):
             key[i] = half_to_f32(k[g, p % n_slots, i])
-        total, steps = vec_dot_lanes(key, q16, dk, lanes)
-        wide = np.float64(total)
-        for i in range(steps, dk):
-            wide += np.float64(key[i] * q16[i])
-        scores[p] = f32(wide) * scale
-    softmax_row(scores, begin, end, n_cells, probs)
-    weighted_values(v, g, visible_to_f16(probs, begin, end), begin, end, n_slots, n_cells, False, values, out)
+        for j in range(n_q):
+            scores[j, p] = key_dot(key, q16[j], lanes) * scale
+    probs = np.zeros(end, dtype=np.float32)
+    values = np.empty((64, dv), dtype=np.float32)
+    for j in range(n_q):
+        softmax_row(scores[j], begin, end, n_cells, probs)
+        p16 = visible_to_f16(probs, begin, end)
+        weighted_values(v, g, p16, begin, end, n_slots, n_cells, False, values, out[h0 + j])
 
 
 @kernel
 def attend_token(q, k, v, position, window, scale, n_cells, out):
     """One query token, on this thread: q (n_head, dk) f32, k, v (n_kv_head, n_slots, d) f16 bits, out (n_head, dv).
     As `attend` for one token."""
-    n_head, dk = q.shape
-    dv = v.shape[2]
+    n_head = q.shape[0]
+    n_kv_head = k.shape[0]
     begin, end = first_visible(position, window), position + 1
-    key, lanes = np.empty(dk, dtype=np.float32), np.empty(64, dtype=np.float32)
-    scores, probs = np.empty(end, dtype=np.float32), np.zeros(end, dtype=np.float32)
-    values = np.empty((64, dv), dtype=np.float32)
-    for h in range(n_head):
-        attend_head(q, k, v, h, begin, end, scale, n_cells, key, lanes, scores, probs, values, out[h])
+    for g in range(n_kv_head):
+        attend_heads(q, k, v, g, 0, n_head // n_kv_head, begin, end, scale, n_cells, out)
 
 
 @kernel(parallel=True)
-def attend_token_heads(q, k, v, position, window, scale, n_cells, out):
-    """attend_token with the heads shared among the threads: for a long context, where a head's work is large."""
-    n_head, dk = q.shape
-    dv = v.shape[2]
+def attend_token_heads(q, k, v, position, window, scale, n_cells, out, n_threads=1):
+    """attend_token with the heads shared among n_threads threads: for a long context, where a head's work is
+    large. A KV head's group is cut into as few parts as give every thread one, so that each key row is
+    converted as few times as possible (MLA: one KV head for every query head)."""
+    n_head = q.shape[0]
+    n_kv_head = k.shape[0]
+    group = n_head // n_kv_head
+    n_parts = min(group, max(1, -(-n_threads // n_kv_head)))
     begin, end = first_visible(position, window), position + 1
-    for h in prange(n_head):
-        key, lanes = np.empty(dk, dtype=np.float32), np.empty(64, dtype=np.float32)
-        scores, probs = np.empty(end, dtype=np.float32), np.zeros(end, dtype=np.float32)
-        values = np.empty((64, dv), dtype=np.float32)
-        attend_head(q, k, v, h, begin, end, scale, n_cells, key, lanes, scores, probs, values, out[h])
+    for task in prange(n_kv_head * n_parts):
+        g, part = task // n_parts, task % n_parts
+        j0, j1 = part * group // n_parts, (part + 1) * group // n_parts
+        attend_heads(q, k, v, g, j0, j1, begin, end, scale, n_cells, out)
 
 
 # Multiply-adds of one token's attention (heads x visible cells x (dk + dv)) from which its heads are shared

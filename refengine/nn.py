@@ -14,6 +14,7 @@ import mmap
 from dataclasses import dataclass
 from functools import cached_property
 
+import numba
 import numpy as np
 
 from refengine.buffers import ATTENTION_TILE_FLOATS, MIN_KEY_BLOCK, N_UBATCH, TILE_FLOATS, cache_slots
@@ -332,7 +333,9 @@ def attention_ggml(q: np.ndarray, layer: LayerCache, first: int, scale: float) -
     if n_tok == 1 and attention_work(q.shape, layer, first) < ggml_attention.PARALLEL_ATTENTION_WORK:
         ggml_attention.attend_token(q[0], k, v, first, layer.window, np.float32(scale), n_cells, out[0])
     elif n_tok == 1:
-        ggml_attention.attend_token_heads(q[0], k, v, first, layer.window, np.float32(scale), n_cells, out[0])
+        ggml_attention.attend_token_heads(
+            q[0], k, v, first, layer.window, np.float32(scale), n_cells, out[0], numba.get_num_threads()
+        )
     else:
         with integer_kernels():
             ggml_attention.attend(q, k, v, first, layer.window, np.float32(scale), n_cells, out)
@@ -369,7 +372,9 @@ def decode_attention_ggml(
         position, layer.window, np.float32(scale), n_cells, serial, out,
     )  # fmt: skip
     if not serial:  # a long context: the heads on every thread
-        ggml_attention.attend_token_heads(q, k_cache, v_cache, position, layer.window, np.float32(scale), n_cells, out)
+        ggml_attention.attend_token_heads(
+            q, k_cache, v_cache, position, layer.window, np.float32(scale), n_cells, out, numba.get_num_threads()
+        )
     return out
 
 
