@@ -24,6 +24,7 @@ Layout of this package:
   kquants_ggml.py  the same for Q4_K, Q5_K, Q6_K, in the float order of each of ggml's paths
               (vec_dot, tiled batches, repacked Q4_K)
   float_ggml.py  F32 and F16 weights, and attention's products, in ggml's float orders
+  moe_ggml.py   a batch through every routed expert of a MoE layer at once, as ggml's mul_mat_id
   ops_ggml.py   rms_norm, rope, softmax, silu, gelu as ggml-cpu computes them, bit for bit
   attention_ggml.py  attention over an F16 KV cache as llama.cpp without flash attention
 
@@ -56,7 +57,7 @@ from refengine.errors import RefengineError
 
 from . import attention, floats, fp4, iquants, kquants, legacy, quant_types, ternary
 from .gemv import MATVEC_KERNELS
-from .gemv_ggml import ACTIVATION_KERNELS, VEC_DOT_TYPES
+from .gemv_ggml import ACTIVATION_KERNELS, VEC_DOT_TYPES, batch_activations_q8_k, pair_sums
 from .gemv_ggml import GGML_MATMUL_ID_KERNELS as _LEGACY_MATMUL_ID
 from .gemv_ggml import GGML_MATMUL_KERNELS as _LEGACY_MATMUL
 from .gemv_ggml import GGML_MATVEC_KERNELS as _LEGACY_MATVEC
@@ -68,6 +69,7 @@ from .kquants_ggml import (
     KQUANT_MATVEC_SLICES_KERNELS,
     KQUANT_UNREPACKED_KERNELS,
 )
+from .moe_ggml import EXPERT_KERNELS, expert_jobs
 from .quant_types import QuantType
 from .quantize import QUANTIZE_KERNELS
 
@@ -282,6 +284,38 @@ def bound_matvec_slices(
         kernel = KQUANT_UNREPACKED_KERNELS[ggml_type][2]
     _matvec_kernel(ggml_type, rows, "ggml")  # the rows' checks
     return functools.partial(kernel, rows, n_out)
+
+
+def bound_expert_matmul(
+    ggml_type, tensors: tuple[np.ndarray, ...], n_out: int
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]], None] | None:
+    """A batch through every chosen expert of one or two 3-D expert tensors of `ggml_type` (gate and up share their
+    activations) in one call, as ggml's mul_mat_id computes it (moe_ggml.py): f(experts, starts, src, x, outs).
+    tensors: each (n_expert * n_out, row_bytes) uint8, expert e its rows e * n_out .. (e + 1) * n_out - 1.
+    experts (n_groups,) and starts (n_groups + 1,) int64: the entries starts[g] .. starts[g + 1] - 1 go through
+    expert experts[g]; src (n_entries,) int64: the row of x, (n_src, n_in) float32, each entry reads; outs: one
+    (n_entries, n_out) float32 array per tensor. Each output is what bound_matmul(..., expert=True) on its expert's
+    rows and tokens gives it, to the bit. None for a type without such a kernel."""
+    if ggml_type not in EXPERT_KERNELS or len(tensors) not in (1, 2) or any(t.shape[0] % n_out for t in tensors):
+        return None
+    n_in = max(_matvec_kernel(ggml_type, rows, "ggml")[1] for rows in tensors)  # the rows' checks
+    if any(_matvec_kernel(ggml_type, rows, "ggml")[1] != n_in for rows in tensors):
+        raise KernelError(f"{_type_name(ggml_type)} expert tensors of different widths")
+    kernel, paired_sums = EXPERT_KERNELS[ggml_type]
+    rows0, rows1 = tensors[0], tensors[-1]
+
+    def run(experts, starts, src, x, outs) -> None:
+        if x.dtype != _FLOAT32 or x.ndim != 2 or x.shape[1] != n_in or not x.flags.c_contiguous:
+            raise KernelError(f"expert batch: x must be C-contiguous float32 (n_src, {n_in}), got {x.dtype} {x.shape}")
+        n_entries = starts[-1]
+        if len(outs) != len(tensors) or any(o.shape != (n_entries, n_out) or o.dtype != _FLOAT32 for o in outs):
+            raise KernelError(f"expert batch: outs must be {len(tensors)} float32 ({n_entries}, {n_out}) arrays")
+        a, scales, sums = batch_activations_q8_k(x)
+        jobs = expert_jobs(starts, n_out, len(tensors))
+        kernel(rows0, rows1, n_out, jobs, experts, starts, src, a, scales, pair_sums(sums) if paired_sums else sums,
+               outs[0], outs[-1])  # fmt: skip
+
+    return run
 
 
 def _type_name(ggml_type) -> str:

@@ -332,6 +332,106 @@ def q4_k_repacked(rows, r, a, a_scales, sums32):
     return acc - acc_min
 
 
+# Four tokens against one row in the float orders of the one-token paths above (vec_dot, the repacked gemv), as
+# mul_mat_id computes an expert's tokens one by one (kernels/moe_ggml.py): a super-block's scales and quants decoded
+# once for the four, whose integer sums are reduced together (simd.sum_lanes_4); each token's floats as its own.
+
+
+@kernel(inline=True)
+def q4_k_repacked_tokens(rows, r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
+    """q4_k_repacked of row r for four tokens."""
+    acc0 = acc1 = acc2 = acc3 = f32(0)
+    min0 = min1 = min2 = min3 = f32(0)
+    for b in range(a0.shape[0]):
+        lanes0, mins0 = q4_k_super(rows, r, b, a0, m0)
+        lanes1, mins1 = q4_k_super(rows, r, b, a1, m1)
+        lanes2, mins2 = q4_k_super(rows, r, b, a2, m2)
+        lanes3, mins3 = q4_k_super(rows, r, b, a3, m3)
+        i0, i1, i2, i3 = sum_lanes_4(lanes0, lanes1, lanes2, lanes3)
+        n0, n1, n2, n3 = sum_lanes_4(mins0, mins1, mins2, mins3)
+        d_w, dmin_w = half_at(rows, r, 144 * b), half_at(rows, r, 144 * b + 2)
+        acc0, acc1 = fma32(f32(i0), d_w * s0[b], acc0), fma32(f32(i1), d_w * s1[b], acc1)
+        acc2, acc3 = fma32(f32(i2), d_w * s2[b], acc2), fma32(f32(i3), d_w * s3[b], acc3)
+        min0, min1 = fma32(f32(n0), dmin_w * s0[b], min0), fma32(f32(n1), dmin_w * s1[b], min1)
+        min2, min3 = fma32(f32(n2), dmin_w * s2[b], min2), fma32(f32(n3), dmin_w * s3[b], min3)
+    return acc0 - min0, acc1 - min1, acc2 - min2, acc3 - min3
+
+
+@kernel(inline=True)
+def q4_k_vec_dot_block(acc, m0, m1, m2, m3, lanes, mins, d, dmin):
+    """One super-block into q4_k_vec_dot's sums: 8 float lanes and the mins' 4 pair sums."""
+    m0 = fma32(dmin, f32(lane(mins, 0) + lane(mins, 1)), m0)
+    m1 = fma32(dmin, f32(lane(mins, 2) + lane(mins, 3)), m1)
+    m2 = fma32(dmin, f32(lane(mins, 4) + lane(mins, 5)), m2)
+    m3 = fma32(dmin, f32(lane(mins, 6) + lane(mins, 7)), m3)
+    return fma_lanes(acc, lanes, d), m0, m1, m2, m3
+
+
+@kernel(inline=True)
+def q4_k_vec_dot_tokens(rows, r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
+    """q4_k_vec_dot of row r for four tokens."""
+    acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+    p00 = p01 = p02 = p03 = p10 = p11 = p12 = p13 = f32(0)
+    p20 = p21 = p22 = p23 = p30 = p31 = p32 = p33 = f32(0)
+    for b in range(a0.shape[0]):
+        d_w, dmin_w = half_at(rows, r, 144 * b), half_at(rows, r, 144 * b + 2)
+        lanes, mins = q4_k_super(rows, r, b, a0, m0)
+        acc0, p00, p01, p02, p03 = q4_k_vec_dot_block(acc0, p00, p01, p02, p03, lanes, mins, s0[b] * d_w,
+                                                      -(s0[b] * dmin_w))  # fmt: skip
+        lanes, mins = q4_k_super(rows, r, b, a1, m1)
+        acc1, p10, p11, p12, p13 = q4_k_vec_dot_block(acc1, p10, p11, p12, p13, lanes, mins, s1[b] * d_w,
+                                                      -(s1[b] * dmin_w))  # fmt: skip
+        lanes, mins = q4_k_super(rows, r, b, a2, m2)
+        acc2, p20, p21, p22, p23 = q4_k_vec_dot_block(acc2, p20, p21, p22, p23, lanes, mins, s2[b] * d_w,
+                                                      -(s2[b] * dmin_w))  # fmt: skip
+        lanes, mins = q4_k_super(rows, r, b, a3, m3)
+        acc3, p30, p31, p32, p33 = q4_k_vec_dot_block(acc3, p30, p31, p32, p33, lanes, mins, s3[b] * d_w,
+                                                      -(s3[b] * dmin_w))  # fmt: skip
+    return (
+        sum_floats(acc0) + ((p00 + p02) + (p01 + p03)),
+        sum_floats(acc1) + ((p10 + p12) + (p11 + p13)),
+        sum_floats(acc2) + ((p20 + p22) + (p21 + p23)),
+        sum_floats(acc3) + ((p30 + p32) + (p31 + p33)),
+    )
+
+
+@kernel(inline=True)
+def q5_k_vec_dot_tokens(rows, r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
+    """q5_k_vec_dot of row r for four tokens."""
+    acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+    summs0 = summs1 = summs2 = summs3 = f32(0)
+    for b in range(a0.shape[0]):
+        d_w, dmin_w = half_at(rows, r, 176 * b), half_at(rows, r, 176 * b + 2)
+        lanes0, mins0 = q5_k_super(rows, r, b, a0, m0)
+        lanes1, mins1 = q5_k_super(rows, r, b, a1, m1)
+        lanes2, mins2 = q5_k_super(rows, r, b, a2, m2)
+        lanes3, mins3 = q5_k_super(rows, r, b, a3, m3)
+        n0, n1, n2, n3 = sum_lanes_4(mins0, mins1, mins2, mins3)
+        summs0, summs1 = fma32(-(s0[b] * dmin_w), f32(n0), summs0), fma32(-(s1[b] * dmin_w), f32(n1), summs1)
+        summs2, summs3 = fma32(-(s2[b] * dmin_w), f32(n2), summs2), fma32(-(s3[b] * dmin_w), f32(n3), summs3)
+        acc0, acc1 = fma_lanes(acc0, lanes0, s0[b] * d_w), fma_lanes(acc1, lanes1, s1[b] * d_w)
+        acc2, acc3 = fma_lanes(acc2, lanes2, s2[b] * d_w), fma_lanes(acc3, lanes3, s3[b] * d_w)
+    return sum_floats(acc0) + summs0, sum_floats(acc1) + summs1, sum_floats(acc2) + summs2, sum_floats(acc3) + summs3
+
+
+@kernel(inline=True)
+def q6_k_vec_dot_tokens(rows, r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3):
+    """q6_k_vec_dot of row r for four tokens (m0..m3: the tokens' 16-value activation sums)."""
+    signed_rows = rows.view(np.int8)
+    acc0, acc1, acc2, acc3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+    for b in range(a0.shape[0]):
+        d_w = half_at(rows, r, 210 * b + 208)
+        offsets0 = shift_lanes_left(pair_products(signed_rows, r, 210 * b + 192, m0, b), 5)
+        offsets1 = shift_lanes_left(pair_products(signed_rows, r, 210 * b + 192, m1, b), 5)
+        offsets2 = shift_lanes_left(pair_products(signed_rows, r, 210 * b + 192, m2, b), 5)
+        offsets3 = shift_lanes_left(pair_products(signed_rows, r, 210 * b + 192, m3, b), 5)
+        acc0 = fma_lanes(acc0, sub_lanes(q6_k_super(rows, r, b, a0), offsets0), s0[b] * d_w)
+        acc1 = fma_lanes(acc1, sub_lanes(q6_k_super(rows, r, b, a1), offsets1), s1[b] * d_w)
+        acc2 = fma_lanes(acc2, sub_lanes(q6_k_super(rows, r, b, a2), offsets2), s2[b] * d_w)
+        acc3 = fma_lanes(acc3, sub_lanes(q6_k_super(rows, r, b, a3), offsets3), s3[b] * d_w)
+    return sum_floats(acc0), sum_floats(acc1), sum_floats(acc2), sum_floats(acc3)
+
+
 # ---------------------------------------------------------------- the kernels, by ggml's choice of path
 
 

@@ -27,8 +27,9 @@ import numpy as np
 from refengine.arch.ffn import GLU, glu
 from refengine.gguf import Tensor
 from refengine.hparams import HParams, ModelError
-from refengine.kernels import bound_matvec_slices, ops_ggml
+from refengine.kernels import bound_expert_matmul, bound_matvec_slices, moe_ggml, ops_ggml
 from refengine.nn import FEW_ROWS, Linear, sigmoid, silu, softmax, swiglu
+from refengine.threads import integer_kernels
 
 # A DecoderModel's emit(name, x, il): shows an intermediate tensor to the forward pass's observer.
 Emit = Callable[[str, np.ndarray, int | None], np.ndarray]
@@ -122,6 +123,30 @@ class MoEConfig:
             )
 
 
+@dataclass(frozen=True)
+class ExpertGroups:
+    """A batch's (token, slot) entries sorted by expert, tokens in order within one: ggml's mul_mat_id groups
+    them so (its matrix_rows), and each expert then runs once over its group."""
+
+    experts: np.ndarray  # (n_groups,) int64: the experts chosen at least once, ascending
+    starts: np.ndarray  # (n_groups + 1,) int64: expert experts[g] takes the entries starts[g] .. starts[g + 1] - 1
+    tokens: np.ndarray  # (n_entries,) int64: each entry's token
+    position: np.ndarray  # (n_tok, n_expert_used) int64: the entry of each token's slot
+
+    @classmethod
+    def of(cls, chosen: np.ndarray, n_expert: int) -> ExpertGroups:
+        """chosen (n_tok, n_expert_used): each token's experts, as route gives them."""
+        flat = chosen.ravel()  # (n_entries,): entry t * n_expert_used + slot
+        order = np.argsort(flat, kind="stable")  # (n_entries,) the entries, by expert
+        counts = np.bincount(flat, minlength=n_expert)  # (n_expert,)
+        experts = np.flatnonzero(counts)
+        starts = np.zeros(len(experts) + 1, dtype=np.int64)
+        np.cumsum(counts[experts], out=starts[1:])
+        position = np.empty_like(order)
+        position[order] = np.arange(len(order))
+        return cls(experts, starts, order // chosen.shape[1], position.reshape(chosen.shape))
+
+
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest entries of each row, largest first (ties: the lower index): (n, k)."""
     return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
@@ -196,6 +221,16 @@ class MoE:
             bound = [bound_matvec_slices(t.ggml_type, t.data, t.shape[1]) for t in
                      (self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps)]  # fmt: skip
             self.slices = tuple(bound) if all(b is not None for b in bound) else None
+        # ggml numerics: a batch's experts in one call per tensor, gate and up in one (grouped_experts), or None
+        self.grouped = None
+        if numerics == "ggml":
+            gate, up, down = self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps
+            if gate.ggml_type == up.ggml_type:
+                gate_up = [bound_expert_matmul(gate.ggml_type, (gate.data, up.data), c.n_ff_exp)]
+            else:
+                gate_up = [bound_expert_matmul(t.ggml_type, (t.data,), c.n_ff_exp) for t in (gate, up)]
+            bound = [*gate_up, bound_expert_matmul(down.ggml_type, (down.data,), n_embd)]
+            self.grouped = (bound[:-1], bound[-1]) if all(b is not None for b in bound) else None
         self.ffn_shexp = None  # ffn_{gate,up,down}_shexp: the shared experts, one FFN every token goes through
         if c.n_expert_shared:
             self.ffn_shexp = GLU.from_tensors(t, numerics, suffix="_shexp")
@@ -236,6 +271,8 @@ class MoE:
             experts = chosen[0].tolist()
             for weight, y in zip(weights[0], self.run_experts(experts, [x] * len(experts)), strict=True):
                 out += weight * y
+        elif self.dispatch is None and self.grouped is not None:  # a batch, ggml numerics: every expert at once
+            self.grouped_experts(chosen, weights, x, out)
         else:  # a batch: each chosen expert once, as one matrix product over the tokens routed to it
             experts = np.unique(chosen).tolist()
             routed = [np.nonzero(chosen == e) for e in experts]  # (tokens, rank); a token picks an expert once
@@ -278,6 +315,28 @@ class MoE:
         out[:] = y[0] * weights[0]
         for j in range(1, k):
             out += y[j] * weights[j]
+
+    def grouped_experts(self, chosen: np.ndarray, weights: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        """A batch's routed experts as ggml's mul_mat_id runs them: the entries grouped by expert (ExpertGroups),
+        every chosen expert's gate and up in one kernel call (the activations quantized once), the activations,
+        every down in one call, then out (n_tok, n_embd) = each token's weighted outputs added in the order chosen.
+        The same numbers as the experts' Linears one by one (bound_matmul with expert=True), to the bit."""
+        gate_up, down = self.grouped
+        groups = ExpertGroups.of(chosen, self.config.n_expert)
+        n_entries, ff = len(groups.tokens), self.config.n_ff_exp
+        gate = np.empty((n_entries, ff), dtype=np.float32)
+        up = np.empty((n_entries, ff), dtype=np.float32)
+        x = np.ascontiguousarray(x)
+        with integer_kernels():  # inside a batch's step BLAS holds the cores; no BLAS runs here
+            if len(gate_up) == 1:
+                gate_up[0](groups.experts, groups.starts, groups.tokens, x, (gate, up))
+            else:
+                gate_up[0](groups.experts, groups.starts, groups.tokens, x, (gate,))
+                gate_up[1](groups.experts, groups.starts, groups.tokens, x, (up,))
+            h = swiglu(gate, up, self.numerics)  # (n_entries, n_ff_exp)
+            y = np.empty((n_entries, self.n_embd), dtype=np.float32)
+            down(groups.experts, groups.starts, np.arange(n_entries), h, (y,))  # entry i reads row i of h
+            moe_ggml.weighted_sum(y, groups.position, weights, out)
 
     def run_experts(self, experts: list[int], inputs: list[np.ndarray]) -> Iterator[np.ndarray]:
         """swiglu of each expert on its input (n_routed, n_embd) -> (n_routed, n_embd), in order. With

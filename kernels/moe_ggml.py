@@ -1,0 +1,209 @@
+"""A batch through a MoE layer's routed experts, one kernel call per expert tensor, as ggml's mul_mat_id computes
+it (numerics "ggml"; ggml-cpu.c ggml_compute_forward_mul_mat_id, repack.cpp forward_mul_mat_id).
+
+mul_mat_id quantizes every token's activations once, groups the (token, slot) pairs routed to each expert
+(its matrix_rows: an expert's tokens in token order) and runs one small matmul per expert over its group, which
+reads the expert's rows once for all its tokens. The same here, every expert's group in one parallel loop:
+
+    entries   the n_tok * n_expert_used (token, slot) pairs, sorted by expert (tokens in order within one)
+    groups    experts (n_groups,): the experts chosen at least once; starts (n_groups + 1,): their runs of entries
+    src       (n_entries,): the row of x each entry reads (its token for gate and up, itself for down)
+    out       (n_entries, n_out): entry i's output in row i
+
+The loop runs jobs (expert_jobs): a tile of one expert's rows by a run of its entries, sized to about the same work
+whatever the expert's number of tokens, so that numba's static split of the jobs over the threads stays even. A
+job takes its entries four at a time over the tile (a super-block decoded once for the four) and gives each
+(entry, row) the number the one-expert kernel of kquants_ggml.py gives it (matmul_id_q4_k, matmul_q5_k,
+matmul_q6_k over that expert's tokens), to the bit: the path is ggml's for the expert's token count (repacked
+Q4_K: the gemv for every token; otherwise tiled from TILED_MIN_BATCH tokens, vec_dot below).
+
+The experts' outputs are then weighted and added per token as build_moe_ffn does (weighted_sum).
+"""
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from ._jit import kernel, prange
+from .gemv_ggml import pick
+from .kquants_ggml import (
+    TILED_MIN_BATCH,
+    q4_k_repacked_tokens,
+    q4_k_tiled_tokens,
+    q4_k_vec_dot_tokens,
+    q5_k_tiled_tokens,
+    q5_k_vec_dot_tokens,
+    q6_k_tiled_tokens,
+    q6_k_vec_dot_tokens,
+)
+
+# A job is about this many (row, token) dot products: 32 rows by 64 tokens, or a whole 512-row expert for one
+# to four tokens (a group of four tokens costs about what one does: the super-block's decoding is shared).
+JOB_WORK = 2048
+TOKEN_CHUNK = 64  # at most this many entries a job, whose quantized activations stay in L2 while the tile passes
+# ggml's paths of an expert's matmul
+REPACKED, TILED, VEC_DOT = 0, 1, 2
+
+
+@kernel
+def job_rows(n_entries, n_out):
+    """The rows of a job over n_entries entries: JOB_WORK / max(n_entries, 4), a multiple of 4, within 4 .. n_out."""
+    rows = JOB_WORK // max(n_entries, 4) // 4 * 4
+    return min(max(rows, 4), n_out)
+
+
+@kernel
+def expert_jobs(starts, n_out, n_tensors):  # (n_groups + 1,) int64 -> (n_jobs, 6) int64
+    """Jobs of every group, in order: (tensor, group, first row, end row, first entry, end entry). Each of the
+    n_tensors tensors (gate and up, or down) gets the same jobs."""
+    n_jobs = 0
+    for g in range(starts.shape[0] - 1):
+        for t in range(starts[g], starts[g + 1], TOKEN_CHUNK):
+            tile = job_rows(min(TOKEN_CHUNK, starts[g + 1] - t), n_out)
+            n_jobs += (n_out + tile - 1) // tile
+    jobs = np.empty((n_jobs * n_tensors, 6), dtype=np.int64)
+    j = 0
+    for g in range(starts.shape[0] - 1):
+        for t in range(starts[g], starts[g + 1], TOKEN_CHUNK):
+            t_end = min(t + TOKEN_CHUNK, starts[g + 1])
+            tile = job_rows(t_end - t, n_out)
+            for tensor in range(n_tensors):
+                for r in range(0, n_out, tile):
+                    jobs[j, 0], jobs[j, 1], jobs[j, 2], jobs[j, 3], jobs[j, 4], jobs[j, 5] = (
+                        tensor, g, r, min(r + tile, n_out), t, t_end
+                    )  # fmt: skip
+                    j += 1
+    return jobs
+
+
+@kernel
+def store_tokens(out, y, t, r, n):
+    """out[t + k, r] = y[k] for the n real entries of a group of four (the clamped ones are dropped)."""
+    for k in range(n):
+        out[t + k, r] = y[k]
+
+
+# ---------------------------------------------------------------- one job of each type
+# rows: the whole 3-D tensor's rows (n_expert * n_out, row bytes), the expert's first .. first + n_out - 1;
+# job: a row of expert_jobs, the expert's rows r_begin .. r_end - 1 by entries t_begin .. t_end - 1. a, s, m: the
+# quantized activations (blocks, scales, sums) of x's rows, which entry t reads at src[t].
+
+
+@kernel
+def q4_k_job(rows, first, job, path, src, a, s, m, out):
+    r_begin, r_end, t_begin, t_end = job[2], job[3], job[4], job[5]
+    for t in range(t_begin, t_end, 4):
+        u0, u1, u2, u3 = src[t], src[pick(t, 1, t_end)], src[pick(t, 2, t_end)], src[pick(t, 3, t_end)]
+        n = min(4, t_end - t)
+        for r in range(r_begin, r_end):
+            if path == REPACKED:
+                y = q4_k_repacked_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
+                                         m[u0], m[u1], m[u2], m[u3])  # fmt: skip
+            elif path == TILED:
+                y = q4_k_tiled_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
+                                      m[u0], m[u1], m[u2], m[u3])  # fmt: skip
+            else:
+                y = q4_k_vec_dot_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
+                                        m[u0], m[u1], m[u2], m[u3])  # fmt: skip
+            store_tokens(out, y, t, r, n)
+
+
+@kernel
+def q5_k_job(rows, first, job, path, src, a, s, m, out):
+    r_begin, r_end, t_begin, t_end = job[2], job[3], job[4], job[5]
+    for t in range(t_begin, t_end, 4):
+        u0, u1, u2, u3 = src[t], src[pick(t, 1, t_end)], src[pick(t, 2, t_end)], src[pick(t, 3, t_end)]
+        n = min(4, t_end - t)
+        for r in range(r_begin, r_end):
+            if path == TILED:
+                y = q5_k_tiled_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
+                                      m[u0], m[u1], m[u2], m[u3])  # fmt: skip
+            else:
+                y = q5_k_vec_dot_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
+                                        m[u0], m[u1], m[u2], m[u3])  # fmt: skip
+            store_tokens(out, y, t, r, n)
+
+
+@kernel
+def q6_k_job(rows, first, job, path, src, a, s, m, out):
+    r_begin, r_end, t_begin, t_end = job[2], job[3], job[4], job[5]
+    for t in range(t_begin, t_end, 4):
+        u0, u1, u2, u3 = src[t], src[pick(t, 1, t_end)], src[pick(t, 2, t_end)], src[pick(t, 3, t_end)]
+        n = min(4, t_end - t)
+        for r in range(r_begin, r_end):
+            if path == TILED:
+                y = q6_k_tiled_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
+                                      m[u0], m[u1], m[u2], m[u3])  # fmt: skip
+            else:
+                y = q6_k_vec_dot_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
+                                        m[u0], m[u1], m[u2], m[u3])  # fmt: skip
+            store_tokens(out, y, t, r, n)
+
+
+# ---------------------------------------------------------------- every expert of one or two tensors
+# experts_<type>(rows0, rows1, n_out, jobs, experts, starts, src, a, s, m, out0, out1): the jobs of tensor 0 (rows0,
+# into out0) and of tensor 1 (rows1, into out1) in one parallel loop: gate and up together, which read the same
+# activations; down passes its tensor twice and has jobs of tensor 0 only.
+
+
+@kernel
+def path_of(starts, g, repacked):
+    """ggml's path for group g's matmul: the repacked gemv, or tiled from TILED_MIN_BATCH tokens, else vec_dot."""
+    if repacked:
+        return REPACKED
+    return TILED if starts[g + 1] - starts[g] >= TILED_MIN_BATCH else VEC_DOT
+
+
+@kernel(parallel=True)
+def experts_q4_k(rows0, rows1, n_out, jobs, experts, starts, src, a, s, m, out0, out1):
+    repacked = n_out % 8 == 0  # ggml_repack_get_optimal_repack_type: q4_K_8x8 (the rows of one expert)
+    for j in prange(jobs.shape[0]):
+        tensor, g = jobs[j, 0], jobs[j, 1]
+        path = path_of(starts, g, repacked)
+        if tensor == 0:
+            q4_k_job(rows0, experts[g] * n_out, jobs[j], path, src, a, s, m, out0)
+        else:
+            q4_k_job(rows1, experts[g] * n_out, jobs[j], path, src, a, s, m, out1)
+
+
+@kernel(parallel=True)
+def experts_q5_k(rows0, rows1, n_out, jobs, experts, starts, src, a, s, m, out0, out1):
+    for j in prange(jobs.shape[0]):
+        tensor, g = jobs[j, 0], jobs[j, 1]
+        path = path_of(starts, g, False)
+        if tensor == 0:
+            q5_k_job(rows0, experts[g] * n_out, jobs[j], path, src, a, s, m, out0)
+        else:
+            q5_k_job(rows1, experts[g] * n_out, jobs[j], path, src, a, s, m, out1)
+
+
+@kernel(parallel=True)
+def experts_q6_k(rows0, rows1, n_out, jobs, experts, starts, src, a, s, m, out0, out1):
+    for j in prange(jobs.shape[0]):
+        tensor, g = jobs[j, 0], jobs[j, 1]
+        path = path_of(starts, g, False)
+        if tensor == 0:
+            q6_k_job(rows0, experts[g] * n_out, jobs[j], path, src, a, s, m, out0)
+        else:
+            q6_k_job(rows1, experts[g] * n_out, jobs[j], path, src, a, s, m, out1)
+
+
+# ggml type -> its kernel, and whether its activation sums are taken in pairs (32-value sub-blocks: Q4_K, Q5_K)
+# or as quantize_row_q8_K writes them (16 values: Q6_K)
+EXPERT_KERNELS = {T.Q4_K: (experts_q4_k, True), T.Q5_K: (experts_q5_k, True), T.Q6_K: (experts_q6_k, False)}
+
+
+# ---------------------------------------------------------------- the weighted sum
+
+
+@kernel(parallel=True)
+def weighted_sum(y, position, weights, out):  # (n_entries, n) f32, (n_tok, k) int64, (n_tok, k) f32 -> (n_tok, n)
+    """out[t] = sum over the slots k of y[position[t, k]] * weights[t, k], as build_moe_ffn: each product rounded
+    (ggml_mul), then the slots added in the order chosen (its chain of ggml_add)."""
+    for t in prange(out.shape[0]):
+        first, w = position[t, 0], weights[t, 0]
+        for i in range(out.shape[1]):
+            out[t, i] = y[first, i] * w
+        for k in range(1, position.shape[1]):
+            entry, w = position[t, k], weights[t, k]
+            for i in range(out.shape[1]):
+                out[t, i] += y[entry, i] * w

@@ -1,0 +1,142 @@
+"""A batch through every routed expert at once in numerics "ggml" (kernels/moe_ggml.py, MoE.grouped_experts),
+against the path it replaces: each chosen expert's Linear over its tokens (bound_matmul with expert=True, the
+one-expert kernels that tests/test_ggml_forward.py holds to llama.cpp's logits to the bit). Equal to the bit:
+
+- the kernel, on random expert tensors of each type it takes, with groups of 1 to 70 tokens (vec_dot, tiled,
+  and more than one chunk of entries), the repacked and the plain Q4_K;
+- every MoE layer of the tiny MoE models, whose routing gives uneven groups;
+- the grouping itself against build_moe_ffn's order: an expert's tokens in token order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from refengine.kernels import bound_expert_matmul, bound_matmul, kernel_threads, moe_ggml, quantize_rows
+
+from refengine.arch.moe import ExpertGroups, MoE
+from refengine.session import Session
+from refengine.testing.moe_oracle import make_q4_k_m
+
+GROUP_SIZES = [3, 0, 1, 9, 70, 4, 8, 7, 2]  # tokens per expert: under and over TILED_MIN_BATCH and TOKEN_CHUNK
+
+
+def random_experts(ggml_type, n_expert: int, n_out: int, n_in: int, rng) -> np.ndarray:
+    """A 3-D expert tensor's rows (n_expert * n_out, row bytes), quantized from random weights."""
+    w = rng.standard_normal((n_expert * n_out, n_in)).astype(np.float32) * rng.uniform(0.01, 2, (n_expert * n_out, 1))
+    return quantize_rows(ggml_type, w.astype(np.float32))
+
+
+def groups_of(sizes: list[int], n_src: int, rng):
+    """experts, starts and src for groups of the given sizes (empty ones left out), src random rows of x."""
+    experts = np.array([e for e, n in enumerate(sizes) if n], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum([sizes[e] for e in experts])]).astype(np.int64)
+    src = np.concatenate([np.sort(rng.choice(n_src, sizes[e], replace=False)) for e in experts]).astype(np.int64)
+    return experts, starts, src
+
+
+@pytest.mark.parametrize(
+    ("ggml_type", "n_out"),
+    [(T.Q4_K, 40), (T.Q4_K, 20), (T.Q5_K, 24), (T.Q6_K, 40)],
+    ids=["q4_k-repacked", "q4_k-plain", "q5_k", "q6_k"],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_expert_batch_equals_each_experts_matmul(ggml_type, n_out, threads):
+    rng = np.random.default_rng(int(ggml_type) * 100 + n_out)
+    n_in, n_src = 512, 80
+    gate = random_experts(ggml_type, len(GROUP_SIZES), n_out, n_in, rng)
+    up = random_experts(ggml_type, len(GROUP_SIZES), n_out, n_in, rng)
+    x = (rng.standard_normal((n_src, n_in)) * rng.uniform(0.1, 10, (n_src, 1))).astype(np.float32)
+    x[3, :7] = 0  # a few exact zeros and a row of them
+    x[5] = 0
+    experts, starts, src = groups_of(GROUP_SIZES, n_src, rng)
+    n_entries = int(starts[-1])
+    ours = np.full((n_entries, n_out), np.nan, dtype=np.float32), np.full((n_entries, n_out), np.nan, dtype=np.float32)
+    with kernel_threads(threads):
+        bound_expert_matmul(ggml_type, (gate, up), n_out)(experts, starts, src, x, ours)
+    for rows, got in zip((gate, up), ours, strict=True):
+        for g, e in enumerate(experts):
+            entries = slice(starts[g], starts[g + 1])
+            expected = np.empty((starts[g + 1] - starts[g], n_out), dtype=np.float32)
+            bound_matmul(ggml_type, rows[e * n_out : (e + 1) * n_out], expert=True)(x[src[entries]], expected)
+            assert np.array_equal(got[entries], expected), (
+                f"expert {e} ({len(expected)} tokens): differs by up to {np.abs(got[entries] - expected).max():.3g}"
+            )
+
+
+def test_expert_batch_of_one_tensor_and_its_checks():
+    rng = np.random.default_rng(5)
+    down = random_experts(T.Q6_K, 3, 256, 256, rng)
+    run = bound_expert_matmul(T.Q6_K, (down,), 256)
+    experts, starts, src = groups_of([2, 0, 9], 11, rng)
+    h = rng.standard_normal((11, 256)).astype(np.float32)
+    y = np.empty((11, 256), dtype=np.float32)
+    run(experts, starts, src, h, (y,))
+    expected = np.empty((9, 256), dtype=np.float32)
+    bound_matmul(T.Q6_K, down[512:768], expert=True)(h[src[2:]], expected)
+    assert np.array_equal(y[2:], expected)
+    assert bound_expert_matmul(T.Q8_0, (quantize_rows(T.Q8_0, h),), 11) is None  # no grouped kernel: the caller's loop
+    assert bound_expert_matmul(T.Q6_K, (down,), 100) is None  # 768 rows are not whole experts of 100
+    with pytest.raises(ValueError, match="x must be"):
+        run(experts, starts, src, h[:, :128], (y,))
+    with pytest.raises(ValueError, match="outs must be"):
+        run(experts, starts, src, h, (y[:5],))
+
+
+def test_weighted_sum_adds_the_slots_in_order():
+    rng = np.random.default_rng(2)
+    y = rng.standard_normal((12, 64)).astype(np.float32)
+    position = rng.permutation(12).reshape(4, 3).astype(np.int64)
+    weights = rng.uniform(0, 1, (4, 3)).astype(np.float32)
+    out = np.empty((4, 64), dtype=np.float32)
+    moe_ggml.weighted_sum(y, position, weights, out)
+    weighted = y[position] * weights[..., None]  # (4, 3, 64), each product rounded to float32
+    assert np.array_equal(out, (weighted[:, 0] + weighted[:, 1]) + weighted[:, 2])
+
+
+def test_groups_are_ggml_matrix_rows():
+    """ExpertGroups sorts the entries as mul_mat_id's matrix_rows: by expert, then token; position inverts it."""
+    chosen = np.array([[3, 0], [0, 2], [2, 3], [3, 1]])
+    groups = ExpertGroups.of(chosen, n_expert=5)
+    assert groups.experts.tolist() == [0, 1, 2, 3]
+    assert groups.starts.tolist() == [0, 2, 3, 5, 8]
+    assert groups.tokens.tolist() == [0, 1, 3, 1, 2, 0, 2, 3]
+    n_tok, k = chosen.shape
+    entry_expert = np.repeat(groups.experts, np.diff(groups.starts))
+    for t in range(n_tok):
+        for slot in range(k):
+            entry = groups.position[t, slot]
+            assert groups.tokens[entry] == t and entry_expert[entry] == chosen[t, slot]
+
+
+@pytest.fixture(scope="module")
+def q4_k_m(tmp_path_factory):
+    folder, made = tmp_path_factory.mktemp("moe_ggml"), {}
+
+    def get(arch: str):
+        if arch not in made:
+            made[arch] = make_q4_k_m(arch, folder)
+        return made[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "mixtral", "deepseek2"])
+@pytest.mark.parametrize("n_tok", [5, 40, 300])
+def test_moe_layer_grouped_equals_expert_by_expert(q4_k_m, arch, n_tok):
+    """Every MoE layer of a tiny model on a batch (300 tokens: more than a chunk of entries per expert), the grouped
+    experts against each expert's Linear, on two threads."""
+    model = Session.load(str(q4_k_m(arch)), "f32", "ggml").model
+    x = np.random.default_rng(n_tok).standard_normal((n_tok, model.config.n_embd)).astype(np.float32)
+    layers = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoE)]
+    assert layers and all(moe.grouped is not None for moe in layers)
+    for moe in layers:
+        with kernel_threads(2):
+            grouped, bound = moe(x), moe.grouped
+            moe.grouped = None
+            try:
+                expert_by_expert = moe(x)
+            finally:
+                moe.grouped = bound
+        assert np.array_equal(grouped, expert_by_expert), f"differs by up to {np.abs(grouped - expert_by_expert).max()}"
