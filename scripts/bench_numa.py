@@ -9,12 +9,20 @@ the best over the rounds, so that noise from other processes only ever slows a r
 
     .venv/bin/python scripts/bench_numa.py                  # tiny "bigger" qwen3moe and deepseek2, Q4_K_M
     .venv/bin/python scripts/bench_numa.py --rounds 8 --json
+
+--end-to-end measures the modes as a user runs them instead: `refengine bench model MODEL --numa off` and
+`--numa split` as separate processes (nothing forced), one after the other in every round, the order
+swapped each round; beside each mode's best it reports the median over the rounds of split/off, each
+round's pair having run back to back, so that a busy spell of the machine hits both.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -62,19 +70,57 @@ def bench(path: Path, n_prompt: int, n_gen: int, rounds: int) -> dict:
     return {"model": path.name, "rounds": rounds, "tok_s": best}
 
 
+def bench_model(path: Path, mode: str, n_prompt: int, n_gen: int) -> dict[str, float]:
+    """One `refengine bench model --numa mode` process: {"pp": tok/s, "tg": tok/s}, each the best of 3."""
+    command = [sys.executable, "-m", "refengine.cli", "bench", "model", str(path), "-p", str(n_prompt)]
+    command += ["-n", str(n_gen), "-r", "3", "--numa", mode, "--json"]
+    records = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+    return {("pp" if r["n_prompt"] else "tg"): max(r["samples_ts"]) for r in records}
+
+
+def end_to_end(path: Path, n_prompt: int, n_gen: int, rounds: int) -> dict:
+    """--numa split against --numa off as separate processes, alternating: each mode's best, and the median
+    and range over the rounds of the split/off ratio of the pair run back to back."""
+    bench_model(path, "off", n_prompt, n_gen)  # warms the numba cache and the page cache
+    runs = {"off": [], "split": []}
+    for i in range(rounds):
+        for mode in ("off", "split") if i % 2 == 0 else ("split", "off"):
+            runs[mode].append(bench_model(path, mode, n_prompt, n_gen))
+    result = {"model": path.name, "rounds": rounds, "best": {}, "split_over_off": {}}
+    for test in ("pp", "tg"):
+        ratios = [s[test] / o[test] for s, o in zip(runs["split"], runs["off"], strict=True)]
+        result["best"][test] = {mode: max(r[test] for r in runs[mode]) for mode in runs}
+        result["split_over_off"][test] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", type=Path, help="GGUF files (default: tiny bigger qwen3moe, deepseek2)")
     parser.add_argument("-p", "--n-prompt", type=int, default=32)
     parser.add_argument("-n", "--n-gen", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--end-to-end", action="store_true", help="--numa split against off, separate processes")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         models = args.models or [tiny(arch, Path(folder)) for arch in ("qwen3moe", "deepseek2")]
-        results = [bench(path, args.n_prompt, args.n_gen, args.rounds) for path in models]
+        measure = end_to_end if args.end_to_end else bench
+        results = [measure(path, args.n_prompt, args.n_gen, args.rounds) for path in models]
     if args.json:
         print(json.dumps(results, indent=2))
+        return
+    if args.end_to_end:
+        print(f"| model | rounds | pp{args.n_prompt} off | pp split | split/off median (range) "
+              f"| tg{args.n_gen} off | tg split | split/off median (range) |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            cells = [r["model"], str(r["rounds"])]
+            for test in ("pp", "tg"):
+                best, ratio = r["best"][test], r["split_over_off"][test]
+                cells += [f"{best['off']:.1f}", f"{best['split']:.1f}"]
+                cells.append(f"{ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})")
+            print("| " + " | ".join(cells) + " |")
         return
     print(f"| model | pp{args.n_prompt} off | shard/off | split/off | tg{args.n_gen} off | shard/off | split/off |")
     print("|---|---:|---:|---:|---:|---:|---:|")
