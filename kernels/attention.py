@@ -25,6 +25,7 @@ from numba import types
 from numba.extending import overload
 
 from ._jit import kernel, prange, u32_as_f32
+from .ops_exact import rms_norm_heads, rope_token
 
 # Keys scored per pass of the recurrence: their scores stay in L1 (group x KEY_BLOCK values), and the
 # running output is rescaled once per block rather than once per key.
@@ -70,10 +71,56 @@ def _softmax_exp(x):
     return exp_f32
 
 
+@kernel(reassociate=True)
+def attend_range(q, k, v, h, first, lo, hi, scale, o, m, lsum, scores):
+    """Keys lo .. hi - 1 (positions first + lo ..) of KV head h into its group's running output o (group, dv),
+    max score m (group,) and sum of exp(score - max) lsum (group,); scores (group, KEY_BLOCK) scratch."""
+    group, dk = q.shape[1], q.shape[2]
+    n_slots = k.shape[1]
+    dv = v.shape[2]
+    zero = np.zeros(1, dtype=q.dtype)[0]
+    for b0 in range(lo, hi, KEY_BLOCK):
+        nb = min(KEY_BLOCK, hi - b0)
+        start = (first + b0) % n_slots
+        slot = start
+        for t in range(nb):  # scores of the block: each key row read once for the whole group
+            for g in range(group):
+                acc = zero
+                for d in range(dk):
+                    acc += q[h, g, d] * k[h, slot, d]
+                scores[g, t] = acc * scale
+            slot += 1
+            if slot == n_slots:
+                slot = 0
+        for g in range(group):  # the recurrence: rescale what came before if the max grew
+            m_block = scores[g, 0]
+            for t in range(1, nb):
+                m_block = max(m_block, scores[g, t])
+            m_new = max(m[g], m_block)
+            correction = softmax_exp(m[g] - m_new)
+            for d in range(dv):
+                o[g, d] *= correction
+            total = lsum[g] * correction
+            for t in range(nb):
+                p = softmax_exp(scores[g, t] - m_new)
+                scores[g, t] = p
+                total += p
+            lsum[g] = total
+            m[g] = m_new
+        slot = start
+        for t in range(nb):  # output: each value row read once for the whole group
+            for g in range(group):
+                p = scores[g, t]
+                for d in range(dv):
+                    o[g, d] += p * v[h, slot, d]
+            slot += 1
+            if slot == n_slots:
+                slot = 0
+
+
 @kernel(parallel=True, reassociate=True)
 def attend_one_token(q, k, v, first, n_keys, scale, n_split, out):
     n_kv_head, group, dk = q.shape
-    n_slots = k.shape[1]
     dv = v.shape[2]
     chunk = (n_keys + n_split - 1) // n_split
     zero = np.zeros(1, dtype=q.dtype)[0]
@@ -85,47 +132,8 @@ def attend_one_token(q, k, v, first, n_keys, scale, n_split, out):
         s = task - h * n_split
         lo = s * chunk
         hi = min(n_keys, lo + chunk)
-        o = part_o[h, s]  # (group, dv)
-        m = part_m[h, s]  # (group,)
-        lsum = part_l[h, s]  # (group,)
         scores = np.empty((group, KEY_BLOCK), dtype=q.dtype)
-        for b0 in range(lo, hi, KEY_BLOCK):
-            nb = min(KEY_BLOCK, hi - b0)
-            start = (first + b0) % n_slots
-            slot = start
-            for t in range(nb):  # scores of the block: each key row read once for the whole group
-                for g in range(group):
-                    acc = zero
-                    for d in range(dk):
-                        acc += q[h, g, d] * k[h, slot, d]
-                    scores[g, t] = acc * scale
-                slot += 1
-                if slot == n_slots:
-                    slot = 0
-            for g in range(group):  # the recurrence: rescale what came before if the max grew
-                m_block = scores[g, 0]
-                for t in range(1, nb):
-                    m_block = max(m_block, scores[g, t])
-                m_new = max(m[g], m_block)
-                correction = softmax_exp(m[g] - m_new)
-                for d in range(dv):
-                    o[g, d] *= correction
-                total = lsum[g] * correction
-                for t in range(nb):
-                    p = softmax_exp(scores[g, t] - m_new)
-                    scores[g, t] = p
-                    total += p
-                lsum[g] = total
-                m[g] = m_new
-            slot = start
-            for t in range(nb):  # output: each value row read once for the whole group
-                for g in range(group):
-                    p = scores[g, t]
-                    for d in range(dv):
-                        o[g, d] += p * v[h, slot, d]
-                slot += 1
-                if slot == n_slots:
-                    slot = 0
+        attend_range(q, k, v, h, first, lo, hi, scale, part_o[h, s], part_m[h, s], part_l[h, s], scores)
     for i in prange(n_kv_head * group):  # merge the ranges (flash-decoding's reduction)
         h = i // group
         g = i - h * group
@@ -144,3 +152,47 @@ def attend_one_token(q, k, v, first, n_keys, scale, n_split, out):
                 out[h, g, d] += part_o[h, s, g, d] * w
         for d in range(dv):
             out[h, g, d] /= total
+
+
+@kernel(reassociate=True)
+def attend_here(q, k, v, first, n_keys, scale, out):
+    """attend_one_token on this thread, in one range per KV head (a short context: waking the other threads
+    costs more than the work). The same recurrence, so the same arithmetic as n_split = 1."""
+    n_kv_head, group, _ = q.shape
+    dv = v.shape[2]
+    scores = np.empty((group, KEY_BLOCK), dtype=q.dtype)
+    m = np.empty(group, dtype=q.dtype)
+    lsum = np.empty(group, dtype=q.dtype)
+    for h in range(n_kv_head):
+        o = out[h]  # (group, dv): the running output, normalised at the end
+        o[:] = 0
+        m[:] = -np.inf
+        lsum[:] = 0
+        attend_range(q, k, v, h, first, 0, n_keys, scale, o, m, lsum, scores)
+        for g in range(group):
+            for d in range(dv):
+                o[g, d] /= lsum[g]
+
+
+@kernel
+def decode_attention(q, k, v, q_norm, k_norm, eps, cos, sin, n_dims, neox, k_cache, v_cache, position, begin, scale,
+                     attend, out):  # fmt: skip
+    """What a decoding layer does between its Q/K/V projections and the output projection, in one call
+    (numerics exact, float32): QK-norm (when q_norm is not empty), rope, k and v stored at the position's
+    slot, then (attend) attend_here over positions begin .. position. q (n_head, dk), k (n_kv_head, dk),
+    v (n_kv_head, dv), overwritten; the layer's caches (n_kv_head, n_slots, d); out (n_kv_head, group, dv)."""
+    if q_norm.shape[0]:
+        rms_norm_heads(q, q_norm, eps)
+        rms_norm_heads(k, k_norm, eps)
+    rope_token(q, cos, sin, n_dims, neox)
+    rope_token(k, cos, sin, n_dims, neox)
+    slot = position % k_cache.shape[1]
+    for g in range(k.shape[0]):
+        for i in range(k.shape[1]):
+            k_cache[g, slot, i] = k[g, i]
+        for i in range(v.shape[1]):
+            v_cache[g, slot, i] = v[g, i]
+    if attend:
+        n_kv_head = k.shape[0]
+        qg = q.reshape((n_kv_head, q.shape[0] // n_kv_head, q.shape[1]))
+        attend_here(qg, k_cache, v_cache, begin, position + 1 - begin, scale, out)

@@ -102,6 +102,33 @@ def key_dot(key, q16, lanes):
 
 
 @kernel(inline=True)
+def key_dot_f16(keys, slot, q16, j):
+    """keys[slot] (f16 bits) . q16[j] as key_dot sums it, in registers: ggml_vec_dot_f16's four 16-lane
+    accumulators (here eight of 8 lanes, a0l a0h = sum[0], ...), GGML_F32x16_REDUCE's (sum[0] + sum[2]) +
+    (sum[1] + sum[3]), _mm512_reduce_add_ps (sum_floats of the halves added), then the leftovers in double.
+    The same operations in the same order as key_dot on the converted row, so the same bits, without the
+    row's conversion into memory and the 64-float scratch that key_dot adds and reduces through memory."""
+    dk = q16.shape[1]
+    steps = dk - dk % 64
+    a0l = a0h = a1l = a1h = a2l = a2h = a3l = a3h = zero_floats()
+    for i in range(0, steps, 64):
+        a0l = fma_floats(load_halves(keys, slot, i), load_floats(q16, j, i), a0l)
+        a0h = fma_floats(load_halves(keys, slot, i + 8), load_floats(q16, j, i + 8), a0h)
+        a1l = fma_floats(load_halves(keys, slot, i + 16), load_floats(q16, j, i + 16), a1l)
+        a1h = fma_floats(load_halves(keys, slot, i + 24), load_floats(q16, j, i + 24), a1h)
+        a2l = fma_floats(load_halves(keys, slot, i + 32), load_floats(q16, j, i + 32), a2l)
+        a2h = fma_floats(load_halves(keys, slot, i + 40), load_floats(q16, j, i + 40), a2h)
+        a3l = fma_floats(load_halves(keys, slot, i + 48), load_floats(q16, j, i + 48), a3l)
+        a3h = fma_floats(load_halves(keys, slot, i + 56), load_floats(q16, j, i + 56), a3h)
+    low = add_floats(add_floats(a0l, a2l), add_floats(a1l, a3l))
+    high = add_floats(add_floats(a0h, a2h), add_floats(a1h, a3h))
+    wide = np.float64(sum_floats(add_floats(low, high)))
+    for i in range(steps, dk):
+        wide += np.float64(half_to_f32(keys[slot, i]) * q16[j, i])
+    return f32(wide)
+
+
+@kernel(inline=True)
 def key_dot_lanes(keys, slot, q16, j, i, low, high):
     """One 16-value step of tinyBLAS's sum of keys[slot] (f16 bits) . q16[j]: its 16-lane accumulator as two
     vectors of 8 (lanes 0-7, 8-15), acc = fma(k, q, acc)."""
@@ -196,8 +223,8 @@ def attend(q, k, v, first, window, scale, n_cells, out):
 @kernel
 def attend_heads(q, k, v, g, j0, j1, begin, end, scale, n_cells, out):
     """Query heads j0 .. j1 - 1 of KV head g's group, one token, on this thread, into out (n_head, dv): each
-    head ggml_vec_dot_f16 over head_dim, then over the n_cells cells. Each key row is converted from f16
-    once for all the heads (the conversion is exact, so every head's sums are those of its own pass)."""
+    head ggml_vec_dot_f16 over head_dim (key_dot_f16), then over the n_cells cells. A key row is read once
+    for all the heads (in cache while they pass)."""
     n_head, dk = q.shape
     n_kv_head, n_slots, dv = v.shape
     h0 = g * (n_head // n_kv_head) + j0
@@ -205,13 +232,11 @@ def attend_heads(q, k, v, g, j0, j1, begin, end, scale, n_cells, out):
     q16 = np.empty((n_q, dk), dtype=np.float32)  # (n_q, dk) the queries rounded to f16
     for j in range(n_q):
         q16[j] = round_to_f16(q[h0 + j])
-    key, lanes = np.empty(dk, dtype=np.float32), np.empty(64, dtype=np.float32)
+    keys = k[g]  # (n_slots, dk) f16 bits
     scores = np.empty((n_q, end), dtype=np.float32)  # only cells begin .. end - 1 are written and read
     for p in range(begin, end):
-        for i in range(dk):
-            key[i] = half_to_f32(k[g, p % n_slots, i])
         for j in range(n_q):
-            scores[j, p] = key_dot(key, q16[j], lanes) * scale
+            scores[j, p] = key_dot_f16(keys, p % n_slots, q16, j) * scale
     probs = np.zeros(end, dtype=np.float32)
     values = np.empty((64, dv), dtype=np.float32)
     for j in range(n_q):

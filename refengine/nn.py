@@ -30,6 +30,7 @@ from refengine.kernels import (
     kernel_threads,
     ops_ggml,
 )
+from refengine.kernels import attention as exact_attention
 from refengine.kernels import attention_ggml as ggml_attention
 from refengine.threads import integer_kernels
 
@@ -376,6 +377,38 @@ def decode_attention_ggml(
             q, k_cache, v_cache, position, layer.window, np.float32(scale), n_cells, out, numba.get_num_threads()
         )
     return out
+
+
+def decode_attention_exact(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    layer: LayerCache,
+    position: int,
+    rope: Rope,
+    scale: float,
+    q_norm: np.ndarray | None = None,
+    k_norm: np.ndarray | None = None,
+    eps: float = 0.0,
+) -> np.ndarray:
+    """decode_attention_ggml in numerics exact (float32): QK-norm, rope, cache store and attention of one token,
+    on this thread while the context is short: q (n_head, dk), k (n_kv_head, dk), v (n_kv_head, dv) float32,
+    overwritten -> (n_head, dv). The operations of rms_norm, Rope.apply, LayerCache.store and attention,
+    within float32 reassociation."""
+    cos, sin = rope.tables(np.array([position]), np.float32)  # (1, 1, n_dims/2)
+    n_kv_head = k.shape[0]
+    out = np.empty((n_kv_head, q.shape[0] // n_kv_head, layer.v.shape[2]), dtype=np.float32)
+    begin = layer.first_visible(position)
+    serial = attention_work(q.shape, layer, position) < ggml_attention.PARALLEL_ATTENTION_WORK
+    exact_attention.decode_attention(
+        q, k, v, EMPTY if q_norm is None else q_norm, EMPTY if k_norm is None else k_norm, np.float32(eps),
+        cos[0, 0], sin[0, 0], rope.n_dims, rope.neox, layer.k, layer.v, position, begin, np.float32(scale),
+        serial, out,
+    )  # fmt: skip
+    if not serial:  # a long context: the keys split among the threads
+        attention_one = attention(q[None], layer, position, scale)  # (1, n_head, dv)
+        return attention_one[0]
+    return out.reshape(q.shape[0], -1)
 
 
 def attention_work(q_shape: tuple[int, ...], layer: LayerCache, position: int) -> int:

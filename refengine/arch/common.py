@@ -157,6 +157,7 @@ class DecoderModel:
         # The KV cache type as llama.cpp's -ctk/-ctv name it: in ggml numerics its default, f16 (use_cache_type)
         self.cache_type = "f16" if self.numerics == "ggml" else f"f{8 * self.dtype.itemsize}"
         self.observer: Observer | None = None  # set for the length of one forward(..., observer=)
+        self.one_token_layers = None  # an architecture's decoding path with fewer calls (arch/decode.py), if any
         t = self.tensors()
         self.token_embd = t["token_embd"]  # (n_vocab, n_embd)
         self.output_norm = t["output_norm"].to_numpy().astype(self.dtype)  # (n_embd,)
@@ -268,8 +269,12 @@ class DecoderModel:
         of the "last" (1, n_vocab), or None."""
         positions = np.arange(cache.n_past, cache.n_past + len(tokens))
         x = self.emit("inp_embd", self.embed(tokens))  # (n_tok, n_embd)
-        for il in range(self.config.n_layer):
-            x = self.emit("l_out", self.layer(il, x, positions, cache), il)
+        one_token = self.one_token_layers
+        if one_token is not None and len(tokens) == 1 and self.observer is None and one_token.usable(cache):
+            x = one_token(x, int(positions[0]), cache)  # decoding: the same layers in fewer calls (arch/decode.py)
+        else:
+            for il in range(self.config.n_layer):
+                x = self.emit("l_out", self.layer(il, x, positions, cache), il)
         cache.n_past += len(tokens)
         if logits is None:
             return None

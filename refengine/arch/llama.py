@@ -23,6 +23,7 @@ from refengine.arch.common import (
     self_attention,
 )
 from refengine.arch.declarations import architecture
+from refengine.arch.decode import OneTokenLayers
 from refengine.arch.moe import MoEConfig
 from refengine.gguf import GGUFFile
 from refengine.nn import Rope
@@ -77,6 +78,8 @@ class Llama(DecoderModel):
         super().__init__(gguf_file, c, dtype, numerics)
         self.attn_scale = kq_scale(self, c.head_dim)
         self.layers = self.load_layers(lambda t: load_attention(t, self.dtype, self.numerics))
+        if OneTokenLayers.supports(self):
+            self.one_token_layers = OneTokenLayers(self)
 
     def attention(self, il, x, positions, cache):
         c = self.config

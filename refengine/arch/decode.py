@@ -1,0 +1,151 @@
+"""One token through the pre-norm layers of the llama family in a few kernel calls (decoding, float32).
+
+A decoding step is small work cut into many pieces: smollm2's 30 layers of hidden size 576 each do seven
+matrix-vector products of 20-70 us, and between them a residual add, a norm, two ropes, a cache store,
+the attention, the SwiGLU, each a handful of numpy calls and allocations. Here a layer is
+
+    add_rms_norm     x += the last FFN's output; attn_norm(x)                    one call, this thread
+    q, k, v          attn_q, attn_k, attn_v                                       three matvecs
+    attention        QK-norm, rope, cache store, attention (decode_attention_*)   one call
+    attn_output      into a preallocated buffer
+    add_rms_norm     x += attention's output; ffn_norm(x)                         one call, this thread
+    gate, up         one matvec over both when the file keeps ffn_gate's rows just before ffn_up's
+    swiglu, down     one call each
+
+with every intermediate in a buffer allocated once. Each call computes what DecoderModel.layer computes:
+in numerics ggml the same kernels on the same inputs (to the bit), in numerics exact the same float32
+operations within reassociation (kernels/ops_exact.py). A mixture of experts keeps its own FFN call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refengine.arch.ffn import GLU
+from refengine.kernels import bound_matvec, ops_exact, ops_ggml
+from refengine.nn import KVCache, Linear, decode_attention_exact, decode_attention_ggml
+
+
+def paired_rows(a: Linear, b: Linear) -> np.ndarray | None:
+    """a's rows then b's as one (a.n_out + b.n_out, row_bytes) view of the file mapping, when the file stores
+    b right after a with the same type and row size (llama.cpp's converters write ffn_gate, then ffn_up)."""
+    ra, rb = a.rows, b.rows
+    if a.ggml_type != b.ggml_type or a.numerics != b.numerics or ra.shape[1] != rb.shape[1]:
+        return None
+    if not (ra.flags.c_contiguous and rb.flags.c_contiguous) or buffer_of(ra) is not buffer_of(rb):
+        return None
+    if ra.__array_interface__["data"][0] + ra.nbytes != rb.__array_interface__["data"][0]:
+        return None
+    shape = (ra.shape[0] + rb.shape[0], ra.shape[1])
+    return np.lib.stride_tricks.as_strided(ra, shape=shape, strides=ra.strides, writeable=False)
+
+
+def buffer_of(a: np.ndarray):
+    """The object that owns a's memory (for weights, the file's mmap under the reader's memoryview)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a.base.obj if isinstance(a.base, memoryview) else a.base
+
+
+class GatedFFN:
+    """A dense GLU (silu) for one token: gate and up in one matvec where the file allows, into buffers."""
+
+    def __init__(self, ffn: GLU, numerics: str):
+        self.ffn, self.numerics = ffn, numerics
+        n_ff = ffn.ffn_gate.n_out
+        self.gate_up = np.empty(2 * n_ff, dtype=np.float32)  # (2 n_ff,): gate, then up
+        self.act = np.empty(n_ff, dtype=np.float32)  # (n_ff,)
+        self.out = np.empty(ffn.ffn_down.n_out, dtype=np.float32)  # (n_embd,)
+        rows = paired_rows(ffn.ffn_gate, ffn.ffn_up) if ffn.ffn_gate.matvec is not None else None
+        self.both = None if rows is None else bound_matvec(ffn.ffn_gate.ggml_type, rows, ffn.ffn_gate.numerics)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(n_embd,) -> (n_embd,), a buffer that the next call overwrites."""
+        f, n_ff = self.ffn, self.act.shape[0]
+        gate, up = self.gate_up[:n_ff], self.gate_up[n_ff:]
+        if self.both is not None:
+            self.both(x, self.gate_up)
+        else:
+            project(f.ffn_gate, x, gate)
+            project(f.ffn_up, x, up)
+        (ops_ggml.swiglu_row if self.numerics == "ggml" else ops_exact.swiglu_row)(gate, up, self.act)
+        return project(f.ffn_down, self.act, self.out)
+
+
+def project(linear: Linear, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """linear(x) for one token into out: x (n_in,) and out (n_out,) float32, C-contiguous."""
+    if linear.matvec is not None:
+        linear.matvec(x, out)
+    else:
+        out[:] = linear(x[None])[0]
+    return out
+
+
+class OneTokenLayers:
+    """Every layer of a llama-family model (DecoderModel with AttentionWeights and GLU or MoE FFNs) for one token."""
+
+    def __init__(self, model):
+        c = model.config
+        self.model = model
+        self.eps = np.float32(c.norm_eps)
+        self.ggml = model.numerics == "ggml"
+        self.x = np.empty(c.n_embd, dtype=np.float32)  # (n_embd,) the residual stream
+        self.normed = np.empty(c.n_embd, dtype=np.float32)  # (n_embd,) a norm's output
+        self.q = np.empty((c.n_head, c.head_dim), dtype=np.float32)  # (n_head, head_dim)
+        self.k = np.empty((c.n_head_kv, c.head_dim), dtype=np.float32)  # (n_head_kv, head_dim)
+        self.v = np.empty((c.n_head_kv, c.head_dim), dtype=np.float32)  # (n_head_kv, head_dim)
+        self.attn_out = np.empty(c.n_embd, dtype=np.float32)  # (n_embd,)
+        self.ffns = [GatedFFN(layer.ffn, model.numerics) if is_silu_glu(layer.ffn) else None for layer in model.layers]
+
+    @staticmethod
+    def supports(model) -> bool:
+        """Float32, and every FFN a SwiGLU or a mixture of experts (the llama family)."""
+        return model.dtype == np.float32
+
+    def usable(self, cache: KVCache) -> bool:
+        """The fused attention's cache: F16 in numerics ggml (decode_attention_ggml), float32 in exact."""
+        return cache.layers[0].k.dtype == (np.float16 if self.ggml else np.float32)
+
+    def __call__(self, x: np.ndarray, position: int, cache: KVCache) -> np.ndarray:
+        """x (1, n_embd) the token's embedding -> (1, n_embd) the last layer's output."""
+        m, eps = self.model, self.eps
+        add_rms_norm = ops_ggml.add_rms_norm if self.ggml else ops_exact.add_rms_norm
+        rms_norm_row = ops_ggml.rms_norm_row if self.ggml else ops_exact.rms_norm_row
+        stream, normed = self.x, self.normed
+        stream[:] = x[0]
+        pending = None  # the last FFN's output, added into the stream as the next norm reads it
+        for il, layer in enumerate(m.layers):
+            if pending is None:
+                rms_norm_row(stream, layer.attn_norm, eps, normed)
+            else:
+                add_rms_norm(stream, pending, layer.attn_norm, eps, stream, normed)
+            attn = self.attention(il, layer.attn, normed, position, cache)
+            add_rms_norm(stream, attn, layer.ffn_norm, eps, stream, normed)
+            ffn = self.ffns[il]
+            pending = ffn(normed) if ffn is not None else m.ffn(layer.ffn, normed[None], il)[0]
+        return (stream + pending)[None]
+
+    def attention(self, il: int, w, x: np.ndarray, position: int, cache: KVCache) -> np.ndarray:
+        """self_attention for one token: x (n_embd,) normed -> (n_embd,), a buffer the next layer overwrites."""
+        m, c = self.model, self.model.config
+        q, k, v = self.q, self.k, self.v
+        project(w.attn_q, x, q.reshape(-1))
+        project(w.attn_k, x, k.reshape(-1))
+        project(w.attn_v, x, v.reshape(-1))
+        if w.bias_q is not None:
+            q += w.bias_q.reshape(q.shape)
+            k += w.bias_k.reshape(k.shape)
+            v += w.bias_v.reshape(v.shape)
+        if self.ggml:
+            out = decode_attention_ggml(
+                q, k, v, cache.layers[il], position, c.rope, m.attn_scale, w.attn_q_norm, w.attn_k_norm, c.norm_eps
+            )
+        else:
+            out = decode_attention_exact(
+                q, k, v, cache.layers[il], position, c.rope, m.attn_scale, w.attn_q_norm, w.attn_k_norm, c.norm_eps
+            )
+        return project(w.attn_output, out.reshape(-1), self.attn_out)
+
+
+def is_silu_glu(ffn) -> bool:
+    return isinstance(ffn, GLU) and ffn.activation == "silu"
