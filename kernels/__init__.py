@@ -287,33 +287,34 @@ def bound_matvec_slices(
 
 
 def bound_expert_matmul(
-    ggml_type, tensors: tuple[np.ndarray, ...], n_out: int
-) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]], None] | None:
-    """A batch through every chosen expert of one or two 3-D expert tensors of `ggml_type` (gate and up share their
-    activations) in one call, as ggml's mul_mat_id computes it (moe_ggml.py): f(experts, starts, src, x, outs).
-    tensors: each (n_expert * n_out, row_bytes) uint8, expert e its rows e * n_out .. (e + 1) * n_out - 1.
-    experts (n_groups,) and starts (n_groups + 1,) int64: the entries starts[g] .. starts[g + 1] - 1 go through
-    expert experts[g]; src (n_entries,) int64: the row of x, (n_src, n_in) float32, each entry reads; outs: one
-    (n_entries, n_out) float32 array per tensor. Each output is what bound_matmul(..., expert=True) on its expert's
-    rows and tokens gives it, to the bit. None for a type without such a kernel."""
-    if ggml_type not in EXPERT_KERNELS or len(tensors) not in (1, 2) or any(t.shape[0] % n_out for t in tensors):
+    ggml_type, rows: np.ndarray, n_out: int, up_rows: np.ndarray | None = None
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None] | None:
+    """A batch through every chosen expert of a 3-D expert tensor of `ggml_type` in one call, as ggml's mul_mat_id
+    computes it (moe_ggml.py): f(experts, starts, src, x, out). rows (n_expert * n_out, row_bytes) uint8, expert e
+    its rows e * n_out .. (e + 1) * n_out - 1. experts (n_groups,) and starts (n_groups + 1,) int64: the entries
+    starts[g] .. starts[g + 1] - 1 go through expert experts[g]; src (n_entries,) int64: the row of x, (n_src, n_in)
+    float32, each entry reads; out (n_entries, n_out) float32. Each output is what bound_matmul(..., expert=True) on
+    its expert's rows and tokens gives it, to the bit. up_rows: an ffn_up_exps tensor of the same type and shape
+    as rows (ffn_gate_exps), and out = silu(gate) * up as ggml_swiglu_split computes it. None for a type without
+    such a kernel."""
+    if ggml_type not in EXPERT_KERNELS or rows.shape[0] % n_out:
         return None
-    n_in = max(_matvec_kernel(ggml_type, rows, "ggml")[1] for rows in tensors)  # the rows' checks
-    if any(_matvec_kernel(ggml_type, rows, "ggml")[1] != n_in for rows in tensors):
-        raise KernelError(f"{_type_name(ggml_type)} expert tensors of different widths")
+    _, n_in = _matvec_kernel(ggml_type, rows, "ggml")  # the rows' checks
+    if up_rows is not None and up_rows.shape != rows.shape:
+        raise KernelError(f"expert batch: up rows {up_rows.shape} are not shaped as the gate's, {rows.shape}")
     kernel, paired_sums = EXPERT_KERNELS[ggml_type]
-    rows0, rows1 = tensors[0], tensors[-1]
+    glu = up_rows is not None
 
-    def run(experts, starts, src, x, outs) -> None:
+    def run(experts, starts, src, x, out) -> None:
         if x.dtype != _FLOAT32 or x.ndim != 2 or x.shape[1] != n_in or not x.flags.c_contiguous:
             raise KernelError(f"expert batch: x must be C-contiguous float32 (n_src, {n_in}), got {x.dtype} {x.shape}")
         n_entries = starts[-1]
-        if len(outs) != len(tensors) or any(o.shape != (n_entries, n_out) or o.dtype != _FLOAT32 for o in outs):
-            raise KernelError(f"expert batch: outs must be {len(tensors)} float32 ({n_entries}, {n_out}) arrays")
+        if out.shape != (n_entries, n_out) or out.dtype != _FLOAT32 or not out.flags.c_contiguous:
+            raise KernelError(f"expert batch: out must be C-contiguous float32 ({n_entries}, {n_out}), got {out.shape}")
         a, scales, sums = batch_activations_q8_k(x)
-        jobs = expert_jobs(starts, n_out, len(tensors))
-        kernel(rows0, rows1, n_out, jobs, experts, starts, src, a, scales, pair_sums(sums) if paired_sums else sums,
-               outs[0], outs[-1])  # fmt: skip
+        up_out = np.empty_like(out) if glu else out
+        kernel(rows, up_rows if glu else rows, n_out, glu, expert_jobs(starts, n_out), experts, starts, src, a, scales,
+               pair_sums(sums) if paired_sums else sums, out, up_out)  # fmt: skip
 
     return run
 

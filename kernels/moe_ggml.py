@@ -20,6 +20,8 @@ Q4_K: the gemv for every token; otherwise tiled from TILED_MIN_BATCH tokens, vec
 The experts' outputs are then weighted and added per token as build_moe_ffn does (weighted_sum).
 """
 
+import math
+
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
@@ -35,10 +37,15 @@ from .kquants_ggml import (
     q6_k_tiled_tokens,
     q6_k_vec_dot_tokens,
 )
+from .ops_ggml import silu_lane, v_expf_lanes
+from .simd import load_floats, store_floats_at, sub_floats, zero_floats
+
+f32 = np.float32
 
 # A job is about this many (row, token) dot products: 32 rows by 64 tokens, or a whole 512-row expert for one
 # to four tokens (a group of four tokens costs about what one does: the super-block's decoding is shared).
 JOB_WORK = 2048
+JOB_ROWS = 16  # a job's rows are a multiple of this: whole 16-value blocks of ggml_vec_swiglu_f32
 TOKEN_CHUNK = 64  # at most this many entries a job, whose quantized activations stay in L2 while the tile passes
 # ggml's paths of an expert's matmul
 REPACKED, TILED, VEC_DOT = 0, 1, 2
@@ -46,32 +53,28 @@ REPACKED, TILED, VEC_DOT = 0, 1, 2
 
 @kernel
 def job_rows(n_entries, n_out):
-    """The rows of a job over n_entries entries: JOB_WORK / max(n_entries, 4), a multiple of 4, within 4 .. n_out."""
-    rows = JOB_WORK // max(n_entries, 4) // 4 * 4
-    return min(max(rows, 4), n_out)
+    """The rows of a job over n_entries entries: JOB_WORK / max(n_entries, 4), a multiple of JOB_ROWS, at most n_out."""
+    rows = JOB_WORK // max(n_entries, 4) // JOB_ROWS * JOB_ROWS
+    return min(max(rows, JOB_ROWS), n_out)
 
 
 @kernel
-def expert_jobs(starts, n_out, n_tensors):  # (n_groups + 1,) int64 -> (n_jobs, 6) int64
-    """Jobs of every group, in order: (tensor, group, first row, end row, first entry, end entry). Each of the
-    n_tensors tensors (gate and up, or down) gets the same jobs."""
+def expert_jobs(starts, n_out):  # (n_groups + 1,) int64 -> (n_jobs, 5) int64
+    """Jobs of every group, in order: (group, first row, end row, first entry, end entry)."""
     n_jobs = 0
     for g in range(starts.shape[0] - 1):
         for t in range(starts[g], starts[g + 1], TOKEN_CHUNK):
             tile = job_rows(min(TOKEN_CHUNK, starts[g + 1] - t), n_out)
             n_jobs += (n_out + tile - 1) // tile
-    jobs = np.empty((n_jobs * n_tensors, 6), dtype=np.int64)
+    jobs = np.empty((n_jobs, 5), dtype=np.int64)
     j = 0
     for g in range(starts.shape[0] - 1):
         for t in range(starts[g], starts[g + 1], TOKEN_CHUNK):
             t_end = min(t + TOKEN_CHUNK, starts[g + 1])
             tile = job_rows(t_end - t, n_out)
-            for tensor in range(n_tensors):
-                for r in range(0, n_out, tile):
-                    jobs[j, 0], jobs[j, 1], jobs[j, 2], jobs[j, 3], jobs[j, 4], jobs[j, 5] = (
-                        tensor, g, r, min(r + tile, n_out), t, t_end
-                    )  # fmt: skip
-                    j += 1
+            for r in range(0, n_out, tile):
+                jobs[j, 0], jobs[j, 1], jobs[j, 2], jobs[j, 3], jobs[j, 4] = g, r, min(r + tile, n_out), t, t_end
+                j += 1
     return jobs
 
 
@@ -88,61 +91,88 @@ def store_tokens(out, y, t, r, n):
 # quantized activations (blocks, scales, sums) of x's rows, which entry t reads at src[t].
 
 
-@kernel
+@kernel(inline=True)
 def q4_k_job(rows, first, job, path, src, a, s, m, out):
-    r_begin, r_end, t_begin, t_end = job[2], job[3], job[4], job[5]
+    r_begin, r_end, t_begin, t_end = job[1], job[2], job[3], job[4]
     for t in range(t_begin, t_end, 4):
         u0, u1, u2, u3 = src[t], src[pick(t, 1, t_end)], src[pick(t, 2, t_end)], src[pick(t, 3, t_end)]
-        n = min(4, t_end - t)
-        for r in range(r_begin, r_end):
-            if path == REPACKED:
-                y = q4_k_repacked_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
-                                         m[u0], m[u1], m[u2], m[u3])  # fmt: skip
-            elif path == TILED:
-                y = q4_k_tiled_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
-                                      m[u0], m[u1], m[u2], m[u3])  # fmt: skip
-            else:
-                y = q4_k_vec_dot_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
-                                        m[u0], m[u1], m[u2], m[u3])  # fmt: skip
-            store_tokens(out, y, t, r, n)
+        a0, a1, a2, a3, s0, s1, s2, s3 = a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3]
+        m0, m1, m2, m3, n = m[u0], m[u1], m[u2], m[u3], min(4, t_end - t)
+        if path == REPACKED:
+            for r in range(r_begin, r_end):
+                y = q4_k_repacked_tokens(rows, first + r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3)
+                store_tokens(out, y, t, r, n)
+        elif path == TILED:
+            for r in range(r_begin, r_end):
+                y = q4_k_tiled_tokens(rows, first + r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3)
+                store_tokens(out, y, t, r, n)
+        else:
+            for r in range(r_begin, r_end):
+                y = q4_k_vec_dot_tokens(rows, first + r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3)
+                store_tokens(out, y, t, r, n)
 
 
-@kernel
+@kernel(inline=True)
 def q5_k_job(rows, first, job, path, src, a, s, m, out):
-    r_begin, r_end, t_begin, t_end = job[2], job[3], job[4], job[5]
+    r_begin, r_end, t_begin, t_end = job[1], job[2], job[3], job[4]
     for t in range(t_begin, t_end, 4):
         u0, u1, u2, u3 = src[t], src[pick(t, 1, t_end)], src[pick(t, 2, t_end)], src[pick(t, 3, t_end)]
-        n = min(4, t_end - t)
-        for r in range(r_begin, r_end):
-            if path == TILED:
-                y = q5_k_tiled_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
-                                      m[u0], m[u1], m[u2], m[u3])  # fmt: skip
-            else:
-                y = q5_k_vec_dot_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
-                                        m[u0], m[u1], m[u2], m[u3])  # fmt: skip
-            store_tokens(out, y, t, r, n)
+        a0, a1, a2, a3, s0, s1, s2, s3 = a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3]
+        m0, m1, m2, m3, n = m[u0], m[u1], m[u2], m[u3], min(4, t_end - t)
+        if path == TILED:
+            for r in range(r_begin, r_end):
+                y = q5_k_tiled_tokens(rows, first + r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3)
+                store_tokens(out, y, t, r, n)
+        else:
+            for r in range(r_begin, r_end):
+                y = q5_k_vec_dot_tokens(rows, first + r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3)
+                store_tokens(out, y, t, r, n)
 
 
-@kernel
+@kernel(inline=True)
 def q6_k_job(rows, first, job, path, src, a, s, m, out):
-    r_begin, r_end, t_begin, t_end = job[2], job[3], job[4], job[5]
+    r_begin, r_end, t_begin, t_end = job[1], job[2], job[3], job[4]
     for t in range(t_begin, t_end, 4):
         u0, u1, u2, u3 = src[t], src[pick(t, 1, t_end)], src[pick(t, 2, t_end)], src[pick(t, 3, t_end)]
-        n = min(4, t_end - t)
-        for r in range(r_begin, r_end):
-            if path == TILED:
-                y = q6_k_tiled_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
-                                      m[u0], m[u1], m[u2], m[u3])  # fmt: skip
-            else:
-                y = q6_k_vec_dot_tokens(rows, first + r, a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3],
-                                        m[u0], m[u1], m[u2], m[u3])  # fmt: skip
-            store_tokens(out, y, t, r, n)
+        a0, a1, a2, a3, s0, s1, s2, s3 = a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3]
+        m0, m1, m2, m3, n = m[u0], m[u1], m[u2], m[u3], min(4, t_end - t)
+        if path == TILED:
+            for r in range(r_begin, r_end):
+                y = q6_k_tiled_tokens(rows, first + r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3)
+                store_tokens(out, y, t, r, n)
+        else:
+            for r in range(r_begin, r_end):
+                y = q6_k_vec_dot_tokens(rows, first + r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3)
+                store_tokens(out, y, t, r, n)
 
 
-# ---------------------------------------------------------------- every expert of one or two tensors
-# experts_<type>(rows0, rows1, n_out, jobs, experts, starts, src, a, s, m, out0, out1): the jobs of tensor 0 (rows0,
-# into out0) and of tensor 1 (rows1, into out1) in one parallel loop: gate and up together, which read the same
-# activations; down passes its tensor twice and has jobs of tensor 0 only.
+# ---------------------------------------------------------------- swiglu
+
+
+@kernel(inline=True)
+def swiglu_tile(out, up, job):
+    """out = silu(out) * up over a job's entries and rows (out holding the gate's outputs), as ggml_vec_swiglu_f32:
+    a row's 16-value blocks by ggml_v_silu, here 8 lanes at a time (ops_ggml.v_expf_lanes, each lane
+    ops_ggml.silu_lane), the n % 16 values left by libm's expf."""
+    r_begin, r_end, t_begin, t_end = job[1], job[2], job[3], job[4]
+    n_full = out.shape[1] - out.shape[1] % 16
+    lanes_end = r_begin + max(0, min(r_end, n_full) - r_begin) // 8 * 8
+    exp = np.empty(8, dtype=np.float32)  # e^-gate of 8 lanes
+    for t in range(t_begin, t_end):
+        for r in range(r_begin, lanes_end, 8):
+            store_floats_at(exp, 0, v_expf_lanes(sub_floats(zero_floats(), load_floats(out, t, r))))
+            for k in range(8):
+                out[t, r + k] = out[t, r + k] / (f32(1) + exp[k]) * up[t, r + k]
+        for r in range(lanes_end, r_end):
+            g = out[t, r]
+            silu = silu_lane(g) if r < n_full else g / (f32(1) + f32(math.exp(-g)))
+            out[t, r] = silu * up[t, r]
+
+
+# ---------------------------------------------------------------- every chosen expert of a tensor
+# experts_<type>(rows, up_rows, n_out, glu, jobs, experts, starts, src, a, s, m, out, up_out): every job of rows
+# into out, in one parallel loop; glu: also up_rows into up_out, on the same activations, then out = silu(out) *
+# up_out (an expert's ffn_gate and ffn_up, then ggml_swiglu_split), the tile still in cache.
 
 
 @kernel
@@ -154,37 +184,37 @@ def path_of(starts, g, repacked):
 
 
 @kernel(parallel=True)
-def experts_q4_k(rows0, rows1, n_out, jobs, experts, starts, src, a, s, m, out0, out1):
+def experts_q4_k(rows, up_rows, n_out, glu, jobs, experts, starts, src, a, s, m, out, up_out):
     repacked = n_out % 8 == 0  # ggml_repack_get_optimal_repack_type: q4_K_8x8 (the rows of one expert)
     for j in prange(jobs.shape[0]):
-        tensor, g = jobs[j, 0], jobs[j, 1]
+        g = jobs[j, 0]
         path = path_of(starts, g, repacked)
-        if tensor == 0:
-            q4_k_job(rows0, experts[g] * n_out, jobs[j], path, src, a, s, m, out0)
-        else:
-            q4_k_job(rows1, experts[g] * n_out, jobs[j], path, src, a, s, m, out1)
+        q4_k_job(rows, experts[g] * n_out, jobs[j], path, src, a, s, m, out)
+        if glu:
+            q4_k_job(up_rows, experts[g] * n_out, jobs[j], path, src, a, s, m, up_out)
+            swiglu_tile(out, up_out, jobs[j])
 
 
 @kernel(parallel=True)
-def experts_q5_k(rows0, rows1, n_out, jobs, experts, starts, src, a, s, m, out0, out1):
+def experts_q5_k(rows, up_rows, n_out, glu, jobs, experts, starts, src, a, s, m, out, up_out):
     for j in prange(jobs.shape[0]):
-        tensor, g = jobs[j, 0], jobs[j, 1]
+        g = jobs[j, 0]
         path = path_of(starts, g, False)
-        if tensor == 0:
-            q5_k_job(rows0, experts[g] * n_out, jobs[j], path, src, a, s, m, out0)
-        else:
-            q5_k_job(rows1, experts[g] * n_out, jobs[j], path, src, a, s, m, out1)
+        q5_k_job(rows, experts[g] * n_out, jobs[j], path, src, a, s, m, out)
+        if glu:
+            q5_k_job(up_rows, experts[g] * n_out, jobs[j], path, src, a, s, m, up_out)
+            swiglu_tile(out, up_out, jobs[j])
 
 
 @kernel(parallel=True)
-def experts_q6_k(rows0, rows1, n_out, jobs, experts, starts, src, a, s, m, out0, out1):
+def experts_q6_k(rows, up_rows, n_out, glu, jobs, experts, starts, src, a, s, m, out, up_out):
     for j in prange(jobs.shape[0]):
-        tensor, g = jobs[j, 0], jobs[j, 1]
+        g = jobs[j, 0]
         path = path_of(starts, g, False)
-        if tensor == 0:
-            q6_k_job(rows0, experts[g] * n_out, jobs[j], path, src, a, s, m, out0)
-        else:
-            q6_k_job(rows1, experts[g] * n_out, jobs[j], path, src, a, s, m, out1)
+        q6_k_job(rows, experts[g] * n_out, jobs[j], path, src, a, s, m, out)
+        if glu:
+            q6_k_job(up_rows, experts[g] * n_out, jobs[j], path, src, a, s, m, up_out)
+            swiglu_tile(out, up_out, jobs[j])
 
 
 # ggml type -> its kernel, and whether its activation sums are taken in pairs (32-value sub-blocks: Q4_K, Q5_K)

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as T
 from refengine.kernels import bound_expert_matmul, bound_matmul, kernel_threads, moe_ggml, quantize_rows
 
 from refengine.arch.moe import ExpertGroups, MoE
+from refengine.nn import swiglu
 from refengine.session import Session
 from refengine.testing.moe_oracle import make_q4_k_m
 
@@ -43,6 +44,7 @@ def groups_of(sizes: list[int], n_src: int, rng):
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_expert_batch_equals_each_experts_matmul(ggml_type, n_out, threads):
+    """One tensor (down), and gate and up with their swiglu, against each expert's matmul and ggml_swiglu_split."""
     rng = np.random.default_rng(int(ggml_type) * 100 + n_out)
     n_in, n_src = 512, 80
     gate = random_experts(ggml_type, len(GROUP_SIZES), n_out, n_in, rng)
@@ -52,36 +54,58 @@ def test_expert_batch_equals_each_experts_matmul(ggml_type, n_out, threads):
     x[5] = 0
     experts, starts, src = groups_of(GROUP_SIZES, n_src, rng)
     n_entries = int(starts[-1])
-    ours = np.full((n_entries, n_out), np.nan, dtype=np.float32), np.full((n_entries, n_out), np.nan, dtype=np.float32)
+    ours, ours_glu = (np.full((n_entries, n_out), np.nan, dtype=np.float32) for _ in range(2))
     with kernel_threads(threads):
-        bound_expert_matmul(ggml_type, (gate, up), n_out)(experts, starts, src, x, ours)
-    for rows, got in zip((gate, up), ours, strict=True):
-        for g, e in enumerate(experts):
-            entries = slice(starts[g], starts[g + 1])
-            expected = np.empty((starts[g + 1] - starts[g], n_out), dtype=np.float32)
-            bound_matmul(ggml_type, rows[e * n_out : (e + 1) * n_out], expert=True)(x[src[entries]], expected)
-            assert np.array_equal(got[entries], expected), (
-                f"expert {e} ({len(expected)} tokens): differs by up to {np.abs(got[entries] - expected).max():.3g}"
+        bound_expert_matmul(ggml_type, gate, n_out)(experts, starts, src, x, ours)
+        bound_expert_matmul(ggml_type, gate, n_out, up_rows=up)(experts, starts, src, x, ours_glu)
+    for g, e in enumerate(experts):
+        entries = slice(starts[g], starts[g + 1])
+        expected_gate, expected_up = (np.empty((starts[g + 1] - starts[g], n_out), dtype=np.float32) for _ in range(2))
+        bound_matmul(ggml_type, gate[e * n_out : (e + 1) * n_out], expert=True)(x[src[entries]], expected_gate)
+        bound_matmul(ggml_type, up[e * n_out : (e + 1) * n_out], expert=True)(x[src[entries]], expected_up)
+        expected_glu = swiglu(expected_gate, expected_up, "ggml")
+        for got, expected in ((ours[entries], expected_gate), (ours_glu[entries], expected_glu)):
+            assert np.array_equal(got, expected), (
+                f"expert {e} ({len(expected)} tokens): differs by up to {np.abs(got - expected).max():.3g}"
             )
 
 
-def test_expert_batch_of_one_tensor_and_its_checks():
+def test_expert_glu_is_ggml_swiglu_on_extreme_gates():
+    """The gate's outputs through silu as ggml_vec_swiglu_f32, where its exponential overflows, underflows or is
+    given inf and NaN: Q8_0 activations of huge values and a row of 272 outputs (16 of them past the 16-value
+    blocks, by libm's expf)."""
+    rng = np.random.default_rng(9)
+    n_out, n_in = 272, 256
+    gate = random_experts(T.Q6_K, 2, n_out, n_in, rng)
+    up = random_experts(T.Q6_K, 2, n_out, n_in, rng)
+    x = rng.standard_normal((6, n_in)).astype(np.float32) * np.float32([[1], [30], [1e3], [1e5], [1e-30], [0]])
+    x[2, 5] = np.inf  # a row of inf and NaN outputs
+    experts, starts, src = groups_of([3, 3], 6, rng)
+    out = np.empty((6, n_out), dtype=np.float32)
+    bound_expert_matmul(T.Q6_K, gate, n_out, up_rows=up)(experts, starts, src, x, out)
+    for g, e in enumerate(experts):
+        entries = slice(starts[g], starts[g + 1])
+        expected_gate, expected_up = (np.empty((3, n_out), dtype=np.float32) for _ in range(2))
+        bound_matmul(T.Q6_K, gate[e * n_out : (e + 1) * n_out], expert=True)(x[src[entries]], expected_gate)
+        bound_matmul(T.Q6_K, up[e * n_out : (e + 1) * n_out], expert=True)(x[src[entries]], expected_up)
+        assert np.array_equal(out[entries], swiglu(expected_gate, expected_up, "ggml"), equal_nan=True)
+    assert not np.isfinite(out).all() and np.isfinite(out).any()
+
+
+def test_expert_batch_checks_its_arrays():
     rng = np.random.default_rng(5)
     down = random_experts(T.Q6_K, 3, 256, 256, rng)
-    run = bound_expert_matmul(T.Q6_K, (down,), 256)
+    run = bound_expert_matmul(T.Q6_K, down, 256)
     experts, starts, src = groups_of([2, 0, 9], 11, rng)
     h = rng.standard_normal((11, 256)).astype(np.float32)
-    y = np.empty((11, 256), dtype=np.float32)
-    run(experts, starts, src, h, (y,))
-    expected = np.empty((9, 256), dtype=np.float32)
-    bound_matmul(T.Q6_K, down[512:768], expert=True)(h[src[2:]], expected)
-    assert np.array_equal(y[2:], expected)
-    assert bound_expert_matmul(T.Q8_0, (quantize_rows(T.Q8_0, h),), 11) is None  # no grouped kernel: the caller's loop
-    assert bound_expert_matmul(T.Q6_K, (down,), 100) is None  # 768 rows are not whole experts of 100
+    assert bound_expert_matmul(T.Q8_0, quantize_rows(T.Q8_0, h), 11) is None  # no grouped kernel: the caller's loop
+    assert bound_expert_matmul(T.Q6_K, down, 100) is None  # 768 rows are not whole experts of 100
+    with pytest.raises(ValueError, match="up rows"):
+        bound_expert_matmul(T.Q6_K, down, 256, up_rows=down[:256])
     with pytest.raises(ValueError, match="x must be"):
-        run(experts, starts, src, h[:, :128], (y,))
-    with pytest.raises(ValueError, match="outs must be"):
-        run(experts, starts, src, h, (y[:5],))
+        run(experts, starts, src, h[:, :128], np.empty((11, 256), dtype=np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        run(experts, starts, src, h, np.empty((5, 256), dtype=np.float32))
 
 
 def test_weighted_sum_adds_the_slots_in_order():

@@ -221,16 +221,16 @@ class MoE:
             bound = [bound_matvec_slices(t.ggml_type, t.data, t.shape[1]) for t in
                      (self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps)]  # fmt: skip
             self.slices = tuple(bound) if all(b is not None for b in bound) else None
-        # ggml numerics: a batch's experts in one call per tensor, gate and up in one (grouped_experts), or None
+        # ggml numerics: a batch's experts in two kernel calls, gate, up and swiglu, then down (grouped_experts);
+        # None when a type has no such kernel, or gate and up differ in type
         self.grouped = None
-        if numerics == "ggml":
-            gate, up, down = self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps
-            if gate.ggml_type == up.ggml_type:
-                gate_up = [bound_expert_matmul(gate.ggml_type, (gate.data, up.data), c.n_ff_exp)]
-            else:
-                gate_up = [bound_expert_matmul(t.ggml_type, (t.data,), c.n_ff_exp) for t in (gate, up)]
-            bound = [*gate_up, bound_expert_matmul(down.ggml_type, (down.data,), n_embd)]
-            self.grouped = (bound[:-1], bound[-1]) if all(b is not None for b in bound) else None
+        gate, up, down = self.ffn_gate_exps, self.ffn_up_exps, self.ffn_down_exps
+        if numerics == "ggml" and gate.ggml_type == up.ggml_type:
+            bound = (
+                bound_expert_matmul(gate.ggml_type, gate.data, c.n_ff_exp, up_rows=up.data),
+                bound_expert_matmul(down.ggml_type, down.data, n_embd),
+            )
+            self.grouped = bound if all(b is not None for b in bound) else None
         self.ffn_shexp = None  # ffn_{gate,up,down}_shexp: the shared experts, one FFN every token goes through
         if c.n_expert_shared:
             self.ffn_shexp = GLU.from_tensors(t, numerics, suffix="_shexp")
@@ -318,24 +318,17 @@ class MoE:
 
     def grouped_experts(self, chosen: np.ndarray, weights: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         """A batch's routed experts as ggml's mul_mat_id runs them: the entries grouped by expert (ExpertGroups),
-        every chosen expert's gate and up in one kernel call (the activations quantized once), the activations,
-        every down in one call, then out (n_tok, n_embd) = each token's weighted outputs added in the order chosen.
-        The same numbers as the experts' Linears one by one (bound_matmul with expert=True), to the bit."""
+        every chosen expert's gate, up and swiglu in one kernel call (the activations quantized once), every down in
+        another, then out (n_tok, n_embd) = each token's weighted outputs added in the order chosen. The same
+        numbers as the experts' Linears one by one (bound_matmul with expert=True), to the bit."""
         gate_up, down = self.grouped
         groups = ExpertGroups.of(chosen, self.config.n_expert)
-        n_entries, ff = len(groups.tokens), self.config.n_ff_exp
-        gate = np.empty((n_entries, ff), dtype=np.float32)
-        up = np.empty((n_entries, ff), dtype=np.float32)
-        x = np.ascontiguousarray(x)
+        n_entries = len(groups.tokens)
+        h = np.empty((n_entries, self.config.n_ff_exp), dtype=np.float32)
+        y = np.empty((n_entries, self.n_embd), dtype=np.float32)
         with integer_kernels():  # inside a batch's step BLAS holds the cores; no BLAS runs here
-            if len(gate_up) == 1:
-                gate_up[0](groups.experts, groups.starts, groups.tokens, x, (gate, up))
-            else:
-                gate_up[0](groups.experts, groups.starts, groups.tokens, x, (gate,))
-                gate_up[1](groups.experts, groups.starts, groups.tokens, x, (up,))
-            h = swiglu(gate, up, self.numerics)  # (n_entries, n_ff_exp)
-            y = np.empty((n_entries, self.n_embd), dtype=np.float32)
-            down(groups.experts, groups.starts, np.arange(n_entries), h, (y,))  # entry i reads row i of h
+            gate_up(groups.experts, groups.starts, groups.tokens, np.ascontiguousarray(x), h)  # silu(gate) * up
+            down(groups.experts, groups.starts, np.arange(n_entries), h, y)  # entry i reads row i of h
             moe_ggml.weighted_sum(y, groups.position, weights, out)
 
     def run_experts(self, experts: list[int], inputs: list[np.ndarray]) -> Iterator[np.ndarray]:
