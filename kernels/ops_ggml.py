@@ -36,6 +36,7 @@ from .simd import (
     store_floats_at,
     sub_floats,
     sum_floats,
+    zero_floats,
 )
 
 f32 = np.float32
@@ -350,8 +351,11 @@ def swiglu_row(gate, up, out):  # (n,) f32 each
     """ggml_vec_swiglu_f32: ggml_v_silu 16 lanes at a time, the rest x / (1 + expf(-x))."""
     n = gate.shape[0]
     n_full = n - n % 16
-    for i in range(n_full):
-        out[i] = silu_lane(gate[i]) * up[i]
+    exp = np.empty(8, dtype=np.float32)  # e^-gate of 8 lanes: v_expf_lanes, each lane silu_lane's v_expf
+    for i in range(0, n_full, 8):
+        store_floats_at(exp, 0, v_expf_lanes(sub_floats(zero_floats(), load_floats_at(gate, i))))
+        for k in range(8):
+            out[i + k] = gate[i + k] / (f32(1) + exp[k]) * up[i + k]
     for i in range(n_full, n):
         g = gate[i]
         out[i] = g / (f32(1) + f32(math.exp(-g))) * up[i]
