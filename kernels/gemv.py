@@ -220,21 +220,23 @@ def matvec_bf16(rows, x, out):  # (n_out, 2 n_in) uint8, (n_in,) float32 -> (n_o
 # as in ggml_vec_dot_q4_0_q8_0 and its siblings.
 
 
-# Q8_0, 34 bytes: | d: f16 | qs: int8 x 32 |   y = sum_b d_b * sum_l q_l * x_l
+# Q8_0, 34 bytes: | d: f16 | qs: int8 x 32 |   y = sum_b d_b * sum_l q_l * x_l, in 8-lane vectors as Q4_1
 @kernel(parallel=True, reassociate=True)
 def matvec_q8_0(rows, x, out):  # (n_out, n_blocks * 34) uint8, (n_blocks * 32,) float32 -> (n_out,)
     n_blocks = x.shape[0] // 32
-    blocks = rows.reshape((rows.shape[0], n_blocks, 34))
+    quants = rows.view(np.int8)  # the same bytes, widened with their sign
     xb = x.reshape((n_blocks, 32))
-    for r in prange(blocks.shape[0]):
-        acc = np.float32(0)
-        for b in range(blocks.shape[1]):
-            prefetch_block(rows, r, 34 * b, 34)
-            s = np.float32(0)
-            for l in range(xb.shape[1]):
-                s += np.float32(np.int8(blocks[r, b, 2 + l])) * xb[b, l]
-            acc += f16_at(blocks, r, b, 0) * s
-        out[r] = acc
+    for r in prange(rows.shape[0]):
+        acc = zero_floats()
+        for b in range(n_blocks):
+            at = 34 * b
+            prefetch_block(rows, r, at, 34)
+            s = mul_quants(widen_bytes(quants, r, at + 2), load_floats(xb, b, 0))
+            s = fma_quants(s, widen_bytes(quants, r, at + 10), load_floats(xb, b, 8))
+            s = fma_quants(s, widen_bytes(quants, r, at + 18), load_floats(xb, b, 16))
+            s = fma_quants(s, widen_bytes(quants, r, at + 26), load_floats(xb, b, 24))
+            acc = fma_floats(splat_float(f16_at_row(rows, r, at)), s, acc)
+        out[r] = sum_floats(acc)
 
 
 # Q4_0, 18 bytes: | d: f16 | qs: 16 B |   x[i] = d * (lo(qs[i]) - 8), x[i + 16] = d * (hi(qs[i]) - 8)
