@@ -38,7 +38,7 @@ from .kquants_ggml import (
     q6_k_vec_dot_tokens,
 )
 from .ops_ggml import silu_lane, v_expf_lanes
-from .simd import load_floats, store_floats_at, sub_floats, zero_floats
+from .simd import add_floats, float_lane, fma_floats, load_floats, store_floats_at, sub_floats, zero_floats
 
 f32 = np.float32
 
@@ -220,6 +220,46 @@ def experts_q6_k(rows, up_rows, n_out, glu, jobs, experts, starts, src, a, s, m,
 # ggml type -> its kernel, and whether its activation sums are taken in pairs (32-value sub-blocks: Q4_K, Q5_K)
 # or as quantize_row_q8_K writes them (16 values: Q6_K)
 EXPERT_KERNELS = {T.Q4_K: (experts_q4_k, True), T.Q5_K: (experts_q5_k, True), T.Q6_K: (experts_q6_k, False)}
+
+
+# ---------------------------------------------------------------- the router
+
+
+@kernel(inline=True)
+def tinyblas_sum(lo, hi):
+    """_mm512_reduce_add_ps of a 16-lane accumulator held as lanes 0-7 (lo) and 8-15 (hi): ops_ggml.reduce_add_16."""
+    v = add_floats(lo, hi)  # lane i: v_i + v_(i+8)
+    return ((float_lane(v, 0) + float_lane(v, 4)) + (float_lane(v, 2) + float_lane(v, 6))) + (
+        (float_lane(v, 1) + float_lane(v, 5)) + (float_lane(v, 3) + float_lane(v, 7))
+    )
+
+
+@kernel(inline=True)
+def tinyblas_step(lo, hi, w_lo, w_hi, x, t, i):
+    """The accumulator after values i .. i + 15 of token t: fma(w, x, acc) lane by lane."""
+    return fma_floats(w_lo, load_floats(x, t, i), lo), fma_floats(w_hi, load_floats(x, t, i + 8), hi)
+
+
+@kernel(parallel=True)
+def router_logits(w, x, out):  # (n_expert, n_in) f32, (n_tok, n_in) f32 -> out (n_tok, n_expert)
+    """A batch's router logits, an F32 ffn_gate_inp by x, as llamafile's tinyBLAS sums them for mul_mat (n_tok >= 2,
+    n_in % 16 == 0, n_expert % 4 == 0; float_ggml.dot_tinyblas): per output one 16-lane accumulator, acc =
+    fma(w, x, acc) 16 values at a time, then _mm512_reduce_add_ps. Four tokens share each row's loads, so eight
+    chains of fused multiply-adds are in flight instead of one (each waits 4 cycles for the last)."""
+    n_tok, n_in = x.shape
+    for r in prange(w.shape[0]):
+        for t in range(0, n_tok, 4):
+            t1, t2, t3 = pick(t, 1, n_tok), pick(t, 2, n_tok), pick(t, 3, n_tok)
+            lo0, hi0, lo1, hi1 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+            lo2, hi2, lo3, hi3 = zero_floats(), zero_floats(), zero_floats(), zero_floats()
+            for i in range(0, n_in, 16):
+                w_lo, w_hi = load_floats(w, r, i), load_floats(w, r, i + 8)
+                lo0, hi0 = tinyblas_step(lo0, hi0, w_lo, w_hi, x, t, i)
+                lo1, hi1 = tinyblas_step(lo1, hi1, w_lo, w_hi, x, t1, i)
+                lo2, hi2 = tinyblas_step(lo2, hi2, w_lo, w_hi, x, t2, i)
+                lo3, hi3 = tinyblas_step(lo3, hi3, w_lo, w_hi, x, t3, i)
+            store_tokens(out, (tinyblas_sum(lo0, hi0), tinyblas_sum(lo1, hi1), tinyblas_sum(lo2, hi2),
+                               tinyblas_sum(lo3, hi3)), t, r, min(4, n_tok - t))  # fmt: skip
 
 
 # ---------------------------------------------------------------- the weighted sum

@@ -108,6 +108,21 @@ def test_expert_batch_checks_its_arrays():
         run(experts, starts, src, h, np.empty((5, 256), dtype=np.float32))
 
 
+@pytest.mark.parametrize("n_tok", [2, 3, 5, 64])
+def test_router_logits_are_the_f32_linears(n_tok):
+    """moe_ggml.router_logits against the F32 matmul every Linear runs (float_ggml.matmul_f32_ggml, tinyBLAS's order),
+    on values whose sums cancel and round, with an inf and a NaN."""
+    rng = np.random.default_rng(n_tok)
+    w = (rng.standard_normal((64, 1024)) * rng.uniform(1e-3, 1e3, (64, 1))).astype(np.float32)
+    x = (rng.standard_normal((n_tok, 1024)) * rng.uniform(1e-3, 1e3, (n_tok, 1))).astype(np.float32)
+    w[3, 100], x[-1, 7] = np.inf, np.nan
+    ours, theirs = np.empty((n_tok, 64), dtype=np.float32), np.empty((n_tok, 64), dtype=np.float32)
+    with kernel_threads(2):
+        moe_ggml.router_logits(w, x, ours)
+    bound_matmul(T.F32, w.view(np.uint8))(x, theirs)
+    assert np.array_equal(ours, theirs, equal_nan=True)
+
+
 def test_weighted_sum_adds_the_slots_in_order():
     rng = np.random.default_rng(2)
     y = rng.standard_normal((12, 64)).astype(np.float32)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from refengine.arch.ffn import GLU, glu
 from refengine.gguf import Tensor
@@ -201,6 +202,11 @@ class MoE:
         """t: the layer's tensors by role, shapes checked (Architecture.tensors_of)."""
         self.config, self.n_embd, self.numerics = c, n_embd, numerics
         self.ffn_gate_inp = Linear(t["ffn_gate_inp"], numerics=numerics)  # (n_expert, n_embd)
+        # ggml numerics: an F32 router's weights (n_expert, n_embd) for a batch's logits in tinyBLAS's order, the
+        # Linear's numbers faster (moe_ggml.router_logits), where llamafile's sgemm takes the shape; else None
+        router = self.ffn_gate_inp
+        tinyblas = router.ggml_type == GGMLQuantizationType.F32 and router.n_in % 16 == 0 and router.n_out % 4 == 0
+        self.router_f32 = router.rows.view(np.float32) if numerics == "ggml" and tinyblas else None
         bias = t.get("exp_probs_b.bias")
         self.exp_probs_b = None if bias is None else bias.to_numpy().astype(dtype)  # (n_expert,) compute dtype
         # The 3-D expert tensors, kept as tensors: an expert's Linear is made when it is first chosen.
@@ -258,7 +264,7 @@ class MoE:
         with shared experts the routed sum (ffn_moe_out) and the shared experts' output (ffn_shexp)."""
         if self.dispatch is not None:
             x = self.dispatch.layer_input(x)  # MPI: every rank takes rank 0's input, and so routes as it does
-        logits = self.ffn_gate_inp(x)  # (n_tok, n_expert)
+        logits = self.router_logits(x)  # (n_tok, n_expert)
         chosen, weights = route(logits, self.config, self.exp_probs_b, self.numerics)  # (n_tok, n_expert_used) each
         if emit is not None:
             emit("ffn_moe_logits", logits, il)
@@ -292,6 +298,15 @@ class MoE:
             shared = self.ffn_shexp(x)
             out += shared if emit is None else emit("ffn_shexp", shared, il)
         return out
+
+    def router_logits(self, x: np.ndarray) -> np.ndarray:
+        """ffn_gate_inp(x): (n_tok, n_embd) -> (n_tok, n_expert)."""
+        if self.router_f32 is None or len(x) < 2 or x.dtype != np.float32:  # tinyBLAS takes batches of 2 or more
+            return self.ffn_gate_inp(x)
+        logits = np.empty((len(x), self.config.n_expert), dtype=np.float32)
+        with integer_kernels():
+            moe_ggml.router_logits(self.router_f32, np.ascontiguousarray(x), logits)
+        return logits
 
     @property
     def weights_name(self) -> str:
