@@ -39,22 +39,36 @@ def first_visible(position, window):
 
 
 @kernel
+def f16_rounded(x, out):  # (n,) f32 -> out (n,): each value rounded to the nearest half, as float32
+    """GGML_CPU_FP32_TO_FP16 and back, as float_ggml.round_to_f16 but by the CPU's conversions both ways
+    (vcvtps2ph, vcvtph2ps: exact back), which vectorise, into a buffer the caller keeps."""
+    for i in range(x.shape[0]):
+        out[i] = half_to_f32(cpu_fp32_to_fp16(x[i]))
+
+
+@kernel
 def visible_to_f16(probs, begin, end):
     """probs[begin:end] rounded to f16 (mul_mat's conversion of src1) into an array of end cells, the others
     unwritten: a sliding window's cells start long after cell 0, which nothing reads."""
     p16 = np.empty(end, dtype=np.float32)
-    p16[begin:end] = round_to_f16(probs[begin:end])
+    f16_rounded(probs[begin:end], p16[begin:end])
     return p16
 
 
 @kernel
-def reduce_lanes_16(acc, d):
-    """acc[0, d] + ... + acc[15, d] in _mm512_reduce_add_ps's tree (ops_ggml.reduce_add_16), a column."""
-    a0 = (acc[0, d] + acc[8, d]) + (acc[4, d] + acc[12, d])
-    a1 = (acc[1, d] + acc[9, d]) + (acc[5, d] + acc[13, d])
-    a2 = (acc[2, d] + acc[10, d]) + (acc[6, d] + acc[14, d])
-    a3 = (acc[3, d] + acc[11, d]) + (acc[7, d] + acc[15, d])
-    return (a0 + a2) + (a1 + a3)
+def reduce_rows_16(acc):
+    """Rows 0-15 of acc added column by column in _mm512_reduce_add_ps's tree (ops_ggml.reduce_add_16), into
+    row 0: whole rows added, k and k + 8, then k and k + 4, then (0 + 2) + (1 + 3), which vectorises along
+    the row (a column at a time did not). Overwrites rows 0-7."""
+    dv = acc.shape[1]
+    for k in range(8):
+        for d in range(dv):
+            acc[k, d] = acc[k, d] + acc[k + 8, d]
+    for k in range(4):
+        for d in range(dv):
+            acc[k, d] = acc[k, d] + acc[k + 4, d]
+    for d in range(dv):
+        acc[0, d] = (acc[0, d] + acc[2, d]) + (acc[1, d] + acc[3, d])
 
 
 @kernel
@@ -67,15 +81,20 @@ def weighted_values(v16, g, p16, begin, end, n_slots, n_cells, tinyblas, acc, ou
     acc[:n_lanes] = 0
     steps = n_cells - n_cells % 64
     stop = end if tinyblas else min(end, steps)
-    for p in range(begin, stop):
+    values = v16[g]  # (n_slots, dv) f16 bits, rows contiguous
+    dv8 = dv - dv % 8
+    for p in range(begin, stop):  # 8 value dimensions an instruction (fma_floats), the rest one by one
         lane = p % n_lanes
         weight = p16[p]
         slot = p % n_slots
-        for d in range(dv):
-            acc[lane, d] = fma32(half_to_f32(v16[g, slot, d]), weight, acc[lane, d])
+        lanes = splat_float(weight)
+        for d in range(0, dv8, 8):
+            store_floats(acc, lane, d, fma_floats(load_halves(values, slot, d), lanes, load_floats(acc, lane, d)))
+        for d in range(dv8, dv):
+            acc[lane, d] = fma32(half_to_f32(values[slot, d]), weight, acc[lane, d])
     if tinyblas:
-        for d in range(dv):
-            out[d] = reduce_lanes_16(acc, d)
+        reduce_rows_16(acc)
+        out[:] = acc[0]
         return
     for k in range(32):
         for d in range(dv):
@@ -83,8 +102,13 @@ def weighted_values(v16, g, p16, begin, end, n_slots, n_cells, tinyblas, acc, ou
     for k in range(16):
         for d in range(dv):
             acc[k, d] = acc[k, d] + acc[k + 16, d]
+    reduce_rows_16(acc)
+    if max(steps, begin) >= end:  # no cell past ggml's last 64-value step: nothing left for the double sum
+        for d in range(dv):
+            out[d] = acc[0, d]
+        return
     for d in range(dv):
-        wide = np.float64(reduce_lanes_16(acc, d))
+        wide = np.float64(acc[0, d])
         for p in range(max(steps, begin), end):
             wide += np.float64(half_to_f32(v16[g, p % n_slots, d]) * p16[p])
         out[d] = f32(wide)
@@ -102,14 +126,12 @@ def key_dot(key, q16, lanes):
 
 
 @kernel(inline=True)
-def key_dot_f16(keys, slot, q16, j):
-    """keys[slot] (f16 bits) . q16[j] as key_dot sums it, in registers: ggml_vec_dot_f16's four 16-lane
-    accumulators (here eight of 8 lanes, a0l a0h = sum[0], ...), GGML_F32x16_REDUCE's (sum[0] + sum[2]) +
-    (sum[1] + sum[3]), _mm512_reduce_add_ps (sum_floats of the halves added), then the leftovers in double.
-    The same operations in the same order as key_dot on the converted row, so the same bits, without the
-    row's conversion into memory and the 64-float scratch that key_dot adds and reduces through memory."""
-    dk = q16.shape[1]
-    steps = dk - dk % 64
+def head_dot_steps(keys, slot, q16, j):
+    """The 64-value steps of ggml_vec_dot_f16 of keys[slot] (f16 bits) and q16[j], in registers: its four
+    16-lane accumulators (here eight of 8 lanes, a0l a0h = sum[0], ...), GGML_F32x16_REDUCE's (sum[0] +
+    sum[2]) + (sum[1] + sum[3]), then _mm512_reduce_add_ps (sum_floats of the halves added), as a double.
+    The operations of key_dot in its order, so the same bits, without key_dot's 64-float scratch."""
+    steps = q16.shape[1] - q16.shape[1] % 64
     a0l = a0h = a1l = a1h = a2l = a2h = a3l = a3h = zero_floats()
     for i in range(0, steps, 64):
         a0l = fma_floats(load_halves(keys, slot, i), load_floats(q16, j, i), a0l)
@@ -122,10 +144,26 @@ def key_dot_f16(keys, slot, q16, j):
         a3h = fma_floats(load_halves(keys, slot, i + 56), load_floats(q16, j, i + 56), a3h)
     low = add_floats(add_floats(a0l, a2l), add_floats(a1l, a3l))
     high = add_floats(add_floats(a0h, a2h), add_floats(a1h, a3h))
-    wide = np.float64(sum_floats(add_floats(low, high)))
-    for i in range(steps, dk):
-        wide += np.float64(half_to_f32(keys[slot, i]) * q16[j, i])
-    return f32(wide)
+    return np.float64(sum_floats(add_floats(low, high)))
+
+
+@kernel(inline=True)
+def key_dots_f16(keys, slot, q16, j0, j1, j2, j3):
+    """keys[slot] (f16 bits) . q16[j] for four query rows j0..j3 as key_dot sums each: head_dot_steps, then
+    the dk % 64 leftovers added in double one by one (ggml_vec_dot_f16's tail). The four sums run side by
+    side: one tail is a chain of dependent double adds (4 cycles each), which four chains fill."""
+    dk = q16.shape[1]
+    w0 = head_dot_steps(keys, slot, q16, j0)
+    w1 = head_dot_steps(keys, slot, q16, j1)
+    w2 = head_dot_steps(keys, slot, q16, j2)
+    w3 = head_dot_steps(keys, slot, q16, j3)
+    for i in range(dk - dk % 64, dk):
+        key = half_to_f32(keys[slot, i])
+        w0 += np.float64(key * q16[j0, i])
+        w1 += np.float64(key * q16[j1, i])
+        w2 += np.float64(key * q16[j2, i])
+        w3 += np.float64(key * q16[j3, i])
+    return f32(w0), f32(w1), f32(w2), f32(w3)
 
 
 @kernel(inline=True)
@@ -163,8 +201,8 @@ def weighted_values_tinyblas(values, p16, begin, end, n_slots, acc, out):
         lane, slot, weight = p % 16, p % n_slots, splat_float(p16[p])
         for d in range(0, dv, 8):
             store_floats(acc, lane, d, fma_floats(load_halves(values, slot, d), weight, load_floats(acc, lane, d)))
-    for d in range(dv):
-        out[d] = reduce_lanes_16(acc, d)
+    reduce_rows_16(acc)
+    out[:] = acc[0]
 
 
 @kernel
@@ -231,12 +269,15 @@ def attend_heads(q, k, v, g, j0, j1, begin, end, scale, n_cells, out):
     n_q = j1 - j0
     q16 = np.empty((n_q, dk), dtype=np.float32)  # (n_q, dk) the queries rounded to f16
     for j in range(n_q):
-        q16[j] = round_to_f16(q[h0 + j])
+        f16_rounded(q[h0 + j], q16[j])
     keys = k[g]  # (n_slots, dk) f16 bits
     scores = np.empty((n_q, end), dtype=np.float32)  # only cells begin .. end - 1 are written and read
     for p in range(begin, end):
-        for j in range(n_q):
-            scores[j, p] = key_dot_f16(keys, p % n_slots, q16, j) * scale
+        for j in range(0, n_q, 4):  # four heads at a time; a last group's extra ones repeat its last head
+            j1, j2, j3 = min(j + 1, n_q - 1), min(j + 2, n_q - 1), min(j + 3, n_q - 1)
+            kq = key_dots_f16(keys, p % n_slots, q16, j, j1, j2, j3)
+            for c in range(min(4, n_q - j)):
+                scores[j + c, p] = kq[c] * scale
     probs = np.zeros(end, dtype=np.float32)
     values = np.empty((64, dv), dtype=np.float32)
     for j in range(n_q):
