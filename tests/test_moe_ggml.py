@@ -5,7 +5,11 @@ one-expert kernels that tests/test_ggml_forward.py holds to llama.cpp's logits t
 - the kernel, on random expert tensors of each type it takes, with groups of 1 to 70 tokens (vec_dot, tiled,
   and more than one chunk of entries), the repacked and the plain Q4_K;
 - every MoE layer of the tiny MoE models, whose routing gives uneven groups;
-- the grouping itself against build_moe_ffn's order: an expert's tokens in token order.
+- the grouping itself against build_moe_ffn's order: an expert's tokens in token order;
+- the router's F32 batch kernel against the F32 Linear's, and the weighted sum against build_moe_ffn's order.
+
+Numerics exact: an expert's few tokens through the matvec kernels one at a time, within float32 reassociation of
+the tiles for BLAS.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from refengine.kernels import bound_expert_matmul, bound_matmul, kernel_threads, moe_ggml, quantize_rows
 
-from refengine.arch.moe import ExpertGroups, MoE
+import refengine.arch.moe as moe_module
+from refengine.arch.moe import ExpertGroups, MoE, route
 from refengine.nn import swiglu
 from refengine.session import Session
 from refengine.testing.moe_oracle import make_q4_k_m
@@ -179,3 +184,36 @@ def test_moe_layer_grouped_equals_expert_by_expert(q4_k_m, arch, n_tok):
             finally:
                 moe.grouped = bound
         assert np.array_equal(grouped, expert_by_expert), f"differs by up to {np.abs(grouped - expert_by_expert).max()}"
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2"])
+def test_exact_few_token_experts_through_the_matvec(q4_k_m, arch, monkeypatch):
+    """Numerics exact: experts with 2 or 3 tokens go through the matvec kernels one token at a time, within float32
+    reassociation of decoding them to tiles for BLAS, and close to the float64 model."""
+    session = Session.load(str(q4_k_m(arch)), "f32", "exact")
+    moe = next(layer.ffn for layer in session.model.layers if isinstance(layer.ffn, MoE))
+    x = np.random.default_rng(4).standard_normal((6, session.model.config.n_embd)).astype(np.float32)
+    counts = np.bincount(route_of(moe, x).ravel(), minlength=moe.config.n_expert)
+    assert ((counts > 1) & (counts < moe_module.EXACT_MATVEC_TOKENS)).any(), "no expert with 2 or 3 of the tokens"
+    calls, glu = [], moe_module.glu
+
+    def counting(*args):  # the tokens of each expert's swiglu
+        calls.append(len(args[-1]))
+        return glu(*args)
+
+    monkeypatch.setattr(moe_module, "glu", counting)
+    one_by_one = moe(x)
+    assert 1 in calls and max(calls) < moe_module.EXACT_MATVEC_TOKENS
+    monkeypatch.setattr(moe_module, "EXACT_MATVEC_TOKENS", 2)
+    tiles = moe(x)
+    np.testing.assert_allclose(one_by_one, tiles, rtol=1e-5, atol=1e-5 * np.abs(tiles).max())
+    exact64 = Session.load(str(q4_k_m(arch)), "f64").model.layers[moe_layer_index(session.model, moe)].ffn
+    np.testing.assert_allclose(one_by_one, exact64(x.astype(np.float64)), rtol=1e-4, atol=1e-4 * np.abs(tiles).max())
+
+
+def route_of(moe: MoE, x: np.ndarray) -> np.ndarray:
+    return route(moe.router_logits(x), moe.config, moe.exp_probs_b)[0]
+
+
+def moe_layer_index(model, moe: MoE) -> int:
+    return next(il for il, layer in enumerate(model.layers) if layer.ffn is moe)

@@ -39,6 +39,10 @@ Emit = Callable[[str, np.ndarray, int | None], np.ndarray]
 GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
 # llama.cpp clamps the sum of the chosen weights to the smallest normal f16 before dividing by it.
 MIN_WEIGHTS_SUM = 6.103515625e-5
+# Numerics exact: an expert's batch of fewer tokens runs them one by one through the matvec kernels. Measured on
+# one thread, a 512 x 1024 Q4_K expert tensor: 2 tokens 68 us against 151 decoding it for BLAS, 3: 102 against 205,
+# 4: 135 against 133.
+EXACT_MATVEC_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -355,6 +359,11 @@ class MoE:
         return iter(self.dispatch.run(self, experts, inputs))
 
     def run_expert(self, e: int, x: np.ndarray) -> np.ndarray:
+        """Expert e's swiglu on its tokens x (n_routed, n_embd). Numerics exact, float32, fewer than
+        EXACT_MATVEC_TOKENS tokens: each through the fused matvec kernels (Linear's one-token path), which read
+        the expert's blocks once a token instead of decoding its whole weight to float32 tiles for BLAS."""
+        if self.numerics == "exact" and x.dtype == np.float32 and 1 < len(x) < EXACT_MATVEC_TOKENS:
+            return np.concatenate([glu(*self.expert(e), x[i : i + 1]) for i in range(len(x))])
         return glu(*self.expert(e), x)
 
     def gate_up_rows(self, e: int, ff: range, x: np.ndarray, h: np.ndarray) -> None:
