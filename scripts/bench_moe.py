@@ -14,12 +14,14 @@ same threads. The models are written (seed 0) and quantized by refengine's quant
 llama.cpp's byte for byte, into --dir, where they are kept for the next run (the 1.3B F32 source, 5.4 GB,
 is deleted once quantized).
 
-    .venv/bin/python scripts/bench_moe.py [--models qwen3moe-bigger,...] [--numerics ggml,exact] [--json]
+    .venv/bin/python scripts/bench_moe.py [--models qwen3moe-bigger,...] [--tests pp16,...] [--numerics ggml,exact]
+                                          [--json]
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -72,6 +74,7 @@ def model_file(name: str, folder: Path) -> Path:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--models", default=",".join(MODELS), show_default=True, help="Comma-separated, of: " + ", ".join(MODELS))
 @click.option("--numerics", default="ggml", show_default=True, help="refengine's numerics, comma-separated.")
+@click.option("--tests", default="", help="Only these of each model's tests, comma-separated (e.g. pp16,pp512).")
 @click.option("-r", "--repetitions", default=3, show_default=True, help="Timed runs per engine per round.")
 @click.option("--rounds", default=2, show_default=True, help="Rounds of alternating the two engines.")
 @click.option(
@@ -83,7 +86,7 @@ def model_file(name: str, folder: Path) -> Path:
     help="Where the models are kept.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def main(models, numerics, repetitions, rounds, folder, as_json) -> None:
+def main(models, numerics, tests, repetitions, rounds, folder, as_json) -> None:
     """refengine's MoE tg/pp tokens/s beside llama-bench's, their ratio and the target ratio for it."""
     binary = find_tool("llama-bench")
     if binary is None:
@@ -91,8 +94,13 @@ def main(models, numerics, repetitions, rounds, folder, as_json) -> None:
     unknown = [m for m in models.split(",") if m not in MODELS]
     if unknown:
         raise click.BadParameter(f"unknown model {unknown[0]!r}", param_hint="--models")
+    wanted = set(tests.split(",")) - {""}
+    known = {f"{test}{n}" for name in models.split(",") for test, n in MODELS[name][2]}
+    if wanted - known:
+        raise click.BadParameter(f"no test {sorted(wanted - known)[0]!r} for these models", param_hint="--tests")
     folder.mkdir(parents=True, exist_ok=True)
     n_threads = numba.get_num_threads()
+    load_before = os.getloadavg()[0]  # a shared machine's other work, which slows both engines unevenly
     rows = []
     for name in models.split(","):
         path = model_file(name, folder)
@@ -100,6 +108,8 @@ def main(models, numerics, repetitions, rounds, folder, as_json) -> None:
             session = Session.load(str(path), "f32", kind)
             rng = np.random.default_rng(0)
             for (test, n), target in MODELS[name][2].items():
+                if wanted and f"{test}{n}" not in wanted:
+                    continue
                 ours_ts, theirs_ts = [], []
                 for _ in range(rounds):
                     theirs_ts += llama_bench(binary, path, test, n, 0, repetitions, n_threads)
@@ -118,11 +128,18 @@ def main(models, numerics, repetitions, rounds, folder, as_json) -> None:
                 rows.append(row)
                 speeds = f"{row['refengine_ts']:.1f} vs {row['llama_cpp_ts']:.1f} t/s"
                 click.echo(f"{name} {kind} {test}{n}: {speeds}", err=True)
-    meta = {"cpu": cpu_name(), "n_threads": n_threads, "best_of": repetitions * rounds, "llama_bench": str(binary)}
+    meta = {
+        "cpu": cpu_name(),
+        "n_threads": n_threads,
+        "best_of": repetitions * rounds,
+        "llama_bench": str(binary),
+        "load_average": [load_before, os.getloadavg()[0]],  # 1-minute, before and after
+    }
     if as_json:
         click.echo(json.dumps({"meta": meta, "speed": rows}, indent=2))
         return
-    click.echo(f"{meta['cpu']}, {n_threads} threads, best of {meta['best_of']} each, alternating")
+    load = "load average {:.2f} before, {:.2f} after".format(*meta["load_average"])
+    click.echo(f"{meta['cpu']}, {n_threads} threads, best of {meta['best_of']} each, alternating, {load}")
     click.echo("| model | numerics | test | refengine t/s | llama-bench t/s | ratio | target |")
     click.echo("| ----- | -------- | ---: | ------------: | --------------: | ----: | -----: |")
     for r in rows:
