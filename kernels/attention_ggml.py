@@ -364,3 +364,27 @@ def decode_attention(
             v_cache[g, slot, i] = cpu_fp32_to_fp16(v[g, i])
     if attend_here:
         attend_token(q, k_cache, v_cache, position, window, scale, n_cells, out)
+
+
+@kernel
+def mla_prepare(q, kv, kv_norm, eps, cos, sin, n_rot, neox, k_cache, slot, q_nope, q_full):
+    """deepseek2's MLA for one token between its projections and attn_k_b (numerics ggml): the latent
+    rms-normed, k_pe roped, both stored in the F16 cache at `slot` ([latent; k_pe], one KV head), q_nope
+    copied out for attn_k_b, q_pe roped into q_full's last n_rot columns. q (n_head, nope + n_rot), kv
+    (1, kv_lora + n_rot) f32; k_cache (1, n_slots, kv_lora + n_rot) f16 bits; q_nope (n_head, nope) and
+    q_full (n_head, kv_lora + n_rot) f32, written. The operations of rms_norm, Rope.apply and LayerCache.store."""
+    n_head = q.shape[0]
+    nope = q.shape[1] - n_rot
+    kv_lora = kv.shape[1] - n_rot
+    latent = np.empty(kv_lora, dtype=np.float32)
+    rms_norm_row(kv[0, :kv_lora], kv_norm, eps, latent)
+    k_pe = np.empty((1, n_rot), dtype=np.float32)
+    rope_token(kv[:, kv_lora:], cos, sin, n_rot, neox, k_pe)
+    for i in range(kv_lora):
+        k_cache[0, slot, i] = cpu_fp32_to_fp16(latent[i])
+    for i in range(n_rot):
+        k_cache[0, slot, kv_lora + i] = cpu_fp32_to_fp16(k_pe[0, i])
+    for h in range(n_head):
+        for i in range(nope):
+            q_nope[h, i] = q[h, i]
+    rope_token(q[:, nope:], cos, sin, n_rot, neox, q_full[:, kv_lora:])

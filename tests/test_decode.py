@@ -1,5 +1,6 @@
-"""Decoding in few calls (refengine/arch/decode.py) against the layer-by-layer forward pass it replaces:
-in numerics ggml the same logits to the bit, in numerics exact within float32 reassociation."""
+"""Decoding in few calls (refengine/arch/decode.py, and deepseek2's MLA for one token) against the
+layer-by-layer forward pass it replaces: in numerics ggml the same logits to the bit, in numerics exact
+within float32 reassociation."""
 
 import numpy as np
 import pytest
@@ -24,7 +25,9 @@ def decoded_logits(model, fused: bool, n_new: int = 12) -> np.ndarray:
     return np.concatenate(steps)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mixtral", "qwen3moe"])
+@pytest.mark.parametrize(
+    "arch", ["llama", "qwen2", "qwen3", "mixtral", "qwen3moe", "deepseek2", "deepseek2-kvb", "deepseek2-lite"]
+)
 @pytest.mark.parametrize("variant", ["f32", "q4_k_m"])
 @pytest.mark.parametrize("numerics", ["ggml", "exact"])
 def test_fused_decoding_is_the_layer_by_layer_pass(tiny_model, arch, variant, numerics):

@@ -82,24 +82,23 @@ def project(linear: Linear, x: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 class OneTokenLayers:
-    """Every layer of a llama-family model (DecoderModel with AttentionWeights and GLU or MoE FFNs) for one token."""
+    """Every pre-norm layer of a model (DecoderModel.layer: attention, then a GLU or MoE FFN) for one token.
+    `attention(il, weights, x (n_embd,) normed, position, cache)` gives the layer's attention output
+    (n_embd,): the llama family's GQAOneToken by default, deepseek2's MLA otherwise."""
 
-    def __init__(self, model):
+    def __init__(self, model, attention=None):
         c = model.config
         self.model = model
         self.eps = np.float32(c.norm_eps)
         self.ggml = model.numerics == "ggml"
         self.x = np.empty(c.n_embd, dtype=np.float32)  # (n_embd,) the residual stream
         self.normed = np.empty(c.n_embd, dtype=np.float32)  # (n_embd,) a norm's output
-        self.q = np.empty((c.n_head, c.head_dim), dtype=np.float32)  # (n_head, head_dim)
-        self.k = np.empty((c.n_head_kv, c.head_dim), dtype=np.float32)  # (n_head_kv, head_dim)
-        self.v = np.empty((c.n_head_kv, c.head_dim), dtype=np.float32)  # (n_head_kv, head_dim)
-        self.attn_out = np.empty(c.n_embd, dtype=np.float32)  # (n_embd,)
+        self.attention = attention if attention is not None else GQAOneToken(model)
         self.ffns = [GatedFFN(layer.ffn, model.numerics) if is_silu_glu(layer.ffn) else None for layer in model.layers]
 
     @staticmethod
     def supports(model) -> bool:
-        """Float32, and every FFN a SwiGLU or a mixture of experts (the llama family)."""
+        """Float32 (the float64 oracle keeps the layer-by-layer pass)."""
         return model.dtype == np.float32
 
     def usable(self, cache: KVCache) -> bool:
@@ -125,8 +124,21 @@ class OneTokenLayers:
             pending = ffn(normed) if ffn is not None else m.ffn(layer.ffn, normed[None], il)[0]
         return (stream + pending)[None]
 
-    def attention(self, il: int, w, x: np.ndarray, position: int, cache: KVCache) -> np.ndarray:
-        """self_attention for one token: x (n_embd,) normed -> (n_embd,), a buffer the next layer overwrites."""
+
+class GQAOneToken:
+    """The llama family's self_attention for one token, into buffers allocated once."""
+
+    def __init__(self, model):
+        c = model.config
+        self.model = model
+        self.ggml = model.numerics == "ggml"
+        self.q = np.empty((c.n_head, c.head_dim), dtype=np.float32)  # (n_head, head_dim)
+        self.k = np.empty((c.n_head_kv, c.head_dim), dtype=np.float32)  # (n_head_kv, head_dim)
+        self.v = np.empty((c.n_head_kv, c.head_dim), dtype=np.float32)  # (n_head_kv, head_dim)
+        self.out = np.empty(c.n_embd, dtype=np.float32)  # (n_embd,)
+
+    def __call__(self, il: int, w, x: np.ndarray, position: int, cache: KVCache) -> np.ndarray:
+        """x (n_embd,) normed -> (n_embd,), a buffer the next layer overwrites."""
         m, c = self.model, self.model.config
         q, k, v = self.q, self.k, self.v
         project(w.attn_q, x, q.reshape(-1))
@@ -136,15 +148,10 @@ class OneTokenLayers:
             q += w.bias_q.reshape(q.shape)
             k += w.bias_k.reshape(k.shape)
             v += w.bias_v.reshape(v.shape)
-        if self.ggml:
-            out = decode_attention_ggml(
-                q, k, v, cache.layers[il], position, c.rope, m.attn_scale, w.attn_q_norm, w.attn_k_norm, c.norm_eps
-            )
-        else:
-            out = decode_attention_exact(
-                q, k, v, cache.layers[il], position, c.rope, m.attn_scale, w.attn_q_norm, w.attn_k_norm, c.norm_eps
-            )
-        return project(w.attn_output, out.reshape(-1), self.attn_out)
+        attend = decode_attention_ggml if self.ggml else decode_attention_exact
+        layer = cache.layers[il]
+        out = attend(q, k, v, layer, position, c.rope, m.attn_scale, w.attn_q_norm, w.attn_k_norm, c.norm_eps)
+        return project(w.attn_output, out.reshape(-1), self.out)
 
 
 def is_silu_glu(ffn) -> bool:

@@ -35,8 +35,10 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from refengine.arch.common import DecoderConfig, DecoderModel, HParams, ModelError
+from refengine.arch.decode import OneTokenLayers, project
 from refengine.arch.moe import MoEConfig
 from refengine.gguf import GGUFFile, Tensor
+from refengine.kernels import attention_ggml as ggml_attention
 from refengine.kernels import bound_matvec_slices, ops_ggml
 from refengine.nn import KVCache, LayerCache, Linear, Rope, YaRN, attention, attention_ggml, lazy_zeros, rms_norm
 
@@ -247,6 +249,23 @@ class MLAWeights:
         return w
 
 
+class MLABuffers:
+    """One token's MLA intermediates (numerics ggml, attn_k_b / attn_v_b), allocated once per model."""
+
+    def __init__(self, c: Deepseek2Config):
+        f32 = np.float32
+        self.heads = np.arange(c.n_head)  # every head's slice of attn_k_b and attn_v_b
+        self.q_a = np.empty(max(c.q_lora_rank, 1), dtype=f32)  # (q_lora_rank,)
+        self.q_a_normed = np.empty(max(c.q_lora_rank, 1), dtype=f32)
+        self.q = np.empty((c.n_head, c.q_head), dtype=f32)  # (n_head, nope + rope)
+        self.kv = np.empty((1, c.kv_lora_rank + c.qk_rope_dim), dtype=f32)  # (1, kv_lora + rope)
+        self.q_nope = np.empty((c.n_head, c.qk_nope_dim), dtype=f32)
+        self.q_latent = np.empty((c.n_head, c.kv_lora_rank), dtype=f32)
+        self.q_full = np.empty((c.n_head, c.kv_lora_rank + c.qk_rope_dim), dtype=f32)  # [q_latent; rope(q_pe)]
+        self.values = np.empty((c.n_head, c.v_head_dim), dtype=f32)
+        self.out = np.empty(c.n_embd, dtype=f32)
+
+
 class Deepseek2(DecoderModel):
     def __init__(self, gguf_file: GGUFFile, dtype=np.float32, numerics: str = "exact"):
         c = Deepseek2Config.from_gguf(gguf_file)
@@ -257,6 +276,9 @@ class Deepseek2(DecoderModel):
             log_mul = HParams(gguf_file).float("rope.scaling.yarn_log_multiplier", 0.0)
             self.rope, self.attn_scale = ggml_scales(c.rope, log_mul, c.q_head)
         self.layers = self.load_layers(lambda t: MLAWeights.load(t, c, self.dtype, n))
+        self.mla_buffers = MLABuffers(c) if n == "ggml" and c.mla_split else None  # decoding's, allocated once
+        if OneTokenLayers.supports(self):
+            self.one_token_layers = OneTokenLayers(self, self.attention_one_token)
 
     def new_cache(self, n_ctx: int) -> KVCache:
         c = self.config
@@ -294,6 +316,34 @@ class Deepseek2(DecoderModel):
         out = per_head(w.attn_v_b, out, w.v_b_heads)  # (n_tok, n_head, v_head_dim)
         out = self.emit("kqv_out", out.reshape(n_tok, c.n_head * c.v_head_dim), il)
         return w.attn_output(out)
+
+    def attention_one_token(self, il: int, w: MLAWeights, x: np.ndarray, position: int, cache: KVCache) -> np.ndarray:
+        """attention() of one token, as arch/decode.py's OneTokenLayers calls it: x (n_embd,) -> (n_embd,). In
+        numerics ggml with attn_k_b and attn_v_b, what lies between the projections is one kernel call
+        (attention_ggml.mla_prepare: the latent's norm, both ropes, the cache store) and every head of
+        attn_k_b and attn_v_b one call each, into buffers: the same operations as attention(), to the bit."""
+        b = self.mla_buffers
+        if b is None or w.k_b_heads is None or w.v_b_heads is None:
+            return self.attention(il, x[None], np.array([position]), cache)[0]
+        c, eps = self.config, np.float32(self.config.norm_eps)
+        if w.attn_q is not None:
+            project(w.attn_q, x, b.q.reshape(-1))
+        else:
+            project(w.attn_q_a, x, b.q_a)
+            ops_ggml.rms_norm_row(b.q_a, w.attn_q_a_norm, eps, b.q_a_normed)
+            project(w.attn_q_b, b.q_a_normed, b.q.reshape(-1))
+        project(w.attn_kv_a_mqa, x, b.kv.reshape(-1))
+        layer = cache.layers[il]
+        cos, sin = self.rope.ggml_tables(np.array([position]))  # (1, n_rot / 2)
+        ggml_attention.mla_prepare(
+            b.q, b.kv, w.attn_kv_a_norm, eps, cos[0], sin[0], c.qk_rope_dim, self.rope.neox,
+            layer.k.view(np.uint16), position % layer.n_slots, b.q_nope, b.q_full,
+        )  # fmt: skip
+        w.k_b_heads(b.heads, b.q_nope, b.q_latent)  # (n_head, kv_lora_rank): q_nope absorbed
+        b.q_full[:, : c.kv_lora_rank] = b.q_latent
+        out = attention_ggml(b.q_full[None], layer, position, self.attn_scale)[0]  # (n_head, kv_lora_rank)
+        w.v_b_heads(b.heads, out, b.values)  # (n_head, v_head_dim)
+        return project(w.attn_output, b.values.reshape(-1), b.out)
 
     def attention_mha(self, w: MLAWeights, q_nope, q_pe, latent, k_pe, layer: LayerCache, first: int, il: int):
         """llm_build_deepseek2 without MLA (a file with attn_kv_b): every head's keys [k_nope; k_pe] and values
