@@ -221,22 +221,36 @@ def matvec_bf16(rows, x, out):  # (n_out, 2 n_in) uint8, (n_in,) float32 -> (n_o
 
 
 # Q8_0, 34 bytes: | d: f16 | qs: int8 x 32 |   y = sum_b d_b * sum_l q_l * x_l, in 8-lane vectors as Q4_1
+@kernel(inline=True)
+def q8_0_row(rows, quants, r, xb):
+    """Row r's dot product with x viewed as (n_blocks, 32); quants: rows viewed as int8 (widened with their sign)."""
+    acc = zero_floats()
+    for b in range(xb.shape[0]):
+        at = 34 * b
+        prefetch_block(rows, r, at, 34)
+        s = mul_quants(widen_bytes(quants, r, at + 2), load_floats(xb, b, 0))
+        s = fma_quants(s, widen_bytes(quants, r, at + 10), load_floats(xb, b, 8))
+        s = fma_quants(s, widen_bytes(quants, r, at + 18), load_floats(xb, b, 16))
+        s = fma_quants(s, widen_bytes(quants, r, at + 26), load_floats(xb, b, 24))
+        acc = fma_floats(splat_float(f16_at_row(rows, r, at)), s, acc)
+    return sum_floats(acc)
+
+
 @kernel(parallel=True, reassociate=True)
 def matvec_q8_0(rows, x, out):  # (n_out, n_blocks * 34) uint8, (n_blocks * 32,) float32 -> (n_out,)
-    n_blocks = x.shape[0] // 32
-    quants = rows.view(np.int8)  # the same bytes, widened with their sign
-    xb = x.reshape((n_blocks, 32))
+    xb = x.reshape((x.shape[0] // 32, 32))
+    quants = rows.view(np.int8)
     for r in prange(rows.shape[0]):
-        acc = zero_floats()
-        for b in range(n_blocks):
-            at = 34 * b
-            prefetch_block(rows, r, at, 34)
-            s = mul_quants(widen_bytes(quants, r, at + 2), load_floats(xb, b, 0))
-            s = fma_quants(s, widen_bytes(quants, r, at + 10), load_floats(xb, b, 8))
-            s = fma_quants(s, widen_bytes(quants, r, at + 18), load_floats(xb, b, 16))
-            s = fma_quants(s, widen_bytes(quants, r, at + 26), load_floats(xb, b, 24))
-            acc = fma_floats(splat_float(f16_at_row(rows, r, at)), s, acc)
-        out[r] = sum_floats(acc)
+        out[r] = q8_0_row(rows, quants, r, xb)
+
+
+@kernel(parallel=True, reassociate=True)
+def matvec_slices_q8_0(rows, n_out, slices, x, out):  # as gemv_ggml's matvec_slices_*: out[j] = W_slices[j] @ x[0]
+    xb = x[0].reshape((x.shape[1] // 32, 32))
+    quants = rows.view(np.int8)
+    for job in prange(slices.shape[0] * n_out):
+        j, i = job // n_out, job % n_out
+        out[j, i] = q8_0_row(rows, quants, slices[j] * n_out + i, xb)
 
 
 # Q4_0, 18 bytes: | d: f16 | qs: 16 B |   x[i] = d * (lo(qs[i]) - 8), x[i + 16] = d * (hi(qs[i]) - 8)
@@ -261,27 +275,41 @@ def matvec_q4_0(rows, x, out):  # (n_out, n_blocks * 18) uint8, (n_blocks * 32,)
 #   y = sum_b d_b * sum_l q_l * x_l + m_b * sum_l x_l, as ggml_vec_dot_q4_1_q8_1, written in 8-lane vectors:
 #   a block's quants widened to int32 lanes (8 bytes a load), each nibble's float product added lane by lane
 #   into the block's 8-lane sum, which d_b scales into the row's 8-lane accumulator. A scalar loop's block
-#   sum would end in a horizontal reduction per block, as costly as the block's products: 16.7 -> 23 GB/s
-#   (bench kernels, 2048 x 640, 2 threads, busy machine, same run).
+#   sum would end in a horizontal reduction per block, as costly as the block's products: one thread
+#   8.6 -> 12.4 GB/s on smollm2's shapes (and Q8_0 likewise 14.6 -> 23.9).
+@kernel(inline=True)
+def q4_1_row(rows, r, xb, x_sums):
+    """Row r's dot product with x viewed as (n_blocks, 32), x_sums its block sums."""
+    acc = zero_floats()
+    mins = np.float32(0)
+    for b in range(xb.shape[0]):
+        at = 20 * b
+        prefetch_block(rows, r, at, 20)
+        low, high = widen_bytes(rows, r, at + 4), widen_bytes(rows, r, at + 12)  # quant bytes 0-7, 8-15
+        s = mul_quants(and_lanes(low, 15), load_floats(xb, b, 0))
+        s = fma_quants(s, and_lanes(high, 15), load_floats(xb, b, 8))
+        s = fma_quants(s, shift_lanes_right(low, 4), load_floats(xb, b, 16))
+        s = fma_quants(s, shift_lanes_right(high, 4), load_floats(xb, b, 24))
+        acc = fma_floats(splat_float(f16_at_row(rows, r, at)), s, acc)
+        mins += f16_at_row(rows, r, at + 2) * x_sums[b]
+    return sum_floats(acc) + mins
+
+
 @kernel(parallel=True, reassociate=True)
 def matvec_q4_1(rows, x, out):  # (n_out, n_blocks * 20) uint8, (n_blocks * 32,) float32 -> (n_out,)
-    n_blocks = x.shape[0] // 32
-    xb = x.reshape((n_blocks, 32))
+    xb = x.reshape((x.shape[0] // 32, 32))
     x_sums = group_sums(x, 32)  # (n_blocks,)
     for r in prange(rows.shape[0]):
-        acc = zero_floats()
-        mins = np.float32(0)
-        for b in range(n_blocks):
-            at = 20 * b
-            prefetch_block(rows, r, at, 20)
-            low, high = widen_bytes(rows, r, at + 4), widen_bytes(rows, r, at + 12)  # quant bytes 0-7, 8-15
-            s = mul_quants(and_lanes(low, 15), load_floats(xb, b, 0))
-            s = fma_quants(s, and_lanes(high, 15), load_floats(xb, b, 8))
-            s = fma_quants(s, shift_lanes_right(low, 4), load_floats(xb, b, 16))
-            s = fma_quants(s, shift_lanes_right(high, 4), load_floats(xb, b, 24))
-            acc = fma_floats(splat_float(f16_at_row(rows, r, at)), s, acc)
-            mins += f16_at_row(rows, r, at + 2) * x_sums[b]
-        out[r] = sum_floats(acc) + mins
+        out[r] = q4_1_row(rows, r, xb, x_sums)
+
+
+@kernel(parallel=True, reassociate=True)
+def matvec_slices_q4_1(rows, n_out, slices, x, out):  # as gemv_ggml's matvec_slices_*: out[j] = W_slices[j] @ x[0]
+    xb = x[0].reshape((x.shape[1] // 32, 32))
+    x_sums = group_sums(x[0], 32)
+    for job in prange(slices.shape[0] * n_out):
+        j, i = job // n_out, job % n_out
+        out[j, i] = q4_1_row(rows, slices[j] * n_out + i, xb, x_sums)
 
 
 # Q5_0, 22 bytes: | d: f16 | qh: u32, bit i = 5th bit of x[i] | qs: 16 B, low 4 bits |
@@ -546,6 +574,11 @@ def matvec_q6_k(rows, x, out):  # (n_out, n_blocks * 210) uint8, (n_blocks * 256
             acc += f16_at(blocks, r, b, 208) * s
         out[r] = acc
 
+
+# one token through several n_out-row slices of one weight's rows (or of a view spanning several weights), as
+# gemv_ggml's GGML_MATVEC_SLICES_KERNELS: f(rows, n_out, slices, x (1, n_in), out (k, n_out)), each output its row's
+# matvec output, to the bit
+MATVEC_SLICES_KERNELS = {T.Q8_0: matvec_slices_q8_0, T.Q4_1: matvec_slices_q4_1}
 
 MATVEC_KERNELS = {
     T.F32: matvec_f32,

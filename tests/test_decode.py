@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import refengine
-from refengine.arch.decode import paired_rows
+from refengine.arch.decode import paired_rows, spanned_rows
 
 PROMPT = [1, 50, 60, 70, 80]
 
@@ -44,11 +44,18 @@ def test_fused_decoding_is_the_layer_by_layer_pass(tiny_model, arch, variant, nu
 
 @pytest.mark.parametrize("numerics", ["ggml", "exact"])
 def test_fused_decoding_on_smollm2(smollm_path, numerics):
-    """SmolLM2's ffn_gate and ffn_up lie side by side in the file: one matvec over both."""
+    """SmolLM2's ffn_gate and ffn_up lie side by side in the file: one matvec over both; its attn_k, attn_output,
+    attn_q, attn_v (Q4_1) start whole rows apart: q, k and v in one call over 192-row slices of their span."""
     model = refengine.load(smollm_path, numerics=numerics).session.model
     ffn = model.layers[0].ffn
     rows = paired_rows(ffn.ffn_gate, ffn.ffn_up)
     assert rows is not None and np.array_equal(rows[ffn.ffn_gate.n_out :], ffn.ffn_up.rows)
+    attn = model.layers[0].attn
+    view, n_out, slices = spanned_rows([attn.attn_q, attn.attn_k, attn.attn_v])
+    assert n_out == 192 and list(slices) == [4, 5, 6, 0, 7]
+    ours = view[np.concatenate([np.arange(s * n_out, (s + 1) * n_out) for s in slices])]
+    assert np.array_equal(ours, np.concatenate([attn.attn_q.rows, attn.attn_k.rows, attn.attn_v.rows]))
+    assert all(f is not None for f in model.one_token_layers.attention.qkv_of)
     layered, fused = decoded_logits(model, False, 6), decoded_logits(model, True, 6)
     if numerics == "ggml":
         assert np.array_equal(fused, layered)
@@ -62,3 +69,5 @@ def test_paired_rows_needs_adjacent_rows(tiny_model):
     attn = model.layers[0].attn
     assert paired_rows(attn.attn_k, attn.attn_q) is None
     assert paired_rows(attn.attn_q, attn.attn_q) is None
+    assert spanned_rows([attn.attn_q, attn.attn_q]) is None  # overlapping rows
+    assert spanned_rows([attn.attn_q, attn.attn_k, attn.attn_v]) is None  # Q4_K: llama.cpp repacks it

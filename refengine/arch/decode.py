@@ -19,10 +19,15 @@ operations within reassociation (kernels/ops_exact.py). A mixture of experts kee
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from refengine.arch.ffn import GLU
-from refengine.kernels import bound_matvec, ops_exact, ops_ggml
+from refengine.kernels import bound_matvec, bound_matvec_slices, ops_exact, ops_ggml
+from refengine.kernels.gemv import MATVEC_SLICES_KERNELS
 from refengine.nn import KVCache, Linear, decode_attention_exact, decode_attention_ggml
 
 
@@ -45,6 +50,66 @@ def buffer_of(a: np.ndarray):
     while isinstance(a.base, np.ndarray):
         a = a.base
     return a.base.obj if isinstance(a.base, memoryview) else a.base
+
+
+def address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+# The types whose slices kernel gives each row's matvec output to the bit (ggml: the legacy types, which llama.cpp's
+# matvec does not repack; exact: those with a slices kernel).
+SPANNED_TYPES = {
+    "ggml": {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0,
+             GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0},
+    "exact": set(MATVEC_SLICES_KERNELS),
+}  # fmt: skip
+
+
+def spanned_rows(linears: list[Linear]) -> tuple[np.ndarray, int, np.ndarray] | None:
+    """One (n_rows, row_bytes) view of the file mapping over every linear's rows, a slice size n_out and the
+    n_out-row slices of the view that are the linears' rows, in their order: when they share a type and a row
+    size, lie in one mapping, and start whole rows apart (llama.cpp's files keep attn_k, attn_output, attn_q,
+    attn_v in this order, every size a multiple of 32 bytes, so no padding between). None otherwise."""
+    first = linears[0]
+    row_bytes = first.rows.shape[1]
+    for linear in linears:
+        rows = linear.rows
+        same = linear.ggml_type == first.ggml_type and linear.numerics == first.numerics and rows.shape[1] == row_bytes
+        if not (same and rows.flags.c_contiguous and buffer_of(rows) is buffer_of(first.rows)):
+            return None
+    if first.ggml_type not in SPANNED_TYPES[first.numerics] or first.matvec is None:
+        return None
+    lowest = min((linear.rows for linear in linears), key=address)
+    offsets = [address(linear.rows) - address(lowest) for linear in linears]
+    if any(offset % row_bytes for offset in offsets):
+        return None
+    starts = [offset // row_bytes for offset in offsets]  # each linear's first row in the view
+    n_out = math.gcd(*starts, *(linear.n_out for linear in linears))
+    spans = sorted(zip(starts, (linear.n_out for linear in linears), strict=True))
+    if n_out % 4 or any(a + n > b for (a, n), (b, _) in zip(spans, spans[1:], strict=False)):  # thin, or overlapping
+        return None
+    n_rows = max(start + linear.n_out for start, linear in zip(starts, linears, strict=True))
+    view = np.lib.stride_tricks.as_strided(lowest, shape=(n_rows, row_bytes), strides=lowest.strides, writeable=False)
+    ranges = [(start // n_out, (start + linear.n_out) // n_out) for start, linear in zip(starts, linears, strict=True)]
+    slices = np.concatenate([np.arange(a, b) for a, b in ranges])
+    return view, n_out, slices
+
+
+def bound_spanned(linears: list[Linear]):
+    """f(x (n_in,), out (sum of n_out,)): every linear of `linears` on x in one kernel call, their outputs side
+    by side in their order (spanned_rows); None where the file's layout does not allow it."""
+    span = spanned_rows(linears)
+    if span is None:
+        return None
+    rows, n_out, slices = span
+    first = linears[0]
+    if first.numerics == "ggml":
+        kernel = bound_matvec_slices(first.ggml_type, rows, n_out)
+    else:
+        kernel = functools.partial(MATVEC_SLICES_KERNELS[first.ggml_type], rows, n_out)
+    if kernel is None:
+        return None
+    return lambda x, out: kernel(slices, x[None], out.reshape(len(slices), n_out))
 
 
 class GatedFFN:
@@ -132,18 +197,26 @@ class GQAOneToken:
         c = model.config
         self.model = model
         self.ggml = model.numerics == "ggml"
-        self.q = np.empty((c.n_head, c.head_dim), dtype=np.float32)  # (n_head, head_dim)
-        self.k = np.empty((c.n_head_kv, c.head_dim), dtype=np.float32)  # (n_head_kv, head_dim)
-        self.v = np.empty((c.n_head_kv, c.head_dim), dtype=np.float32)  # (n_head_kv, head_dim)
+        n_q, n_kv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        self.qkv = np.empty(n_q + 2 * n_kv, dtype=np.float32)  # q, k, v side by side (bound_spanned's output)
+        self.q = self.qkv[:n_q].reshape(c.n_head, c.head_dim)  # (n_head, head_dim)
+        self.k = self.qkv[n_q : n_q + n_kv].reshape(c.n_head_kv, c.head_dim)  # (n_head_kv, head_dim)
+        self.v = self.qkv[n_q + n_kv :].reshape(c.n_head_kv, c.head_dim)  # (n_head_kv, head_dim)
         self.out = np.empty(c.n_embd, dtype=np.float32)  # (n_embd,)
+        # each layer's q, k and v in one call, where the file allows (None: three matvecs)
+        self.qkv_of = [bound_spanned([a.attn_q, a.attn_k, a.attn_v]) for a in (layer.attn for layer in model.layers)]
 
     def __call__(self, il: int, w, x: np.ndarray, position: int, cache: KVCache) -> np.ndarray:
         """x (n_embd,) normed -> (n_embd,), a buffer the next layer overwrites."""
         m, c = self.model, self.model.config
         q, k, v = self.q, self.k, self.v
-        project(w.attn_q, x, q.reshape(-1))
-        project(w.attn_k, x, k.reshape(-1))
-        project(w.attn_v, x, v.reshape(-1))
+        qkv = self.qkv_of[il]
+        if qkv is not None:
+            qkv(x, self.qkv)
+        else:
+            project(w.attn_q, x, q.reshape(-1))
+            project(w.attn_k, x, k.reshape(-1))
+            project(w.attn_v, x, v.reshape(-1))
         if w.bias_q is not None:
             q += w.bias_q.reshape(q.shape)
             k += w.bias_k.reshape(k.shape)
