@@ -29,6 +29,7 @@ from ._jit import kernel, prange
 from .gemv_ggml import pick
 from .kquants_ggml import (
     TILED_MIN_BATCH,
+    q4_k_repacked,
     q4_k_repacked_tokens,
     q4_k_tiled_tokens,
     q4_k_vec_dot_tokens,
@@ -98,7 +99,10 @@ def q4_k_job(rows, first, job, path, src, a, s, m, out):
         u0, u1, u2, u3 = src[t], src[pick(t, 1, t_end)], src[pick(t, 2, t_end)], src[pick(t, 3, t_end)]
         a0, a1, a2, a3, s0, s1, s2, s3 = a[u0], a[u1], a[u2], a[u3], s[u0], s[u1], s[u2], s[u3]
         m0, m1, m2, m3, n = m[u0], m[u1], m[u2], m[u3], min(4, t_end - t)
-        if path == REPACKED:
+        if path == REPACKED and n == 1:  # a lone token: its gemv alone, not four copies of it
+            for r in range(r_begin, r_end):
+                out[t, r] = q4_k_repacked(rows, first + r, a0, s0, m0)
+        elif path == REPACKED:
             for r in range(r_begin, r_end):
                 y = q4_k_repacked_tokens(rows, first + r, a0, a1, a2, a3, s0, s1, s2, s3, m0, m1, m2, m3)
                 store_tokens(out, y, t, r, n)
