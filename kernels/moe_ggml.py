@@ -1,5 +1,6 @@
-"""A batch through a MoE layer's routed experts, one kernel call per expert tensor, as ggml's mul_mat_id computes
-it (numerics "ggml"; ggml-cpu.c ggml_compute_forward_mul_mat_id, repack.cpp forward_mul_mat_id).
+"""A batch through a MoE layer's routed experts in two kernel calls, as ggml's mul_mat_id computes it (numerics "ggml";
+ggml-cpu.c ggml_compute_forward_mul_mat_id, repack.cpp forward_mul_mat_id): every chosen expert's gate, up and swiglu
+in one, every down in the other; and the router's logits and the weighted sum of the experts' outputs around them.
 
 mul_mat_id quantizes every token's activations once, groups the (token, slot) pairs routed to each expert
 (its matrix_rows: an expert's tokens in token order) and runs one small matmul per expert over its group, which
@@ -15,7 +16,9 @@ whatever the expert's number of tokens, so that numba's static split of the jobs
 job takes its entries four at a time over the tile (a super-block decoded once for the four) and gives each
 (entry, row) the number the one-expert kernel of kquants_ggml.py gives it (matmul_id_q4_k, matmul_q5_k,
 matmul_q6_k over that expert's tokens), to the bit: the path is ggml's for the expert's token count (repacked
-Q4_K: the gemv for every token; otherwise tiled from TILED_MIN_BATCH tokens, vec_dot below).
+Q4_K: the gemv for every token; otherwise tiled from TILED_MIN_BATCH tokens, vec_dot below). A job's loops are
+inlined into the parallel loop (kernel(inline=True)): compiled as functions of their own, called once a job,
+they ran at half the speed (Q6_K tiled, one thread: 32 against 67 GMAC/s).
 
 The experts' outputs are then weighted and added per token as build_moe_ffn does (weighted_sum).
 """

@@ -8,7 +8,10 @@ llama.cpp's build_moe_ffn; each expert, and the shared experts, a SwiGLU (refeng
 
 Expert e is rows [e * n_ff_exp, (e + 1) * n_ff_exp) of the 3-D ffn_{gate,up,down}_exps tensors,
 read straight from the mapping: only the chosen experts are ever touched. A batch is grouped by
-expert, so each chosen expert runs once, as one matrix product, over all the tokens routed to it.
+expert, so each chosen expert runs once, as one matrix product, over all the tokens routed to it:
+in numerics ggml all of them in two kernel calls, as ggml's mul_mat_id (grouped_experts,
+kernels/moe_ggml.py); in numerics exact one expert after another, a few tokens through the matvec
+kernels one by one and more through BLAS on the expert's weights decoded to float32 tiles.
 
 Where transformers differs, the GGUF semantics are llama.cpp's, followed here: groups are always
 scored by their two best experts (DeepseekV2's group_limited_greedy takes the best one), qwen3moe
