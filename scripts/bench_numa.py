@@ -13,13 +13,15 @@ the best over the rounds, so that noise from other processes only ever slows a r
 --end-to-end measures the modes as a user runs them instead: `refengine bench model MODEL --numa off` and
 `--numa split` as separate processes (nothing forced), one after the other in every round, the order
 swapped each round; beside each mode's best it reports the median over the rounds of split/off, each
-round's pair having run back to back, so that a busy spell of the machine hits both.
+round's pair having run back to back, so that a busy spell of the machine hits both, and the ratio of the
+processes' CPU time (load and page placement included), which waiting for the CPU does not inflate.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -71,11 +73,15 @@ def bench(path: Path, n_prompt: int, n_gen: int, rounds: int) -> dict:
 
 
 def bench_model(path: Path, mode: str, n_prompt: int, n_gen: int) -> dict[str, float]:
-    """One `refengine bench model --numa mode` process: {"pp": tok/s, "tg": tok/s}, each the best of 3."""
+    """One `refengine bench model --numa mode` process: {"pp": tok/s, "tg": tok/s}, each the best of 3, and
+    "cpu": the process's user + system seconds."""
     command = [sys.executable, "-m", "refengine.cli", "bench", "model", str(path), "-p", str(n_prompt)]
     command += ["-n", str(n_gen), "-r", "3", "--numa", mode, "--json"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     records = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-    return {("pp" if r["n_prompt"] else "tg"): max(r["samples_ts"]) for r in records}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return {("pp" if r["n_prompt"] else "tg"): max(r["samples_ts"]) for r in records} | {"cpu": cpu}
 
 
 def end_to_end(path: Path, n_prompt: int, n_gen: int, rounds: int) -> dict:
@@ -87,9 +93,10 @@ def end_to_end(path: Path, n_prompt: int, n_gen: int, rounds: int) -> dict:
         for mode in ("off", "split") if i % 2 == 0 else ("split", "off"):
             runs[mode].append(bench_model(path, mode, n_prompt, n_gen))
     result = {"model": path.name, "rounds": rounds, "best": {}, "split_over_off": {}}
-    for test in ("pp", "tg"):
+    for test in ("pp", "tg", "cpu"):
         ratios = [s[test] / o[test] for s, o in zip(runs["split"], runs["off"], strict=True)]
-        result["best"][test] = {mode: max(r[test] for r in runs[mode]) for mode in runs}
+        best = min if test == "cpu" else max
+        result["best"][test] = {mode: best(r[test] for r in runs[mode]) for mode in runs}
         result["split_over_off"][test] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     return result
 
@@ -112,13 +119,15 @@ def main() -> None:
         return
     if args.end_to_end:
         print(f"| model | rounds | pp{args.n_prompt} off | pp split | split/off median (range) "
-              f"| tg{args.n_gen} off | tg split | split/off median (range) |")  # fmt: skip
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+              f"| tg{args.n_gen} off | tg split | split/off median (range) "
+              "| CPU s split/off median (range) |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
             cells = [r["model"], str(r["rounds"])]
-            for test in ("pp", "tg"):
+            for test in ("pp", "tg", "cpu"):
                 best, ratio = r["best"][test], r["split_over_off"][test]
-                cells += [f"{best['off']:.1f}", f"{best['split']:.1f}"]
+                if test != "cpu":
+                    cells += [f"{best['off']:.1f}", f"{best['split']:.1f}"]
                 cells.append(f"{ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})")
             print("| " + " | ".join(cells) + " |")
         return
