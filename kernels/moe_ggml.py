@@ -23,8 +23,6 @@ they ran at half the speed (Q6_K tiled, one thread: 32 against 67 GMAC/s).
 The experts' outputs are then weighted and added per token as build_moe_ffn does (weighted_sum).
 """
 
-import math
-
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
@@ -41,8 +39,8 @@ from .kquants_ggml import (
     q6_k_tiled_tokens,
     q6_k_vec_dot_tokens,
 )
-from .ops_ggml import silu_lane, v_expf_lanes
-from .simd import add_floats, float_lane, fma_floats, load_floats, store_floats_at, sub_floats, zero_floats
+from .ops_ggml import swiglu_row
+from .simd import add_floats, float_lane, fma_floats, load_floats, zero_floats
 
 f32 = np.float32
 
@@ -159,22 +157,12 @@ def q6_k_job(rows, first, job, path, src, a, s, m, out):
 
 @kernel(inline=True)
 def swiglu_tile(out, up, job):
-    """out = silu(out) * up over a job's entries and rows (out holding the gate's outputs), as ggml_vec_swiglu_f32:
-    a row's 16-value blocks by ggml_v_silu, here 8 lanes at a time (ops_ggml.v_expf_lanes, each lane
-    ops_ggml.silu_lane), the n % 16 values left by libm's expf."""
+    """out = silu(out) * up over a job's entries and rows (out holding the gate's outputs), as ggml_vec_swiglu_f32
+    (ops_ggml.swiglu_row). A job's first row is a multiple of JOB_ROWS (16), so the 16-value blocks of its part of a
+    row are the row's own, and its part's leftover values past them the row's."""
     r_begin, r_end, t_begin, t_end = job[1], job[2], job[3], job[4]
-    n_full = out.shape[1] - out.shape[1] % 16
-    lanes_end = r_begin + max(0, min(r_end, n_full) - r_begin) // 8 * 8
-    exp = np.empty(8, dtype=np.float32)  # e^-gate of 8 lanes
     for t in range(t_begin, t_end):
-        for r in range(r_begin, lanes_end, 8):
-            store_floats_at(exp, 0, v_expf_lanes(sub_floats(zero_floats(), load_floats(out, t, r))))
-            for k in range(8):
-                out[t, r + k] = out[t, r + k] / (f32(1) + exp[k]) * up[t, r + k]
-        for r in range(lanes_end, r_end):
-            g = out[t, r]
-            silu = silu_lane(g) if r < n_full else g / (f32(1) + f32(math.exp(-g)))
-            out[t, r] = silu * up[t, r]
+        swiglu_row(out[t, r_begin:r_end], up[t, r_begin:r_end], out[t, r_begin:r_end])
 
 
 # ---------------------------------------------------------------- every chosen expert of a tensor
