@@ -346,8 +346,8 @@ class MoE:
         gate_up, down = self.grouped
         groups = ExpertGroups.of(chosen, self.config.n_expert)
         n_entries = len(groups.tokens)
-        h = np.empty((n_entries, self.config.n_ff_exp), dtype=np.float32)
-        y = np.empty((n_entries, self.n_embd), dtype=np.float32)
+        h = np.empty((n_entries, self.config.n_ff_exp), dtype=np.float32)  # (n_entries, n_ff_exp) each entry's swiglu
+        y = np.empty((n_entries, self.n_embd), dtype=np.float32)  # (n_entries, n_embd) each entry's expert output
         with integer_kernels():  # inside a batch's step BLAS holds the cores; no BLAS runs here
             gate_up(groups.experts, groups.starts, groups.tokens, np.ascontiguousarray(x), h)  # silu(gate) * up
             down(groups.experts, groups.starts, np.arange(n_entries), h, y)  # entry i reads row i of h
