@@ -468,6 +468,36 @@ def test_activations_bound_a_real_forward_pass(smollm_path, n_tok):
     assert peak <= estimate <= 2 * peak + tile_bytes, (peak, estimate)
 
 
+@pytest.mark.parametrize("numerics", ["exact", "ggml"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "mixtral"])
+def test_activations_bound_a_mixture_of_experts_batch(tiny_model, arch, numerics):
+    """The same for a mixture of experts' batch (every routed entry's intermediate and output), on the tiny
+    "bigger" models quantized Q4_K_M, so that the grouped expert kernels of numerics ggml run."""
+    from refengine.arch import load_model
+    from refengine.testing import spec_for, write_tiny_model
+    from refengine.testing.tiny import quantize_q4_k_m
+
+    folder = tiny_model(arch).parent
+    f32 = write_tiny_model(arch, folder / f"{arch}-bigger-plan.gguf", spec_for(arch, "bigger"))
+    path = quantize_q4_k_m(f32, folder / f"{arch}-bigger-plan-q4_k_m.gguf")
+    gguf = open_gguf(path)
+    model = load_model(gguf, np.float32, numerics)
+    n_tok = 300
+    cache = model.new_cache(n_tok)
+    tokens = (np.arange(n_tok) * 7 + 5) % model.config.n_vocab
+    model.forward(tokens, cache, all_logits=False)  # compile and warm up outside the measurement
+    cache.n_past = 0
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        model.forward(tokens, cache, all_logits=False)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    estimate = plan(gguf, machine("two_nodes"), n_ctx=n_tok).needs.activations
+    assert peak <= estimate, (peak, estimate)
+
+
 # --- The command line -----------------------------------------------------------------------------
 
 

@@ -23,7 +23,8 @@ What the model needs
                   attention's working set (its grouped queries, running output and the product of one key
                   block, and one block of scores: at most nn.ATTENTION_TILE_FLOATS, or the smallest key
                   block for every query row) and three FFN-width arrays (gate, its activation, the gated
-                  product); plus one dequantized weight tile (nn.TILE_FLOATS) and one row of logits. The
+                  product), with experts also each routed entry's output (n_batch x n_expert_used x
+                  n_embd); plus one dequantized weight tile (nn.TILE_FLOATS) and one row of logits. The
                   tests check this against tracemalloc's peak over a real forward pass.
     runtime       the interpreter, numpy, numba and the tokenizer's vocabulary: measured 96 MiB + about
                   256 bytes per token (RssAnon of `refengine generate` on both bundled models), rounded up.

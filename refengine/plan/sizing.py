@@ -194,7 +194,8 @@ def activation_bytes(shape: ModelShape, n_batch: int, n_kv: int, itemsize: int) 
     # grouped queries; the running output, one block's product and the result; one block's scores
     attention = rows * k_width + 3 * rows * v_width + rows * block + mask
     ffn_width = max(shape.n_ff, shape.n_expert_used * shape.n_ff_exp + shape.n_expert_shared * shape.n_ff_shexp)
-    ffn = 3 * n_batch * ffn_width
+    # a mixture of experts also keeps each routed entry's output before the weighted sum (arch/moe.py)
+    ffn = 3 * n_batch * ffn_width + n_batch * shape.n_expert_used * shape.n_embd
     tile = TILE_FLOATS * 4 + (TILE_FLOATS * itemsize if itemsize != 4 else 0)  # float32, and its cast
     logits = shape.n_vocab * itemsize
     return (residual + projections + max(attention, ffn)) * itemsize + tile + logits
