@@ -56,7 +56,9 @@ def assert_bit_exact(ggml_type, raw: np.ndarray):
     ours = dequantize_rows(ggml_type, raw)
     with np.errstate(all="ignore"):
         ref = reference(ggml_type, raw).reshape(ours.shape)
-    mismatch = ours.view(np.uint32) != ref.view(np.uint32)
+    # Bit for bit, except that a NaN equals any NaN: which operand's payload d * q + m passes on depends on
+    # the instructions LLVM picked (IEEE 754 leaves it open), and it did differ between two compiles.
+    mismatch = (ours.view(np.uint32) != ref.view(np.uint32)) & ~(np.isnan(ours) & np.isnan(ref))
     if mismatch.any():
         r, c = np.argwhere(mismatch)[0]
         block_size = GGML_QUANT_SIZES[ggml_type][0]
