@@ -443,6 +443,18 @@ def test_kv_cache_is_what_our_cache_allocates(gemma_path, smollm_path, itemsize,
         assert plan(gguf, machine("two_nodes"), n_ctx=1000, itemsize=itemsize).needs.kv_cache == cache.nbytes
 
 
+def forward_peak(model, cache, tokens: np.ndarray) -> int:
+    """tracemalloc's peak (bytes above what was allocated before) over a prefill of tokens from position 0."""
+    cache.n_past = 0
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        model.forward(tokens, cache, all_logits=False)
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("n_tok", [64, 1100])
 def test_activations_bound_a_real_forward_pass(smollm_path, n_tok):
     """tracemalloc's peak over a prefill of n_tok tokens, against the estimate (numpy reports to tracemalloc).
@@ -454,14 +466,7 @@ def test_activations_bound_a_real_forward_pass(smollm_path, n_tok):
     cache = model.new_cache(n_tok)
     tokens = (np.arange(n_tok) * 7 + 5) % model.config.n_vocab
     model.forward(tokens[:2], cache, all_logits=False)  # compile and warm up outside the measurement
-    cache.n_past = 0
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        model.forward(tokens, cache, all_logits=False)
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    peak = forward_peak(model, cache, tokens)
     estimate = plan(gguf, machine("two_nodes"), n_ctx=n_tok).needs.activations
     # The estimate counts a whole weight tile; smollm's matrices are smaller than one.
     tile_bytes = refengine.buffers.TILE_FLOATS * 4
@@ -486,14 +491,7 @@ def test_activations_bound_a_mixture_of_experts_batch(tiny_model, arch, numerics
     cache = model.new_cache(n_tok)
     tokens = (np.arange(n_tok) * 7 + 5) % model.config.n_vocab
     model.forward(tokens, cache, all_logits=False)  # compile and warm up outside the measurement
-    cache.n_past = 0
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        model.forward(tokens, cache, all_logits=False)
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    peak = forward_peak(model, cache, tokens)
     estimate = plan(gguf, machine("two_nodes"), n_ctx=n_tok).needs.activations
     assert peak <= estimate, (peak, estimate)
 
